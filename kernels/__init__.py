@@ -1,0 +1,35 @@
+"""Fused Triton kernels for transformer training, each with a PyTorch reference path.
+
+Nothing here knows what a GPT is. The functional API mirrors ``torch.nn.functional``::
+
+    import kernels
+    y = kernels.layer_norm(x, (C,), weight, bias, eps=1e-5)
+    h = kernels.gelu(x, approximate="tanh")
+    o = kernels.attention(q, k, v, causal=True)          # (B, H, T, D)
+    loss = kernels.cross_entropy(logits, targets)
+
+Which implementation runs is chosen per call by :mod:`kernels.backend` (``GPT_KERNELS=auto|triton|torch|
+reference``, :func:`use_backend`, :func:`set_backend`).
+"""
+
+from . import reference
+from .activation import bias_gelu, gelu
+from .backend import get_backend, select, set_backend, use_backend
+from .flash_attention import attention
+from .fused_cross_entropy import cross_entropy, linear_cross_entropy
+from .norm import add_layer_norm, layer_norm
+
+__all__ = [
+    "add_layer_norm",
+    "attention",
+    "bias_gelu",
+    "cross_entropy",
+    "gelu",
+    "get_backend",
+    "layer_norm",
+    "linear_cross_entropy",
+    "reference",
+    "select",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,39 @@
+"""Shared test set-up.
+
+On a machine with no CUDA GPU the Triton kernels run in Triton's CPU interpreter. TRITON_INTERPRET is
+read when ``@triton.jit`` runs, i.e. when ``kernels`` is first imported, so it is set here, before any
+test module imports the package.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence Triton 3.9's notice; keep its default
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    """Where the kernel tests run: the GPU when there is one, else the CPU under the interpreter."""
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """A different but reproducible seed per test: fresh random inputs, never zeros."""
+    seed = abs(hash(request.node.nodeid)) % (2**31)
+    torch.manual_seed(seed)
+    yield
