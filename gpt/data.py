@@ -1,0 +1,185 @@
+"""Turning text into training batches: sliding windows over token ids, in memory or memory-mapped.
+
+Small texts (The Verdict) are tokenized in memory. Corpora bigger than memory are tokenized once into a
+flat ``uint16`` token file (GPT-2's ids fit in 16 bits) that :class:`SlidingWindowDataset` windows over
+through ``numpy.memmap``, so only the windows in use are ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .tokenizer import EOT_ID, VOCAB_SIZE, asset_path, encode
+
+TOKEN_FILE_SUFFIX = ".tokens.u16"
+
+
+def default_text_path() -> str:
+    """The bundled default corpus: Edith Wharton's "The Verdict" (public domain)."""
+    return asset_path("the-verdict.txt")
+
+
+class SlidingWindowDataset(Dataset):
+    """Windows of ``context_length`` tokens, ``stride`` apart; the targets are the inputs shifted by one.
+
+    ``tokens`` is anything 1-D that slices: a list, a tensor, a numpy array or a ``numpy.memmap``.
+    Window ``i`` covers tokens ``[i * stride, i * stride + context_length]`` (inputs and next-token targets).
+    """
+
+    def __init__(self, tokens, context_length: int, stride: int | None = None):
+        if context_length < 1:
+            raise ValueError(f"context_length must be >= 1, got {context_length}")
+        stride = context_length if stride is None else stride
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        if isinstance(tokens, list):
+            tokens = np.asarray(tokens, dtype=np.int64)
+        self.tokens, self.context_length, self.stride = tokens, context_length, stride
+        n = len(tokens)
+        if n < context_length + 1:
+            raise ValueError(f"the text has {n} tokens, fewer than one window needs ({context_length} + 1 for "
+                             f"the shifted targets): use a longer text or a smaller context length")
+        self.num_windows = (n - context_length - 1) // stride + 1
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.num_windows:
+            raise IndexError(f"window {i} out of range [0, {self.num_windows})")
+        start = i * self.stride
+        chunk = self.tokens[start:start + self.context_length + 1]
+        chunk = torch.as_tensor(np.asarray(chunk, dtype=np.int64))  # (L + 1,)
+        return chunk[:-1], chunk[1:]  # inputs (L,), targets (L,)
+
+
+def split_tokens(tokens, val_ratio: float):
+    """Split a token sequence into (train, validation) at ``1 - val_ratio`` of its length."""
+    if not 0.0 <= val_ratio < 1.0:
+        raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
+    cut = int(round(len(tokens) * (1.0 - val_ratio)))
+    return tokens[:cut], tokens[cut:]
+
+
+def create_dataloader(tokens, batch_size: int = 4, context_length: int = 256, stride: int | None = None,
+                      shuffle: bool = True, drop_last: bool = True, num_workers: int = 0,
+                      seed: int | None = None) -> DataLoader:
+    """A DataLoader of (inputs, targets) batches, each (batch_size, context_length) int64.
+
+    ``tokens`` may also be a string, which is tokenized with the GPT-2 tokenizer first.
+    """
+    if isinstance(tokens, str):
+        tokens = encode(tokens)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ds = SlidingWindowDataset(tokens, context_length, stride)
+    if drop_last and len(ds) < batch_size:
+        raise ValueError(f"{len(ds)} windows of {context_length} tokens do not fill one batch of {batch_size} "
+                         f"with drop_last: lower the batch size, the context length or the stride, or use "
+                         f"more text")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
+                      generator=gen)
+
+
+# ------------------------------------------------------------------------------ corpora bigger than memory
+
+
+def list_text_files(source) -> list[Path]:
+    """The text files named by ``source``: a file, a directory (every *.txt, recursively) or a list of them."""
+    if isinstance(source, (str, os.PathLike)):
+        source = [source]
+    files: list[Path] = []
+    for s in source:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*.txt") if q.is_file())
+            if not found:
+                raise FileNotFoundError(f"directory {str(p)!r} holds no .txt files")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"data path {str(p)!r} does not exist")
+    return files
+
+
+def tokenize_to_file(source: str | os.PathLike | Sequence, out_path, chunk_chars: int = 1 << 20) -> Path:
+    """Tokenize text files into one flat ``uint16`` token file (documents separated by <|endoftext|>).
+
+    Reads each file in chunks of about ``chunk_chars`` characters, split at a newline so no word is cut,
+    and shows a progress bar in bytes. A ``<out>.json`` beside it records the sources and the token count.
+    Returns the path of the token file.
+    """
+    files = list_text_files(source)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    total = sum(f.stat().st_size for f in files)
+    n_tokens = 0
+    with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing") as bar:
+        for f in files:
+            with open(f, encoding="utf-8", errors="replace") as fin:
+                carry = ""
+                while True:
+                    block = fin.read(chunk_chars)
+                    if not block:
+                        break
+                    bar.update(len(block.encode("utf-8", errors="replace")))
+                    text = carry + block
+                    cut = text.rfind("\n")
+                    if cut == -1:
+                        carry = text
+                        continue
+                    text, carry = text[:cut + 1], text[cut + 1:]
+                    ids = np.asarray(encode(text, allow_special=False), dtype=np.uint16)
+                    out.write(ids.tobytes())
+                    n_tokens += len(ids)
+                ids = np.asarray(encode(carry, allow_special=False) + [EOT_ID], dtype=np.uint16)
+                out.write(ids.tobytes())
+                n_tokens += len(ids)
+    os.replace(tmp, out_path)
+    meta = {"sources": [str(f) for f in files], "tokens": n_tokens, "dtype": "uint16", "vocab_size": VOCAB_SIZE}
+    out_path.with_name(out_path.name + ".json").write_text(json.dumps(meta, indent=1))
+    return out_path
+
+
+def load_token_file(path) -> np.memmap:
+    """Memory-map a token file written by :func:`tokenize_to_file` (nothing is read until sliced)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token file {str(path)!r} does not exist: create it with tokenize_to_file")
+    if path.stat().st_size % 2:
+        raise ValueError(f"{path} has an odd number of bytes: not a uint16 token file (or truncated)")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def load_tokens(source, cache_dir=None, max_in_memory_bytes: int = 64 << 20):
+    """Token ids of a text file or directory: in memory for small data, else through a cached token file.
+
+    A source bigger than ``max_in_memory_bytes`` (or any directory) is tokenized once into
+    ``<cache_dir>/<name>.tokens.u16`` and memory-mapped; later calls reuse the file while it is newer than
+    its sources.
+    """
+    files = list_text_files(source)
+    size = sum(f.stat().st_size for f in files)
+    if size == 0:
+        raise ValueError(f"the data at {source!s} is empty: give a text file with some text in it")
+    if len(files) == 1 and size <= max_in_memory_bytes and Path(source).is_file():
+        return np.asarray(encode(files[0].read_text(encoding="utf-8", errors="replace"), allow_special=False),
+                          dtype=np.int64)
+    cache_dir = Path(cache_dir) if cache_dir else Path(files[0]).parent
+    out = cache_dir / (Path(source).name + TOKEN_FILE_SUFFIX) if not isinstance(source, (list, tuple)) \
+        else cache_dir / ("corpus" + TOKEN_FILE_SUFFIX)
+    newest = max(f.stat().st_mtime for f in files)
+    if not out.exists() or out.stat().st_mtime < newest:
+        tokenize_to_file(files, out)
+    return load_token_file(out)

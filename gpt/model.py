@@ -1,0 +1,171 @@
+"""GPT-2: token and position embeddings, pre-LayerNorm transformer blocks, a final norm and the head.
+
+Every hot op goes through ``kernels``' functional API (``layer_norm``, ``add_layer_norm``, ``bias_gelu``,
+``attention``, ``linear_cross_entropy``, ``cross_entropy``), which runs the Triton kernels on CUDA tensors
+and PyTorch's ops on CPU tensors (see ``kernels.backend``). The matmuls are cuBLAS through ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels.backend import use_backend
+
+from .config import GPTConfig
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` whose forward runs ``kernels.layer_norm`` (same parameters, same state dict)."""
+
+    def forward(self, x):
+        return kernels.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
+        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)  # q, k, v in one matmul
+        self.proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.proj.residual_scaled = True  # GPT-2 init: std 0.02 / sqrt(2 * n_layers)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D), strided views, no copy
+        p = self.dropout if self.training else 0.0
+        y = kernels.attention(q, k, v, causal=True, dropout_p=p)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.proj.residual_scaled = True
+
+    def forward(self, x):
+        h = kernels.bias_gelu(F.linear(x, self.fc.weight), self.fc.bias, approximate="tanh")  # (B, T, 4C)
+        return self.proj(h)  # (B, T, C)
+
+
+class Block(nn.Module):
+    """x + attn(ln1(x)), then + mlp(ln2(.)); the first residual add is fused with ln2."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        a = self.drop(self.attn(self.ln1(x)))  # (B, T, C)
+        x, h = kernels.add_layer_norm(a, x, self.ln2.weight, self.ln2.bias, self.ln2.eps)  # both (B, T, C)
+        return x + self.drop(self.mlp(h))
+
+
+class GPT(nn.Module):
+    """A GPT-2 model. ``model(idx)`` gives logits (B, T, V); ``model(idx, targets)`` gives (logits, loss).
+
+    ``kernel_backend`` (``"auto"``, ``"triton"``, ``"torch"``, ``"reference"`` or None to follow the global
+    setting) picks the implementation of the fused ops for this model's forward and backward.
+    """
+
+    def __init__(self, config: GPTConfig, kernel_backend: str | None = None):
+        super().__init__()
+        self.config = config
+        self.kernel_backend = kernel_backend
+        V, C = config.padded_vocab_size, config.emb_dim
+        self.tok_emb = nn.Embedding(V, C)
+        self.pos_emb = nn.Embedding(config.context_length, C)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
+        self.final_norm = LayerNorm(C, eps=config.layer_norm_eps)
+        self.head = nn.Linear(C, V, bias=False)
+        if config.tie_weights:
+            self.head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.config.n_layers) if getattr(m, "residual_scaled", False) else 0.02
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_preset(cls, name: str, kernel_backend: str | None = None, **overrides) -> GPT:
+        """A freshly initialised model of a preset (``gpt2-small``..``gpt2-xl``, ``mini``, ``tiny``)."""
+        return cls(GPTConfig.from_preset(name, **overrides), kernel_backend=kernel_backend)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count; shared (tied) tensors are counted once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pos_emb.weight.device
+
+    def check_input(self, idx: torch.Tensor) -> None:
+        """Clear errors for token ids a user might get wrong: dtype, rank, length, range."""
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token ids must be an int64 or int32 tensor, got "
+                            f"{idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+        if idx.dim() != 2:
+            raise ValueError(f"token ids must have shape (batch, time), got {tuple(idx.shape)}")
+        T = idx.shape[1]
+        if T == 0:
+            raise ValueError("the input holds no tokens: give at least one token id per row")
+        if T > self.config.context_length:
+            raise ValueError(f"sequence length {T} exceeds the model's context length "
+                             f"{self.config.context_length}: crop the input to its last "
+                             f"{self.config.context_length} tokens")
+        if torch.compiler.is_compiling():
+            return  # the range check below reads values on the host: a graph break under torch.compile
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = hi if hi >= self.config.vocab_size else lo
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final-normed residual stream (B, T, C), before the output head."""
+        self.check_input(idx)
+        B, T = idx.shape
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.final_norm(x)  # (B, T, C)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool | None = None):
+        """Logits (B, T, vocab_size), or ``(logits, loss)`` given targets (B, T) (-100 = ignored).
+
+        With targets, ``return_logits`` defaults to ``not self.training``: a training step gets
+        ``(None, loss)`` from the fused linear + cross-entropy, which never builds the (B*T, V) logits.
+        """
+        with use_backend(self.kernel_backend):
+            h = self.hidden_states(idx)  # (B, T, C)
+            V = self.config.vocab_size
+            head_w = self.head.weight[:V] if self.head.weight.shape[0] != V else self.head.weight  # (V, C)
+            if targets is None:
+                return F.linear(h, head_w)  # (B, T, V)
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {tuple(targets.shape)} must match the input's {tuple(idx.shape)}")
+            if return_logits is None:
+                return_logits = not self.training
+            flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # (B*T, C), (B*T,)
+            if return_logits:
+                logits = F.linear(h, head_w)  # (B, T, V)
+                return logits, kernels.cross_entropy(logits.reshape(-1, V), flat_t)
+            return None, kernels.linear_cross_entropy(flat_h, head_w, flat_t)
