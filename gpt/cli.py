@@ -35,6 +35,22 @@ def add_model_source_args(p: argparse.ArgumentParser, default_preset: str | None
                    help=f"architecture for a freshly initialised model (default: {default_preset})")
 
 
+def add_common_training_args(p: argparse.ArgumentParser, default_preset: str = "mini", epochs: int = 10,
+                             batch_size: int = 8, lr: float = 4e-4) -> None:
+    """The options every training command shares (gpt train, gpt finetune-*), one definition for all."""
+    add_model_source_args(p, default_preset)
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="run directory for checkpoints, log and plot (default: a new folder under runs/)")
+    p.add_argument("--resume", metavar="DIR", default=None, help="continue the run saved in DIR")
+    p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training data (default {epochs})")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"sequences per batch (default {batch_size})")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
+    p.add_argument("--seed", type=int, default=123, help="random seed (default 123)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+
+
 def load_model_from_args(args, device="cpu", **overrides):
     """The model named by --checkpoint, --hf or --preset; returns (model, description)."""
     from .model import GPT
