@@ -1,0 +1,191 @@
+"""How fast, and how much memory, is the loss over GPT-2's 50,257-token vocabulary?
+
+For N = 4K..64K tokens, V = 50,257, bf16, forward + backward, each measured in the same run:
+
+- ``F.cross_entropy`` on (N, V) logits, ``torch.compile`` of it, and our fused Triton loss
+  (``kernels.cross_entropy``). Unit: GB/s of the least traffic a fused loss needs, reading the logits
+  once and writing their gradient once: ``bytes = 2 * N * V * 2`` (bf16).
+- projection + ``F.cross_entropy`` (``hidden (N, C) @ weight.T`` then the loss, C = 768) against our
+  chunked ``kernels.linear_cross_entropy``, the projection counted in both. Unit: TFLOP/s of the three
+  matmuls, ``flops = 6 * N * V * C`` (forward 2NVC, d_hidden 2NVC, d_weight 2NVC).
+
+Peak memory is the most CUDA memory allocated above the inputs during one forward + backward (the
+gradients it leaves behind included). Goals on an H100: the fused loss at least as fast as
+``F.cross_entropy``; the chunked linear loss at least 3x less peak memory than projection +
+``F.cross_entropy`` at no more than 10% extra time.
+
+    python -m bench.bench_cross_entropy            # full sweep (GPU)
+    python -m bench.bench_cross_entropy --quick    # N = 4K and 16K only
+    python -m bench.bench_cross_entropy --smoke    # tiny shapes on the CPU (Triton interpreter): code paths only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from bench.common import format_table, machine_info, peak_memory, save_results, time_ms
+
+V_GPT2 = 50257
+C_GPT2 = 768  # GPT-2 small's hidden width
+SIZES = (4096, 8192, 16384, 32768, 65536)
+QUICK_SIZES = (4096, 16384)
+COLUMNS = ["N", "method", "ms", "GB/s (2NV*2B)", "TFLOP/s (6NVC)", "peak MiB", "time vs base", "mem base/ours"]
+
+
+def _step(loss_fn, params):
+    """A closure running one forward + backward with fresh gradients."""
+    def step():
+        for p in params:
+            p.grad = None
+        loss_fn().backward()
+    return step
+
+
+def _measure(step, params, cuda: bool) -> tuple[float | None, float | None]:
+    """(median ms, peak MiB above the inputs) of ``step``; (None, None) if it runs out of memory."""
+    try:
+        step()
+        step()  # warm-up: autotuning, torch.compile, cuBLAS heuristics
+        ms = time_ms(step)
+        if not cuda:
+            return ms, None
+        for p in params:
+            p.grad = None
+        return ms, peak_memory(step) / 2**20
+    except torch.cuda.OutOfMemoryError:
+        return None, None
+    finally:
+        for p in params:
+            p.grad = None
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _row(n, V, C, dtype, method, ms, mib, ce=True, base=None) -> dict:
+    row = {"N": n, "V": V, "C": C, "dtype": str(dtype).removeprefix("torch."), "method": method, "ms": ms,
+           "peak MiB": mib}
+    if ms:
+        if ce:
+            row["GB/s (2NV*2B)"] = 2 * n * V * torch.finfo(dtype).bits / 8 / (ms * 1e-3) / 1e9
+        else:
+            row["TFLOP/s (6NVC)"] = 6 * n * V * C / (ms * 1e-3) / 1e12
+    if base is not None and ms and base["ms"]:
+        row["time vs base"] = ms / base["ms"]
+        if mib and base["peak MiB"]:
+            row["mem base/ours"] = base["peak MiB"] / mib
+    return row
+
+
+def _bench_loss(n: int, V: int, dtype, device: str, with_compile: bool) -> list[dict]:
+    """The loss alone on (N, V) logits: F.cross_entropy, torch.compile of it, ours."""
+    import torch.nn.functional as F
+
+    import kernels
+
+    cuda = device == "cuda"
+    t = torch.randint(0, V, (n,), device=device)  # (N,)
+    x = (torch.randn(n, V, device=device) * 2).to(dtype).requires_grad_()  # (N, V)
+    base = _row(n, V, None, dtype, "F.cross_entropy", *_measure(_step(lambda: F.cross_entropy(x, t), [x]), [x], cuda))
+    rows = [base]
+    if with_compile:
+        compiled = torch.compile(F.cross_entropy)
+        rows.append(_row(n, V, None, dtype, "torch.compile(F.cross_entropy)",
+                         *_measure(_step(lambda: compiled(x, t), [x]), [x], cuda), base=base))
+
+    def fused():
+        with kernels.use_backend("triton"):
+            return kernels.cross_entropy(x, t)
+
+    rows.append(_row(n, V, None, dtype, "fused cross_entropy (ours)", *_measure(_step(fused, [x]), [x], cuda),
+                     base=base))
+    return rows
+
+
+def _bench_linear(n: int, V: int, C: int, dtype, device: str) -> list[dict]:
+    """Projection + loss, the projection counted in: hidden @ weight.T then F.cross_entropy, against ours."""
+    import torch.nn.functional as F
+
+    import kernels
+
+    cuda = device == "cuda"
+    t = torch.randint(0, V, (n,), device=device)  # (N,)
+    h = torch.randn(n, C, device=device).to(dtype).requires_grad_()  # (N, C)
+    w = (torch.randn(V, C, device=device) * 0.02).to(dtype).requires_grad_()  # (V, C)
+    base = _row(n, V, C, dtype, "projection + F.cross_entropy",
+                *_measure(_step(lambda: F.cross_entropy(h @ w.t(), t), [h, w]), [h, w], cuda), ce=False)
+
+    def chunked():
+        with kernels.use_backend("triton"):
+            return kernels.linear_cross_entropy(h, w, t)
+
+    ours = _row(n, V, C, dtype, "chunked linear_cross_entropy (ours)", *_measure(_step(chunked, [h, w]), [h, w], cuda),
+                ce=False, base=base)
+    return [base, ours]
+
+
+def run(quick: bool = False, sizes=None, smoke: bool = False) -> list[dict]:
+    """All rows of the sweep (GPU), or a tiny CPU pass through every code path with ``smoke``."""
+    if smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `kernels` is not imported yet
+        sizes, V, C, dtype, device = (64,), 1000, 32, torch.float32, "cpu"
+    else:
+        if not torch.cuda.is_available():
+            raise RuntimeError("bench_cross_entropy needs a CUDA GPU (use smoke=True for a CPU pass)")
+        sizes = sizes or (QUICK_SIZES if quick else SIZES)
+        V, C, dtype, device = V_GPT2, C_GPT2, torch.bfloat16, "cuda"
+    rows = []
+    for n in sizes:
+        rows += _bench_loss(n, V, dtype, device, with_compile=not smoke)
+        rows += _bench_linear(n, V, C, dtype, device)
+    return rows
+
+
+def _summary(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        if r["method"].startswith("fused") and r.get("time vs base"):
+            ok = "meets" if r["time vs base"] <= 1.0 else "MISSES"
+            lines.append(f"N={r['N']}: fused / F.cross_entropy time = {r['time vs base']:.2f} "
+                         f"({ok} the goal <= 1.00)")
+        if r["method"].startswith("chunked") and r.get("time vs base"):
+            mem = r.get("mem base/ours")
+            ok = "meets" if r["time vs base"] <= 1.10 and (mem is None or mem >= 3.0) else "MISSES"
+            mem_s = f"{mem:.1f}x less peak memory" if mem else "memory not measured"
+            lines.append(f"N={r['N']}: chunked linear: {mem_s}, time x{r['time vs base']:.2f} vs projection + "
+                         f"F.cross_entropy ({ok} the goal >= 3x memory, <= 1.10 time)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_cross_entropy", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="N = 4K and 16K only")
+    p.add_argument("--sizes", type=int, nargs="+", help="token counts N to run (default 4K..64K)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes on the CPU through the Triton interpreter: checks the script, times nothing real")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+    args = p.parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when `kernels` is first imported, below
+    elif not torch.cuda.is_available():
+        print("bench_cross_entropy needs a CUDA GPU: nothing to time on this machine "
+              "(run with --smoke for a tiny CPU pass through the code).")
+        return 0
+    info = machine_info()
+    print(f"device: {info['gpu'] or info['cpu']}, torch {info['torch']}, triton {info['triton']}")
+    rows = run(quick=args.quick, sizes=args.sizes, smoke=args.smoke)
+    print(format_table(rows, COLUMNS))
+    if args.smoke:
+        print("smoke run: interpreter timings on the CPU, not a measurement")
+        return 0
+    print(_summary(rows))
+    if not args.no_save:
+        print(f"saved {save_results('cross_entropy', rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

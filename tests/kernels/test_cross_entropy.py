@@ -1,0 +1,430 @@
+"""Fused cross-entropy and chunked linear + cross-entropy against float64 references.
+
+Every loss and every gradient is held to ``kernels.testing.assert_close_to_ref``: the error against the
+float64 reference may be at most twice PyTorch's own error at the same dtype, plus an atol of a few units
+in the last place of the largest reference element (``_atol``): the kernel computes in fp32 and rounds
+each output once to the working dtype, so one rounding of the output is the floor of what it can reach.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import fused_cross_entropy as fce
+from kernels import reference
+from kernels.testing import assert_close_to_ref, poison_
+
+GPT2_V = 50257
+_EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def _atol(ref: torch.Tensor, dtype: torch.dtype, ulps: float = 4.0) -> float:
+    """A few units in the last place of the largest reference value, at the working dtype."""
+    return ulps * _EPS[dtype] * (ref.detach().abs().max().item() if ref.numel() else 0.0) + 1e-12
+
+
+def _targets(n, V, device, n_ignored=1, ignore_index=-100, dtype=torch.int64):
+    t = torch.randint(0, V, (n,), device=device, dtype=dtype)  # (n,)
+    if n_ignored:
+        t[torch.randperm(n, device=device)[:n_ignored]] = ignore_index
+    return t
+
+
+def _grad_out(loss):
+    return torch.randn_like(loss)  # a scalar or (N,), never 1: the backward must scale
+
+
+def _run_ce(x, t, **kw):
+    """Loss and d logits of kernels.cross_entropy on the Triton backend, for a random incoming gradient."""
+    x = x.detach().clone().requires_grad_()
+    with kernels.use_backend("triton"):
+        loss = kernels.cross_entropy(x, t, **kw)
+    go = _grad_out(loss)
+    (g,) = torch.autograd.grad(loss, x, go)
+    return loss, g, go
+
+
+def _ref_ce(x, t, go, upcast_to=torch.float64, **kw):
+    """The same through the reference (float64) or through torch's F.cross_entropy at x's dtype."""
+    if upcast_to is None:
+        xx = x.detach().clone().requires_grad_()
+        loss = F.cross_entropy(xx, t.long(), **kw)  # torch takes only int64 class ids
+        (g,) = torch.autograd.grad(loss, xx, go)
+        return loss, g
+    xx = x.detach().to(upcast_to).requires_grad_()
+    loss = reference.cross_entropy(xx, t, **kw)
+    (g,) = torch.autograd.grad(loss, xx, go.to(upcast_to))
+    return loss, g
+
+
+def _check_ce(x, t, name, **kw):
+    loss, g, go = _run_ce(x, t, **kw)
+    ref_loss, ref_g = _ref_ce(x, t, go, **kw)
+    base_loss, base_g = _ref_ce(x, t, go, upcast_to=None, **kw)
+    assert loss.dtype == x.dtype and g.dtype == x.dtype
+    assert_close_to_ref(f"{name} loss", loss, ref_loss, base_loss, atol=_atol(ref_loss, x.dtype))
+    assert_close_to_ref(f"{name} d_logits", g, ref_g, base_g, atol=_atol(ref_g, x.dtype))
+    return loss, g
+
+
+# ------------------------------------------------------------------------------------- cross_entropy
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("V", [7, 1000])
+def test_cross_entropy_matches_reference(device, V, dtype, reduction, smoothing):
+    x = (torch.randn(9, V, device=device) * 3).to(dtype)  # (9, V); 1000 is not a multiple of BLOCK_V chunks
+    t = _targets(9, V, device, n_ignored=2)
+    _check_ce(x, t, f"V={V}", reduction=reduction, label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("reduction,smoothing", [("mean", 0.0), ("none", 0.1), ("sum", 0.1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cross_entropy_gpt2_vocab(device, dtype, reduction, smoothing):
+    # 50,257 columns = 12 full 4096-wide chunks and a ragged 1105-wide one; 3 rows, one ignored
+    x = (torch.randn(3, GPT2_V, device=device) * 2).to(dtype)  # (3, 50257)
+    t = torch.tensor([GPT2_V - 1, -100, 5], device=device)  # the last column is a target
+    _check_ce(x, t, "V=50257", reduction=reduction, label_smoothing=smoothing)
+
+
+def test_cross_entropy_bf16(device):
+    x = (torch.randn(6, 1000, device=device) * 3).to(torch.bfloat16)  # (6, 1000)
+    _check_ce(x, _targets(6, 1000, device), "bf16", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_one_row_int32_targets_and_ignore_index_inside_vocab(device, reduction):
+    x = torch.randn(1, 1023, device=device)  # (1, 1023): a single row, prime-ish width
+    t = torch.tensor([17], device=device, dtype=torch.int32)
+    _check_ce(x, t, "one row", reduction=reduction)
+    # ignore_index 0 lies inside [0, V): a row targeting 0 is ignored, not an error
+    x = torch.randn(4, 13, device=device)  # (4, 13)
+    t = torch.tensor([0, 3, 0, 12], device=device, dtype=torch.int32)
+    _check_ce(x, t, "ignore_index=0", reduction=reduction, ignore_index=0)
+
+
+def test_non_contiguous_logits(device):
+    wide = torch.randn(5, 64, device=device)  # (5, 64)
+    x = wide[:, :37]  # (5, 37) row stride 64: read in place, no copy
+    t = _targets(5, 37, device)
+    loss, g = _check_ce(x, t, "row-strided")
+    x_t = torch.randn(37, 5, device=device).t()  # (5, 37), column stride 5: copied first
+    _check_ce(x_t, t, "transposed")
+    t_strided = torch.stack([t, t], 1)[:, 0]  # (5,) non-contiguous targets
+    loss2, g2 = _run_ce(x, t_strided)[:2]
+    assert_close_to_ref("strided targets", loss2, loss.double(), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_all_rows_ignored(device, backend, smoothing):
+    """The mean over zero valid targets is 0 with zero gradients on every backend, not torch's NaN."""
+    x = torch.randn(4, 11, device=device, requires_grad=True)  # (4, 11)
+    t = torch.full((4,), -100, device=device)
+    for reduction in ("mean", "sum", "none"):
+        with kernels.use_backend(backend):
+            loss = kernels.cross_entropy(x, t, reduction=reduction, label_smoothing=smoothing)
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        assert torch.equal(loss, torch.zeros_like(loss)), f"{backend} {reduction}: loss {loss}"
+        assert torch.equal(g, torch.zeros_like(g)), f"{backend} {reduction}: gradient not zero"
+
+
+def test_torch_path_with_class_weight_guard(device):
+    x = torch.randn(4, 6, device=device, requires_grad=True)  # (4, 6)
+    w = torch.rand(6, device=device)
+    t = torch.tensor([1, -100, 3, 5], device=device)
+    with kernels.use_backend("triton"):  # class weights: torch on every backend
+        loss = kernels.cross_entropy(x, t, weight=w)
+    assert torch.allclose(loss, F.cross_entropy(x, t, weight=w))
+    with kernels.use_backend("triton"):
+        loss = kernels.cross_entropy(x, torch.full_like(t, -100), weight=w)
+    assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_input_untouched_gradient_in_own_buffer(device, reduction):
+    x = torch.randn(6, 300, device=device, requires_grad=True)  # (6, 300)
+    before = x.detach().clone()
+    t = _targets(6, 300, device)
+    with kernels.use_backend("triton"):
+        loss = kernels.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+    loss.backward(torch.ones_like(loss))
+    assert torch.equal(x.detach(), before), "the forward or backward wrote into the logits"
+    assert x.grad.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    # the saved buffer itself is a fresh allocation, not a view of the logits
+    _, grad = fce._cross_entropy_forward(x.detach(), t, -100, reduction, 0.1, need_grad=True)
+    assert grad.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    # a second backward through a retained graph gives the same gradient (the buffer is not consumed)
+    x.grad = None
+    with kernels.use_backend("triton"):
+        loss = kernels.cross_entropy(x, t, reduction=reduction)
+    (g1,) = torch.autograd.grad(loss.sum(), x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.equal(g1, g2)
+
+
+def test_no_gradient_buffer_without_grad(device):
+    x = torch.randn(5, 100, device=device)  # (5, 100), requires_grad False
+    t = _targets(5, 100, device)
+    loss, grad = fce._cross_entropy_forward(x, t, -100, "mean", 0.0, need_grad=False)
+    assert grad is None
+    ref = reference.cross_entropy(x.double(), t)
+    assert_close_to_ref("loss-only", loss, ref, atol=1e-6)
+    xg = x.clone().requires_grad_()
+    with kernels.use_backend("triton"), torch.no_grad():
+        loss2 = kernels.cross_entropy(xg, t)
+    assert not loss2.requires_grad and torch.equal(loss, loss2)
+
+
+def test_kernel_writes_every_element(device):
+    """Launch on NaN-poisoned loss and gradient buffers: every element must be written."""
+    x = torch.randn(7, 4100, device=device)  # (7, 4100): one full 4096 chunk and a 4-wide tail
+    t = _targets(7, 4100, device, n_ignored=2)
+    grad = poison_(torch.empty_like(x))
+    loss = poison_(torch.empty(7, device=device))
+    fce._cross_entropy_rows(x, t, -100, 0.1, 1.0, grad=grad, loss=loss)
+    assert not loss.isnan().any() and not grad.isnan().any()
+    ignored = t == -100
+    assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored]))
+    assert torch.equal(loss[ignored], torch.zeros_like(loss[ignored]))
+    # per-row scales (the chunked 'none' backward) scale each row's gradient
+    scale = torch.randn(7, device=device)
+    grad2 = poison_(torch.empty_like(x))
+    fce._cross_entropy_rows(x, t, -100, 0.1, 1.0, grad=grad2, row_scale=scale)
+    torch.testing.assert_close(grad2, grad * scale[:, None], rtol=1e-6, atol=1e-9)
+
+
+def test_launch_config():
+    assert fce._launch_config(7) == (8, 1)
+    assert fce._launch_config(1000) == (1024, 2)
+    assert fce._launch_config(GPT2_V) == (4096, 8)
+    assert fce._launch_config(50304) == (4096, 8)  # GPT-2's vocabulary padded to a multiple of 64
+    compiled = {(c.constexprs["BLOCK_V"], c.num_warps, c.signature["X"]) for c in fce.compile_cases()}
+    for V in (7, 1000, GPT2_V):
+        block_v, warps = fce._launch_config(V)
+        assert any(b == block_v and w == warps for b, w, _ in compiled), f"V={V} config not compile-checked"
+    for dt in ("*fp32", "*fp16", "*bf16"):
+        assert (4096, 8, dt) in compiled
+
+
+def test_cross_entropy_bad_inputs(device):
+    x = torch.randn(4, 10, device=device)  # (4, 10)
+    t = torch.tensor([1, 2, 3, 4], device=device)
+    with kernels.use_backend("triton"):
+        with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+            kernels.cross_entropy(x, torch.tensor([1, 10, 3, 4], device=device))
+        with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+            kernels.cross_entropy(x, torch.tensor([1, -1, 3, 4], device=device))
+        with pytest.raises(TypeError, match="integer class ids"):
+            kernels.cross_entropy(x, t.float())
+        with pytest.raises(ValueError, match=r"shape \(4,\)"):
+            kernels.cross_entropy(x, t[:3])
+        with pytest.raises(ValueError, match=r"\(N, V\) logits"):
+            kernels.cross_entropy(x.view(2, 2, 10), t.view(2, 2))
+        with pytest.raises(ValueError, match=r"\(N, V\) logits"):
+            kernels.cross_entropy(x[0], t[0])
+        with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+            kernels.cross_entropy(x.double(), t)
+        with pytest.raises(ValueError, match="reduction must be"):
+            kernels.cross_entropy(x, t, reduction="avg")
+        with pytest.raises(ValueError, match="label_smoothing"):
+            kernels.cross_entropy(x, t, label_smoothing=1.5)
+
+
+# ------------------------------------------------------------------------------ linear_cross_entropy
+
+
+def _linear_inputs(n, C, V, dtype, device, bias):
+    h = torch.randn(n, C, device=device).to(dtype)  # (n, C)
+    w = (torch.randn(V, C, device=device) / C**0.5 * 2).to(dtype)  # (V, C)
+    b = torch.randn(V, device=device).to(dtype) if bias else None  # (V,)
+    return h, w, b
+
+
+def _run_linear(h, w, b, t, go=None, backend="triton", **kw):
+    ins = [h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()]
+    if b is not None:
+        ins.append(b.detach().clone().requires_grad_())
+    with kernels.use_backend(backend):
+        loss = kernels.linear_cross_entropy(ins[0], ins[1], t, ins[2] if b is not None else None, **kw)
+    go = _grad_out(loss) if go is None else go
+    return loss, torch.autograd.grad(loss, ins, go), go
+
+
+def _ref_linear(h, w, b, t, go, **kw):
+    ins = [x.detach().double().requires_grad_() for x in (h, w, b) if x is not None]
+    loss = reference.linear_cross_entropy(ins[0], ins[1], t, ins[2] if b is not None else None, **kw)
+    return loss, torch.autograd.grad(loss, ins, go.double())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_cross_entropy_matches_reference(device, dtype, reduction, bias):
+    N, C, V = 23, 16, 100
+    h, w, b = _linear_inputs(N, C, V, dtype, device, bias)
+    t = _targets(N, V, device, n_ignored=3)
+    kw = dict(reduction=reduction, label_smoothing=0.1)
+    loss, grads, go = _run_linear(h, w, b, t, chunk_size=5, **kw)  # 5 does not divide 23
+    ref_loss, ref_grads = _ref_linear(h, w, b, t, go, **kw)
+    base_loss, base_grads, _ = _run_linear(h, w, b, t, go, backend="torch", **kw)
+    assert loss.dtype == dtype
+    assert_close_to_ref("loss", loss, ref_loss, base_loss, atol=_atol(ref_loss, dtype))
+    for name, g, r, bg in zip(("d_hidden", "d_weight", "d_bias"), grads, ref_grads, base_grads):
+        assert g.dtype == dtype
+        # d_weight is rounded once per chunk (5 chunks here): allow that many ulps
+        assert_close_to_ref(name, g, r, bg, atol=_atol(r, dtype, ulps=4 + 23 // 5))
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 30])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_chunked_equals_unchunked(device, chunk, reduction):
+    N, C, V = 17, 8, 33
+    h, w, b = _linear_inputs(N, C, V, torch.float32, device, bias=True)
+    t = _targets(N, V, device, n_ignored=2)
+    one_loss, one_grads, go = _run_linear(h, w, b, t, chunk_size=N, reduction=reduction)
+    loss, grads, _ = _run_linear(h, w, b, t, go, chunk_size=chunk, reduction=reduction)
+    torch.testing.assert_close(loss, one_loss, rtol=1e-6, atol=1e-6)
+    for g, g1 in zip(grads, one_grads):
+        torch.testing.assert_close(g, g1, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_gpt2_vocab(device):
+    N, C = 3, 8
+    h, w, b = _linear_inputs(N, C, GPT2_V, torch.float32, device, bias=False)
+    t = torch.tensor([GPT2_V - 1, 0, -100], device=device)
+    loss, grads, go = _run_linear(h, w, None, t, chunk_size=2, label_smoothing=0.05)
+    ref_loss, ref_grads = _ref_linear(h, w, None, t, go, label_smoothing=0.05)
+    base_loss, base_grads, _ = _run_linear(h, w, None, t, go, backend="torch", label_smoothing=0.05)
+    assert_close_to_ref("loss", loss, ref_loss, base_loss, atol=_atol(ref_loss, torch.float32))
+    for name, g, r, bg in zip(("d_hidden", "d_weight"), grads, ref_grads, base_grads):
+        assert_close_to_ref(name, g, r, bg, atol=_atol(r, torch.float32))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_all_rows_ignored(device, reduction):
+    h, w, b = _linear_inputs(6, 8, 20, torch.float32, device, bias=True)
+    t = torch.full((6,), -100, device=device)
+    for backend in ("triton", "torch", "reference"):
+        loss, grads, _ = _run_linear(h, w, b, t, go=None, backend=backend, reduction=reduction, chunk_size=4)
+        assert torch.equal(loss, torch.zeros_like(loss)), f"{backend}: {loss}"
+        for g in grads:
+            assert torch.equal(g, torch.zeros_like(g)), f"{backend}: gradient not zero"
+
+
+def test_linear_requires_grad_awareness(device):
+    N, C, V = 9, 8, 30
+    h, w, b = _linear_inputs(N, C, V, torch.float32, device, bias=True)
+    t = _targets(N, V, device)
+    loss_rows = torch.empty(N, device=device)
+    d_h, d_w, d_b = fce._chunked_linear_ce(h, w, b, t, -100, 0.0, 4, 1.0, False, True, False, loss_rows)
+    assert d_h is None and d_b is None and d_w is not None
+    d_h, d_w, d_b = fce._chunked_linear_ce(h, w, None, t, -100, 0.0, 4, 1.0, True, False, False, loss_rows)
+    assert d_w is None and d_b is None and d_h is not None
+    # frozen weight (a fine-tune of everything but the head): only d_hidden flows
+    _, _, go = _run_linear(h, w, b, t)
+    hg = h.clone().requires_grad_()
+    with kernels.use_backend("triton"):
+        loss = kernels.linear_cross_entropy(hg, w, t, b, chunk_size=4)
+    (g,) = torch.autograd.grad(loss, hg, go)
+    ref_loss, ref_grads = _ref_linear(h, w, b, t, go)
+    base_loss, base_grads, _ = _run_linear(h, w, b, t, go, backend="torch")
+    assert_close_to_ref("d_hidden, frozen weight", g, ref_grads[0], base_grads[0], atol=_atol(ref_grads[0],
+                                                                                          torch.float32))
+    with kernels.use_backend("triton"), torch.no_grad():
+        loss = kernels.linear_cross_entropy(h, w, t, b, chunk_size=4)
+    assert_close_to_ref("no_grad loss", loss, ref_loss, base_loss, atol=_atol(ref_loss, torch.float32))
+
+
+def test_linear_inputs_untouched(device):
+    h, w, b = _linear_inputs(10, 8, 40, torch.float32, device, bias=True)
+    h0, w0, b0 = h.clone(), w.clone(), b.clone()
+    _run_linear(h, w, b, _targets(10, 40, device), chunk_size=3)
+    hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
+    with kernels.use_backend("triton"):
+        kernels.linear_cross_entropy(hh, ww, _targets(10, 40, device), bb, chunk_size=3).backward()
+    assert torch.equal(hh.detach(), h0) and torch.equal(ww.detach(), w0) and torch.equal(bb.detach(), b0)
+
+
+def test_linear_default_chunk():
+    assert fce._default_chunk(GPT2_V, torch.bfloat16) == 1280  # 1280 x 50257 x 2 B = 123 MiB of logits
+    assert fce._default_chunk(GPT2_V, torch.float32) == 640
+    assert fce._default_chunk(7, torch.float32) % 64 == 0
+
+
+def test_linear_bad_inputs(device):
+    h, w, _ = _linear_inputs(4, 8, 10, torch.float32, device, bias=False)
+    t = torch.tensor([1, 2, 3, 4], device=device)
+    with kernels.use_backend("triton"):
+        with pytest.raises(ValueError, match=r"hidden \(N, C\) and weight \(V, C\)"):
+            kernels.linear_cross_entropy(h, w[:, :7], t)
+        with pytest.raises(ValueError, match=r"hidden \(N, C\) and weight \(V, C\)"):
+            kernels.linear_cross_entropy(h.view(2, 2, 8), w, t)
+        with pytest.raises(ValueError, match="bias must have shape"):
+            kernels.linear_cross_entropy(h, w, t, torch.zeros(9, device=device))
+        with pytest.raises(TypeError, match="share one dtype"):
+            kernels.linear_cross_entropy(h.half(), w, t)
+        with pytest.raises(ValueError, match=r"shape \(4,\)"):
+            kernels.linear_cross_entropy(h, w, t[:2])
+        with pytest.raises(TypeError, match="integer class ids"):
+            kernels.linear_cross_entropy(h, w, t.float())
+        with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+            kernels.linear_cross_entropy(h, w, torch.tensor([1, 2, 30, 4], device=device))
+        with pytest.raises(ValueError, match="chunk_size"):
+            kernels.linear_cross_entropy(h, w, t, chunk_size=0)
+        with pytest.raises(ValueError, match="reduction must be"):
+            kernels.linear_cross_entropy(h, w, t, reduction="avg")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_linear_backends_agree(device, backend):
+    h, w, b = _linear_inputs(12, 8, 25, torch.float32, device, bias=True)
+    t = _targets(12, 25, device, n_ignored=2)
+    loss, grads, go = _run_linear(h, w, b, t, chunk_size=5, label_smoothing=0.1)
+    other_loss, other_grads, _ = _run_linear(h, w, b, t, go, backend=backend, label_smoothing=0.1)
+    torch.testing.assert_close(loss, other_loss, rtol=1e-5, atol=1e-6)
+    for g, o in zip(grads, other_grads):
+        torch.testing.assert_close(g, o, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------- GPU, big shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cross_entropy_big_gpu(device, dtype):
+    x = (torch.randn(2048, GPT2_V, device=device) * 2).to(dtype)  # (2048, 50257)
+    _check_ce(x, _targets(2048, GPT2_V, device, n_ignored=100), "big", label_smoothing=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_cross_entropy_big_gpu(device, dtype):
+    N, C, chunk = 4096, 768, 1000
+    h, w, _ = _linear_inputs(N, C, GPT2_V, dtype, device, bias=False)
+    t = _targets(N, GPT2_V, device, n_ignored=64)
+    loss, grads, go = _run_linear(h, w, None, t, chunk_size=chunk)
+    ref_loss, ref_grads = _ref_linear(h, w, None, t, go)
+    base_loss, base_grads, _ = _run_linear(h, w, None, t, go, backend="torch")
+    assert_close_to_ref("loss", loss, ref_loss, base_loss, atol=_atol(ref_loss, dtype))
+    n_chunks = -(-N // chunk)
+    for name, g, r, bg in zip(("d_hidden", "d_weight"), grads, ref_grads, base_grads):
+        assert_close_to_ref(name, g, r, bg, atol=_atol(r, dtype, ulps=4 + n_chunks))
+
+
+@pytest.mark.gpu
+def test_linear_cross_entropy_autocast_gpu(device):
+    N, C, V = 512, 64, 1000
+    h, w, _ = _linear_inputs(N, C, V, torch.float32, device, bias=False)
+    t = _targets(N, V, device)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with kernels.use_backend("triton"), torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = kernels.linear_cross_entropy(hh, ww, t)
+    loss.backward()
+    assert ww.grad.dtype == torch.float32 and hh.grad.dtype == torch.float32
+    ref_loss, ref_grads = _ref_linear(h, w, None, t, torch.ones((), device=device))
+    assert abs(loss.item() - ref_loss.item()) < 0.05
+    torch.testing.assert_close(ww.grad.double(), ref_grads[1], rtol=0.05, atol=2e-3)
