@@ -15,13 +15,14 @@ reference``, :func:`use_backend`, :func:`set_backend`).
 from . import reference
 from .activation import bias_gelu, gelu
 from .backend import get_backend, select, set_backend, use_backend
-from .flash_attention import attention
+from .flash_attention import attention, attention_dropout_mask
 from .fused_cross_entropy import cross_entropy, linear_cross_entropy
 from .norm import add_layer_norm, layer_norm
 
 __all__ = [
     "add_layer_norm",
     "attention",
+    "attention_dropout_mask",
     "bias_gelu",
     "cross_entropy",
     "gelu",

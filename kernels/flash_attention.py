@@ -1,11 +1,788 @@
-"""Causal attention. (Triton FlashAttention kernel: issue 4; until then the torch paths.)"""
+"""Causal attention: a FlashAttention-2 style Triton kernel, forward and backward, with dropout and decoding.
+
+``attention(q, k, v, causal=True, dropout_p=0.0, scale=None)`` computes
+``softmax(q k^T * scale, masked) @ v`` for (B, H, Tq, D) queries and (B, H, Tk, D) keys and values, tile
+by tile with an online softmax, so no (Tq x Tk) matrix exists in memory in the forward or the backward.
+
+Forward (``_attn_fwd``), one program per (query block, batch*head):
+    q tile stays in registers; loop over key blocks: s = q k^T (fp32), running row max m and row sum l
+    in the log2 domain (log2(e) folded into the scale so every exponential is one ``exp2``), rescale the
+    fp32 accumulator, acc += p v. Saves only O and the per-row log-sum-exp (natural log, fp32).
+    Causal: key blocks above the diagonal are never visited (the loop stops there); the blocks that
+    every row sees in full run without any mask, and only the few blocks that straddle the diagonal
+    (or the ragged end of the keys) run the masked loop body: the two-stage loop of Triton's
+    06-fused-attention tutorial, generalised to Tq <= Tk and to lengths that are not block multiples.
+
+Backward, FlashAttention-2's split into three launches, with no atomics:
+    1. ``_attn_bwd_preprocess``: delta_i = rowsum(dO_i * O_i) (fp32), one program per query block.
+    2. ``_attn_bwd_dkdv``: one program per key block owns its dK, dV in fp32 registers and loops over
+       the query blocks that can see it (recomputing P = exp2(s - lse) from the saved lse).
+    3. ``_attn_bwd_dq``: one program per query block owns its dQ and loops over the key blocks it sees.
+    Why split rather than one fused loop with ``atomic_add`` into dQ: every gradient element is written
+    by exactly one program, so the backward is deterministic (bitwise repeatable) and needs no fp32 dQ
+    scratch buffer, no zeroing and no conversion pass, and the autotuner can re-run it freely. The price
+    is recomputing q k^T and dO v^T once more in the dQ kernel (7 tile matmuls instead of 5); the fused
+    atomic version trades that for contention on dQ and non-deterministic sums.
+
+Dropout on the attention weights uses Philox (``tl.randint4x``) keyed by (seed, batch*head), one counter
+per (query row, group of four key columns) giving the four columns' random words: forward and backward
+regenerate the same keep-mask tile by tile and it is never stored. Kept weights are scaled by
+1 / (1 - p); the softmax normaliser l is taken before dropout, as in ``F.dropout(softmax(s))``.
+:func:`attention_dropout_mask` materialises the very mask the kernels use (a small kernel calling the
+same jitted ``_dropout_keep``, so identical by construction), for tests.
+
+Decoding with a KV cache (Tq < Tk, down to Tq = 1) runs through the same kernels: query i sits at
+position i + Tk - Tq of the sequence, so under ``causal`` it sees keys j <= i + Tk - Tq. The autotuner
+offers a BLOCK_M = 16 configuration for short Tq. Tq > Tk is an error when causal (the first queries
+would see no key); without ``causal`` any Tq, Tk works.
+
+Tiles: autotuned per kernel from short lists (``FWD_CONFIGS``, ``DKDV_CONFIGS``, ``DQ_CONFIGS``) keyed
+on (Tq, Tk rounded up to powers of two, D, causal, dropout, dtype) and pruned to the configs that serve
+the head dim, dtype and dropout setting and whose tile fits the length; ``compile_cases()`` compiles
+exactly those lists. Under TRITON_INTERPRET=1 one small fixed config per kernel (``INTERPRET_CONFIGS``).
+
+Layers: the ``@triton.jit`` kernels; ``_check_inputs`` and the launchers ``_forward`` / ``_backward``
+(strides passed through, so q, k, v may be non-contiguous views, e.g. the (B, T, H, D) split of a fused
+qkv projection, and outputs are laid out like the inputs); ``_FlashAttention`` (autograd); ``_attention``
+(the Triton path, with a ``seed`` for tests) and the public ``attention``, which picks the backend once,
+before any ``.apply``.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from . import reference
-from .backend import select
+from .backend import interpreter_enabled, select
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+
+# =============================================================================================== kernels
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile; rows >= n_rows (if CHECK_ROWS) and columns >= HEAD_DIM read as 0."""
+    if CHECK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _mm(a, b, acc, FP32: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; fp32 inputs use 3xTF32 (near-fp32 accuracy on tensor cores)."""
+    if FP32:
+        out = tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _dropout_keep(seed_key, rows, col0, Tk, dropout_p, BLOCK_N: tl.constexpr):
+    """(len(rows), BLOCK_N) keep-mask (True = keep) of one (batch, head) for key columns col0 + [0, BLOCK_N).
+
+    Philox keyed by ``seed_key`` (the seed in the low 32 bits, batch*head in the high 32). Each counter
+    ``row * cdiv(Tk, 4) + col // 4`` gives four random words (``randint4x``), one for each of four
+    neighbouring columns: a quarter of the Philox work and registers of one call per element. A weight
+    is kept when the word's low 24 bits, as a fraction of 2**24, are >= dropout_p. Depends only on
+    (seed, batch*head, row, col), never on the tile sizes, so every kernel regenerates the same mask.
+    col0 must be a multiple of 4 (it is a multiple of BLOCK_N >= 16).
+    """
+    groups = col0 // 4 + tl.arange(0, BLOCK_N // 4)  # (BLOCK_N // 4,)
+    ctr = rows[:, None] * ((Tk + 3) // 4) + groups[None, :]  # (R, BLOCK_N // 4) int32
+    r0, r1, r2, r3 = tl.randint4x(seed_key, ctr)
+    thresh = dropout_p * 16777216.0
+    k0 = (r0 & 0xFFFFFF).to(tl.float32) >= thresh
+    k1 = (r1 & 0xFFFFFF).to(tl.float32) >= thresh
+    k2 = (r2 & 0xFFFFFF).to(tl.float32) >= thresh
+    k3 = (r3 & 0xFFFFFF).to(tl.float32) >= thresh
+    keep = tl.join(tl.join(k0, k1), tl.join(k2, k3))  # (R, BLOCK_N // 4, 2, 2)
+    return tl.reshape(keep, (rows.shape[0], BLOCK_N))  # column 4 * g + 2 * a + b <- word 2 * b + a
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q,  # running state: (BLOCK_M, BLOCK_D) fp32, (BLOCK_M,), (BLOCK_M,), q tile
+                    Kb, Vb,  # this (batch, head)'s K and V base pointers
+                    stride_kt, stride_kd, stride_vt, stride_vd,  # time and feature strides of K and V
+                    offs_m, offs_d,  # (BLOCK_M,) query rows of this program, (BLOCK_D,) feature columns
+                    lo, hi,  # key range [lo, hi) of this stage, lo a multiple of BLOCK_N
+                    Tk, OFF,  # number of keys; OFF = Tk - Tq (query i sees keys j <= i + OFF when causal)
+                    qk_scale,  # softmax scale * log2(e)
+                    dropout_p, seed_key,  # dropout probability and Philox key (used when DROPOUT)
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASKED: tl.constexpr,  # mask keys >= Tk and, if CAUSAL, keys above the diagonal
+                    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, FP32: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0  # (BLOCK_N,)
+        k = _load_tile(Kb + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, offs_n, Tk, offs_d,
+                       HEAD_DIM, BLOCK_D, MASKED)  # (BLOCK_N, BLOCK_D)
+        s = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), FP32)  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            ok = offs_n[None, :] < Tk  # (1, BLOCK_N)
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None] + OFF)  # (BLOCK_M, BLOCK_N)
+            s = tl.where(ok, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every row sees key 0 in its first block
+            s = s - m_new[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            s = s * qk_scale - m_new[:, None]
+        p = tl.math.exp2(s)  # (BLOCK_M, BLOCK_N) unnormalised weights
+        alpha = tl.math.exp2(m_i - m_new)  # (BLOCK_M,) rescales what was accumulated so far
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every weight, dropped or not
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed_key, offs_m, start_n, Tk, dropout_p, BLOCK_N), p, 0.0)
+        v = _load_tile(Vb + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, offs_n, Tk, offs_d,
+                       HEAD_DIM, BLOCK_D, MASKED)  # (BLOCK_N, BLOCK_D)
+        acc = _mm(p.to(v.dtype), v, acc, FP32)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_fwd(
+    Q, K, V,  # (B, H, Tq, D) queries, (B, H, Tk, D) keys and values, any strides
+    O,  # (B, H, Tq, D) output, strides stride_o*
+    LSE,  # (B*H, Tq) fp32 output: natural-log log-sum-exp of each row's scaled, masked scores
+    stride_qb, stride_qh, stride_qt, stride_qd,  # strides of Q (batch, head, time, feature)
+    stride_kb, stride_kh, stride_kt, stride_kd,  # strides of K
+    stride_vb, stride_vh, stride_vt, stride_vd,  # strides of V
+    stride_ob, stride_oh, stride_ot, stride_od,  # strides of O
+    H,  # number of heads: program_id(1) = batch * H + head
+    Tq, Tk,  # query and key lengths (Tq <= Tk when CAUSAL)
+    sm_scale,  # softmax scale (1/sqrt(D) by default)
+    dropout_p,  # probability of dropping an attention weight (used when DROPOUT)
+    seed,  # Philox seed of the dropout mask, < 2**31 (used when DROPOUT)
+    TQ_KEY, TK_KEY,  # autotune keys only: Tq and Tk rounded up to a power of two (not read)
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # D rounded up to a power of two; columns >= D are masked
+    CAUSAL: tl.constexpr,  # mask keys j > i + Tk - Tq
+    DROPOUT: tl.constexpr,  # apply dropout to the attention weights
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per loop step
+):
+    FP32: tl.constexpr = Q.dtype.element_ty == tl.float32
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # longest rows first: better balance across the last wave
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    Kb = K + b * stride_kb + h * stride_kh
+    Vb = V + b * stride_vb + h * stride_vh
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                   offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True)  # (BLOCK_M, BLOCK_D), stays in registers
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e) folded in: exp(x) = exp2(x * log2(e))
+    seed_key = bh * 4294967296 + seed  # batch*head in the Philox key's high word
+    OFF = Tk - Tq
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 domain)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running sum of p v
+
+    if CAUSAL:
+        # keys every row of the block sees in full: j <= start_m + OFF; the diagonal band after that,
+        # up to the last row's last key (start_m + BLOCK_M - 1 + OFF), is masked; nothing beyond it runs
+        lo_full = ((start_m + OFF + 1) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(Tk, start_m + BLOCK_M + OFF)
+    else:
+        lo_full = (Tk // BLOCK_N) * BLOCK_N
+        hi = Tk
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd,
+                                    offs_m, offs_d, 0, lo_full, Tk, OFF, qk_scale, dropout_p, seed_key,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, DROPOUT, FP32)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd,
+                                    offs_m, offs_d, lo_full, hi, Tk, OFF, qk_scale, dropout_p, seed_key,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, DROPOUT, FP32)
+
+    out = acc / l_i[:, None]  # (BLOCK_M, BLOCK_D)
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log: * ln(2)
+    row_ok = offs_m < Tq
+    tl.store(LSE + bh * Tq + offs_m, lse, mask=row_ok)
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO,  # (B, H, Tq, D) forward output and its gradient, any strides
+    DELTA,  # (B*H, Tq) fp32 output: rowsum(dO * O)
+    stride_ob, stride_oh, stride_ot, stride_od,  # strides of O
+    stride_dob, stride_doh, stride_dot, stride_dod,  # strides of DO
+    H, Tq,  # heads (program_id(1) = batch * H + head), query length
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # D and D rounded up to a power of two
+    BLOCK_M: tl.constexpr,  # rows per program
+):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                   offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True)  # (BLOCK_M, BLOCK_D)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
+                    + offs_d[None, :] * stride_dod, offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+    tl.store(DELTA + bh * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v,  # (BLOCK_N, BLOCK_D) fp32 accumulators; this program's k, v tiles
+                         Qb, DOb, LSEb, DELTAb,  # this (batch, head)'s Q, dO, lse and delta base pointers
+                         stride_qt, stride_qd, stride_dot, stride_dod,  # time and feature strides of Q, dO
+                         start_n, offs_d,  # first key of this program's block; (BLOCK_D,) feature columns
+                         lo, hi,  # query range [lo, hi) of this stage, lo a multiple of BLOCK_M
+                         Tq, Tk, OFF,  # lengths; OFF = Tk - Tq
+                         qk_scale,  # softmax scale * log2(e)
+                         dropout_p, seed_key,  # dropout probability and Philox key (used when DROPOUT)
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr,
+                         MASK_CAUSAL: tl.constexpr,  # zero the weights above the diagonal
+                         MASK_ROWS: tl.constexpr,  # guard loads of query rows >= Tq
+                         DROPOUT: tl.constexpr, FP32: tl.constexpr):
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + offs_m0  # (BLOCK_M,)
+        q = _load_tile(Qb + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, offs_m, Tq, offs_d,
+                       HEAD_DIM, BLOCK_D, MASK_ROWS)  # (BLOCK_M, BLOCK_D)
+        do = _load_tile(DOb + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, offs_m, Tq, offs_d,
+                        HEAD_DIM, BLOCK_D, MASK_ROWS)  # (BLOCK_M, BLOCK_D)
+        if MASK_ROWS:
+            lse2 = tl.load(LSEb + offs_m, mask=offs_m < Tq, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTAb + offs_m, mask=offs_m < Tq, other=0.0)  # (BLOCK_M,)
+        else:
+            lse2 = tl.load(LSEb + offs_m) * 1.4426950408889634  # (BLOCK_M,) lse in the log2 domain
+            delta = tl.load(DELTAb + offs_m)
+        sT = _mm(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32)  # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(sT * qk_scale - lse2[None, :])  # softmax weights, transposed; 0 on padded rows
+        if MASK_CAUSAL:
+            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + OFF, pT, 0.0)
+        dpT = _mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32)  # dO v^T, transposed
+        if DROPOUT:
+            keepT = tl.trans(_dropout_keep(seed_key, offs_m, start_n, Tk, dropout_p, BLOCK_N))  # (BLOCK_N, BLOCK_M)
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            dv = _mm(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do, dv, FP32)
+            dpT = tl.where(keepT, dpT * inv_keep, 0.0)
+        else:
+            dv = _mm(pT.to(do.dtype), do, dv, FP32)
+        dsT = pT * (dpT - delta[None, :])  # (BLOCK_N, BLOCK_M) gradient of the scores, transposed
+        dk = _mm(dsT.to(q.dtype), q, dk, FP32)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dkdv(
+    Q, K, V,  # (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, D) forward inputs, any strides
+    DO,  # (B, H, Tq, D) gradient of the output, any strides
+    DK, DV,  # (B, H, Tk, D) outputs: gradients of K and V, strides stride_dk*
+    LSE, DELTA,  # (B*H, Tq) fp32: forward log-sum-exp (natural log) and rowsum(dO * O)
+    stride_qb, stride_qh, stride_qt, stride_qd,  # strides of Q
+    stride_kb, stride_kh, stride_kt, stride_kd,  # strides of K
+    stride_vb, stride_vh, stride_vt, stride_vd,  # strides of V
+    stride_dob, stride_doh, stride_dot, stride_dod,  # strides of DO
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,  # strides of DK and DV (allocated alike)
+    H,  # number of heads: program_id(1) = batch * H + head
+    Tq, Tk,  # query and key lengths
+    sm_scale,  # softmax scale
+    dropout_p,  # dropout probability (used when DROPOUT)
+    seed,  # Philox seed of the forward's dropout mask (used when DROPOUT)
+    TQ_KEY, TK_KEY,  # autotune keys only: Tq and Tk rounded up to a power of two (not read)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # D and D rounded up to a power of two
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,  # as in the forward
+    BLOCK_M: tl.constexpr,  # query rows per loop step
+    BLOCK_N: tl.constexpr,  # keys per program
+):
+    FP32: tl.constexpr = Q.dtype.element_ty == tl.float32
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    start_n = tl.program_id(0) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    k = _load_tile(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                   offs_n, Tk, offs_d, HEAD_DIM, BLOCK_D, True)  # (BLOCK_N, BLOCK_D)
+    v = _load_tile(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                   offs_n, Tk, offs_d, HEAD_DIM, BLOCK_D, True)  # (BLOCK_N, BLOCK_D)
+    Qb = Q + b * stride_qb + h * stride_qh
+    DOb = DO + b * stride_dob + h * stride_doh
+    LSEb = LSE + bh * Tq
+    DELTAb = DELTA + bh * Tq
+    qk_scale = sm_scale * 1.4426950408889634
+    seed_key = bh * 4294967296 + seed
+    OFF = Tk - Tq
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    m_full = (Tq // BLOCK_M) * BLOCK_M  # query blocks below this have no rows past Tq
+    if CAUSAL:
+        # query i sees key j iff i >= j - OFF: start at the block holding the first row that sees
+        # start_n; rows >= start_n + BLOCK_N - 1 - OFF see the whole key block, the rest are masked
+        m_lo = (tl.maximum(start_n - OFF, 0) // BLOCK_M) * BLOCK_M
+        m_diag = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - OFF, 0), BLOCK_M) * BLOCK_M
+        m_diag = tl.minimum(m_diag, tl.cdiv(Tq, BLOCK_M) * BLOCK_M)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_qt, stride_qd, stride_dot,
+                                      stride_dod, start_n, offs_d, m_lo, m_diag, Tq, Tk, OFF, qk_scale, dropout_p,
+                                      seed_key, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, True, DROPOUT, FP32)
+    else:
+        m_diag = 0
+    # rows that see every key of this block: no masks, then the ragged last query block (if any)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_qt, stride_qd, stride_dot,
+                                  stride_dod, start_n, offs_d, m_diag, m_full, Tq, Tk, OFF, qk_scale, dropout_p,
+                                  seed_key, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, False, DROPOUT, FP32)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_qt, stride_qd, stride_dot,
+                                  stride_dod, start_n, offs_d, tl.maximum(m_diag, m_full), Tq, Tq, Tk, OFF,
+                                  qk_scale, dropout_p, seed_key, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, True,
+                                  DROPOUT, FP32)
+
+    dk = dk * sm_scale  # ds was taken w.r.t. the scaled scores
+    mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
+    tile = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
+    tl.store(DK + tile, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + tile, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta,  # (BLOCK_M, BLOCK_D) fp32 accumulator; q, dO tiles; row stats
+                       Kb, Vb,  # this (batch, head)'s K and V base pointers
+                       stride_kt, stride_kd, stride_vt, stride_vd,  # time and feature strides of K and V
+                       offs_m, offs_d,  # (BLOCK_M,) this program's query rows, (BLOCK_D,) feature columns
+                       lo, hi,  # key range [lo, hi) of this stage, lo a multiple of BLOCK_N
+                       Tk, OFF,  # number of keys; OFF = Tk - Tq
+                       qk_scale,  # softmax scale * log2(e)
+                       dropout_p, seed_key,  # dropout probability and Philox key (used when DROPOUT)
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MASKED: tl.constexpr,  # mask keys >= Tk and, if CAUSAL, keys above the diagonal
+                       CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, FP32: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0  # (BLOCK_N,)
+        k = _load_tile(Kb + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, offs_n, Tk, offs_d,
+                       HEAD_DIM, BLOCK_D, MASKED)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(Vb + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, offs_n, Tk, offs_d,
+                       HEAD_DIM, BLOCK_D, MASKED)  # (BLOCK_N, BLOCK_D)
+        s = _mm(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), FP32)  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])  # softmax weights
+        if MASKED:
+            ok = offs_n[None, :] < Tk
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None] + OFF)
+            p = tl.where(ok, p, 0.0)
+        dp = _mm(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), FP32)  # (BLOCK_M, BLOCK_N)
+        if DROPOUT:
+            keep = _dropout_keep(seed_key, offs_m, start_n, Tk, dropout_p, BLOCK_N)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
+        dq = _mm(ds.to(k.dtype), k, dq, FP32)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dq(
+    Q, K, V,  # (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, D) forward inputs, any strides
+    DO,  # (B, H, Tq, D) gradient of the output, any strides
+    DQ,  # (B, H, Tq, D) output: gradient of Q, strides stride_dq*
+    LSE, DELTA,  # (B*H, Tq) fp32: forward log-sum-exp (natural log) and rowsum(dO * O)
+    stride_qb, stride_qh, stride_qt, stride_qd,  # strides of Q
+    stride_kb, stride_kh, stride_kt, stride_kd,  # strides of K
+    stride_vb, stride_vh, stride_vt, stride_vd,  # strides of V
+    stride_dob, stride_doh, stride_dot, stride_dod,  # strides of DO
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,  # strides of DQ
+    H,  # number of heads: program_id(1) = batch * H + head
+    Tq, Tk,  # query and key lengths
+    sm_scale,  # softmax scale
+    dropout_p,  # dropout probability (used when DROPOUT)
+    seed,  # Philox seed of the forward's dropout mask (used when DROPOUT)
+    TQ_KEY, TK_KEY,  # autotune keys only: Tq and Tk rounded up to a power of two (not read)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # D and D rounded up to a power of two
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,  # as in the forward
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per loop step
+):
+    FP32: tl.constexpr = Q.dtype.element_ty == tl.float32
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # longest rows first
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                   offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True)  # (BLOCK_M, BLOCK_D)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
+                    + offs_d[None, :] * stride_dod, offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    row_ok = offs_m < Tq
+    lse2 = tl.load(LSE + bh * Tq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # (BLOCK_M,)
+    delta = tl.load(DELTA + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
+    Kb = K + b * stride_kb + h * stride_kh
+    Vb = V + b * stride_vb + h * stride_vh
+    qk_scale = sm_scale * 1.4426950408889634
+    seed_key = bh * 4294967296 + seed
+    OFF = Tk - Tq
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        lo_full = ((start_m + OFF + 1) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(Tk, start_m + BLOCK_M + OFF)
+    else:
+        lo_full = (Tk // BLOCK_N) * BLOCK_N
+        hi = Tk
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd, offs_m,
+                            offs_d, 0, lo_full, Tk, OFF, qk_scale, dropout_p, seed_key, HEAD_DIM, BLOCK_D, BLOCK_N,
+                            False, CAUSAL, DROPOUT, FP32)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd, offs_m,
+                            offs_d, lo_full, hi, Tk, OFF, qk_scale, dropout_p, seed_key, HEAD_DIM, BLOCK_D, BLOCK_N,
+                            True, CAUSAL, DROPOUT, FP32)
+    dq = dq * sm_scale
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(
+    KEEP,  # (B*H, Tq, Tk) int8 output: 1 where the attention kernels keep the weight
+    Tq, Tk,  # query and key lengths
+    dropout_p,  # dropout probability
+    seed,  # Philox seed
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile of (rows, keys) per program
+):
+    bh = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    keep = _dropout_keep(bh * 4294967296 + seed, offs_m, tl.program_id(2) * BLOCK_N, Tk, dropout_p, BLOCK_N)
+    ptrs = KEEP + bh * Tq * Tk + offs_m[:, None].to(tl.int64) * Tk + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
+
+
+# ============================================================================================ configs
+
+
+@dataclass(frozen=True)
+class _Config:
+    """One launch configuration: tile sizes, warps, pipeline stages, and the inputs it serves."""
+
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+    block_d: tuple = (64, 128)  # padded head dims (BLOCK_D) it serves: 64 covers D <= 64, 128 covers 80..128
+    dropout_block_d: tuple = (64, 128)  # the BLOCK_Ds at which it also serves dropout (more registers)
+    fp32: bool = False  # serves fp32 inputs (smaller tiles: twice the bytes per element), not 16-bit ones
+
+    def serves(self, block_d: int, dropout: bool, fp32: bool) -> bool:
+        return self.fp32 == fp32 and max(block_d, 64) in (self.dropout_block_d if dropout else self.block_d)
+
+    def triton_config(self) -> triton.Config:
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.num_warps,
+                             num_stages=self.num_stages)
+
+
+# The autotuner's candidates for each kernel: the single source for both the autotuner and compile_cases(),
+# which compiles each at every BLOCK_D it serves, with dropout where it serves dropout (the register-
+# heaviest variant), and finds no spills on sm_80 or sm_90. Configs that spill in some variant are
+# restricted (block_d / dropout_block_d) rather than listed for it. Forward and dQ: one program per
+# BLOCK_M query rows, looping over BLOCK_N keys; dK/dV: one program per BLOCK_N keys, looping over
+# BLOCK_M query rows. Short lengths prune the big tiles (see _prune_for).
+FWD_CONFIGS = (
+    _Config(128, 128, 8, 3, block_d=(64,), dropout_block_d=()),
+    _Config(128, 64, 8, 3),
+    _Config(64, 64, 4, 3),
+    _Config(16, 64, 4, 3),  # decoding: Tq <= 16 query rows
+    _Config(32, 32, 8, 2, fp32=True),
+)
+DKDV_CONFIGS = (
+    _Config(32, 128, 8, 3, block_d=(64,), dropout_block_d=(64,)),
+    _Config(32, 64, 8, 3),
+    _Config(16, 16, 4, 2, fp32=True),
+)
+DQ_CONFIGS = (
+    _Config(128, 64, 8, 3, block_d=(64,), dropout_block_d=(64,)),
+    _Config(128, 32, 8, 3, dropout_block_d=(64,)),
+    _Config(64, 32, 8, 3),
+    _Config(16, 32, 8, 2, fp32=True),
+)
+PREPROCESS_BLOCK_M = 64
+MASK_BLOCK = 64
+
+# Under TRITON_INTERPRET=1 there is no autotuning: one small config per kernel, not square, so the
+# diagonal logic is exercised with BLOCK_M != BLOCK_N. Tests may swap these (monkeypatch) to cover others.
+INTERPRET_CONFIGS = {
+    "fwd": _Config(32, 16, 4, 1),
+    "dkdv": _Config(16, 32, 4, 1),
+    "dq": _Config(32, 16, 4, 1),
+}
+# Set to {"fwd": _Config, ...} to bypass the autotuner on a GPU (the GPU tests run every config this way).
+FORCE_CONFIGS: dict | None = None
+
+
+def _bucket(n: int) -> int:
+    """The autotune key for a length: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+def _prune_for(configs: tuple, per_program: str):
+    """An ``early_config_prune`` for the autotuner: the configs serving this dtype, head dim and dropout
+    setting, whose program tile fits the length.
+
+    ``per_program`` names the length the program's own tile spans ("TQ_KEY" for the forward and dQ,
+    whose programs own BLOCK_M rows; "TK_KEY" for dK/dV, whose programs own BLOCK_N keys).
+    """
+    by_key = {(c.block_m, c.block_n, c.num_warps, c.num_stages): c for c in configs}
+    tile = "BLOCK_M" if per_program == "TQ_KEY" else "BLOCK_N"
+
+    def prune(triton_configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        fp32 = args["Q"].dtype == torch.float32
+        mine = [tc for tc in triton_configs
+                if by_key[(tc.kwargs["BLOCK_M"], tc.kwargs["BLOCK_N"], tc.num_warps, tc.num_stages)].serves(
+                    args["BLOCK_D"], args["DROPOUT"], fp32)]
+        length = args[per_program]
+        # tiles no longer than the length, and not the tiny ones when the length allows a 64+ tile
+        fits = [tc for tc in mine if min(64, length) <= tc.kwargs[tile] <= length]
+        return fits or [min(mine, key=lambda tc: tc.kwargs[tile])]
+
+    return prune
+
+
+_AUTOTUNED: dict = {}
+
+
+def _autotuned(name: str):
+    """The autotuned wrapper of a kernel, built on first use (never at import: no CUDA touched then)."""
+    if name not in _AUTOTUNED:
+        kernel, configs, per_program = {
+            "fwd": (_attn_fwd, FWD_CONFIGS, "TQ_KEY"),
+            "dkdv": (_attn_bwd_dkdv, DKDV_CONFIGS, "TK_KEY"),
+            "dq": (_attn_bwd_dq, DQ_CONFIGS, "TQ_KEY"),
+        }[name]
+        _AUTOTUNED[name] = triton.autotune(
+            configs=[c.triton_config() for c in configs],
+            key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "DROPOUT"],  # + the tensors' dtypes, automatically
+            prune_configs_by={"early_config_prune": _prune_for(configs, per_program)},
+        )(kernel)
+    return _AUTOTUNED[name]
+
+
+def _launch(name: str, kernel, grid_rows: int, grid_other: int, args: dict, tile: str) -> None:
+    """Launch ``kernel`` with the interpreter's config, a forced one, or through the autotuner.
+
+    Grid: (cdiv(grid_rows, tile size), grid_other) where ``tile`` is "BLOCK_M" or "BLOCK_N".
+    """
+    forced = INTERPRET_CONFIGS[name] if interpreter_enabled() else (FORCE_CONFIGS or {}).get(name)
+    if forced is not None:
+        size = forced.block_m if tile == "BLOCK_M" else forced.block_n
+        kernel[(triton.cdiv(grid_rows, size), grid_other)](
+            **args, BLOCK_M=forced.block_m, BLOCK_N=forced.block_n, num_warps=forced.num_warps,
+            num_stages=forced.num_stages)
+        return
+    _autotuned(name)[lambda meta: (triton.cdiv(grid_rows, meta[tile]), grid_other)](**args)
+
+
+# =========================================================================================== launchers
+
+
+def _check_inputs(q, k, v, causal, dropout_p, scale) -> None:
+    """Raise a clear error for anything the kernels do not support."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}; "
+                             f"split heads first, e.g. x.view(B, T, H, D).transpose(1, 2)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"attention: dtype {q.dtype} is not supported: use float16, bfloat16 or float32")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    B, H, Tq, D = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (B, H, D):
+        raise ValueError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and "
+                         f"head dim (B, H, T, D); only the lengths may differ")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"attention: head dim {D} is not supported by the Triton kernel; supported head dims: "
+                         f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))} (or use GPT_KERNELS=torch)")
+    Tk = k.shape[2]
+    if Tk == 0 and Tq > 0:
+        raise ValueError("attention: k and v have no positions (Tk = 0): every query needs at least one key")
+    if causal and Tq > Tk:
+        raise ValueError(f"attention: causal attention needs Tq <= Tk (queries are the last Tq of the Tk "
+                         f"positions), got Tq={Tq} > Tk={Tk}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"attention: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
+    if B * H > 65535:
+        raise ValueError(f"attention: B * H = {B * H} exceeds the kernels' grid limit of 65535; split the batch")
+    if dropout_p > 0.0 and Tq * ((Tk + 3) // 4) >= 2**31:
+        raise ValueError(f"attention: dropout with Tq * Tk / 4 = {Tq * ((Tk + 3) // 4)} >= 2**31 overflows the "
+                         f"Philox counter; use shorter sequences or dropout_p=0")
+
+
+def _fits_int32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` if every in-head offset (t * stride_t + d * stride_d) fits in int32, else a contiguous copy."""
+    span = (x.shape[2] - 1) * abs(x.stride(2)) + (x.shape[3] - 1) * abs(x.stride(3))
+    return x if span < 2**31 else x.contiguous()
+
+
+def _empty_like_layout(x: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    """An uninitialised (B, H, T, D) tensor laid out like ``x``: (B, T, H, D) memory if x's heads are
+    interleaved within each time step (a view of a fused qkv projection), so the caller's
+    ``.transpose(1, 2).reshape(B, T, C)`` afterwards is free; plain (B, H, T, D) otherwise."""
+    B, H, T, D = x.shape if shape is None else shape
+    dtype = x.dtype if dtype is None else dtype
+    if H > 1 and T > 1 and x.stride(1) < x.stride(2):
+        return torch.empty(B, T, H, D, device=x.device, dtype=dtype).transpose(1, 2)  # (B, H, T, D) view
+    return torch.empty(B, H, T, D, device=x.device, dtype=dtype)
+
+
+def _strides(x: torch.Tensor) -> tuple:
+    return tuple(x.stride())
+
+
+def _head_dims(D: int) -> dict:
+    return {"HEAD_DIM": D, "BLOCK_D": triton.next_power_of_2(D)}
+
+
+def _forward(q, k, v, causal: bool, dropout_p: float, scale: float, seed: int, o=None, lse=None):
+    """Run the forward kernel; returns ``(o, lse)``: (B, H, Tq, D) output and (B, H, Tq) fp32 log-sum-exp.
+
+    ``o``/``lse`` may be passed preallocated (tests poison them to catch unwritten elements).
+    """
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    q, k, v = _fits_int32(q), _fits_int32(k), _fits_int32(v)
+    o = _empty_like_layout(q) if o is None else o
+    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32) if lse is None else lse
+    if o.numel() == 0:
+        return o, lse
+    args = dict(Q=q, K=k, V=v, O=o, LSE=lse,
+                **dict(zip(("stride_qb", "stride_qh", "stride_qt", "stride_qd"), _strides(q))),
+                **dict(zip(("stride_kb", "stride_kh", "stride_kt", "stride_kd"), _strides(k))),
+                **dict(zip(("stride_vb", "stride_vh", "stride_vt", "stride_vd"), _strides(v))),
+                **dict(zip(("stride_ob", "stride_oh", "stride_ot", "stride_od"), _strides(o))),
+                H=H, Tq=Tq, Tk=Tk, sm_scale=float(scale), dropout_p=float(dropout_p), seed=int(seed),
+                TQ_KEY=_bucket(Tq), TK_KEY=_bucket(Tk), **_head_dims(D), CAUSAL=bool(causal),
+                DROPOUT=dropout_p > 0.0)
+    _launch("fwd", _attn_fwd, Tq, B * H, args, "BLOCK_M")
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, causal: bool, dropout_p: float, scale: float, seed: int, grads=None):
+    """Run the three backward kernels; returns fresh ``(dq, dk, dv)``, laid out like q, k, v.
+
+    ``grads`` may pass the three output buffers preallocated (tests poison them); dk and dv must share
+    strides.
+    """
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if grads is None:
+        dq = _empty_like_layout(q)
+        dk = _empty_like_layout(k)
+        dv = torch.empty_strided(dk.shape, dk.stride(), device=dk.device, dtype=dk.dtype)  # dk's strides
+    else:
+        dq, dk, dv = grads
+        if dk.stride() != dv.stride():
+            raise ValueError("_backward: preallocated dk and dv must have the same strides")
+    if q.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    q, k, v, do = _fits_int32(q), _fits_int32(k), _fits_int32(v), _fits_int32(do)
+    delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # (B, H, Tq)
+    _attn_bwd_preprocess[(triton.cdiv(Tq, PREPROCESS_BLOCK_M), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, Tq, **_head_dims(D), BLOCK_M=PREPROCESS_BLOCK_M)
+    common = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta,
+                  **dict(zip(("stride_qb", "stride_qh", "stride_qt", "stride_qd"), _strides(q))),
+                  **dict(zip(("stride_kb", "stride_kh", "stride_kt", "stride_kd"), _strides(k))),
+                  **dict(zip(("stride_vb", "stride_vh", "stride_vt", "stride_vd"), _strides(v))),
+                  **dict(zip(("stride_dob", "stride_doh", "stride_dot", "stride_dod"), _strides(do))),
+                  H=H, Tq=Tq, Tk=Tk, sm_scale=float(scale), dropout_p=float(dropout_p), seed=int(seed),
+                  TQ_KEY=_bucket(Tq), TK_KEY=_bucket(Tk), **_head_dims(D), CAUSAL=bool(causal),
+                  DROPOUT=dropout_p > 0.0)
+    _launch("dkdv", _attn_bwd_dkdv, Tk, B * H, dict(
+        common, DK=dk, DV=dv, **dict(zip(("stride_dkb", "stride_dkh", "stride_dkt", "stride_dkd"), _strides(dk)))),
+        "BLOCK_N")
+    _launch("dq", _attn_bwd_dq, Tq, B * H, dict(
+        common, DQ=dq, **dict(zip(("stride_dqb", "stride_dqh", "stride_dqt", "stride_dqd"), _strides(dq)))),
+        "BLOCK_M")
+    return dq, dk, dv
+
+
+def _draw_seed() -> int:
+    """A dropout seed from torch's default CPU generator: ``torch.manual_seed`` makes runs repeatable."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def attention_dropout_mask(seed: int, B: int, H: int, Tq: int, Tk: int, dropout_p: float, device) -> torch.Tensor:
+    """The (B, H, Tq, Tk) bool keep-mask (True = keep) the attention kernels use for this seed.
+
+    Computed by a small Triton kernel calling the same ``_dropout_keep`` as the attention kernels, so it
+    is the mask they apply, bit for bit; pass it to ``reference.attention(..., dropout_mask=mask)``.
+    """
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    keep = torch.empty(B, H, Tq, Tk, device=device, dtype=torch.int8)
+    if keep.numel():
+        grid = (B * H, triton.cdiv(Tq, MASK_BLOCK), triton.cdiv(Tk, MASK_BLOCK))
+        _dropout_mask_kernel[grid](keep, Tq, Tk, float(dropout_p), int(seed), BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK)
+    return keep.bool()
+
+
+# ============================================================================================ autograd
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, dropout_p, scale, seed):
+        o, lse = _forward(q, k, v, causal, dropout_p, scale, seed)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = causal, dropout_p, scale, seed
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed)
+        return dq, dk, dv, None, None, None, None
+
+
+def _attention(q, k, v, causal=True, dropout_p=0.0, scale=None, seed=None):
+    """The Triton path of :func:`attention`, with ``seed`` for the dropout mask (drawn from torch's
+    default generator when None; tests pass one to compare with :func:`attention_dropout_mask`)."""
+    _check_inputs(q, k, v, causal, dropout_p, scale)
+    dropout_p = float(dropout_p)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if seed is None:
+        seed = _draw_seed() if dropout_p > 0.0 else 0
+    return _FlashAttention.apply(q, k, v, bool(causal), dropout_p, scale, int(seed))
 
 
 def attention(q, k, v, causal=True, dropout_p=0.0, scale=None):
@@ -23,4 +800,60 @@ def attention(q, k, v, causal=True, dropout_p=0.0, scale=None):
                                               is_causal=causal and tq == tk, scale=scale)
     if impl == "reference":
         return reference.attention(q, k, v, causal=causal, dropout_p=dropout_p, scale=scale)
-    raise NotImplementedError("the Triton attention kernel has not landed yet: use GPT_KERNELS=torch")
+    return _attention(q, k, v, causal=causal, dropout_p=dropout_p, scale=scale)
+
+
+# ======================================================================================= compile check
+
+
+def compile_cases():
+    """Every kernel at every config the autotuner can pick: each config at D = 64 and 128 where it serves
+    them (80 and 96 share BLOCK_D = 128 with 128), causal (both loop stages), and with dropout where it
+    serves dropout (the most registers: the Philox state), else without.
+
+    Compiled with the alignment the launcher's inputs give at run time: 16-byte aligned pointers and
+    strides that are multiples of 16 elements (every supported D is a multiple of 16), feature stride 1.
+    """
+    from .compile_check import CompileCase
+
+    mod = "kernels.flash_attention"
+    scalars = {"H": "i32", "Tq": "i32", "Tk": "i32", "sm_scale": "fp32", "dropout_p": "fp32", "seed": "i32",
+               "TQ_KEY": "i32", "TK_KEY": "i32"}
+
+    def case(kernel, tensors: dict, stride_prefixes, consts: dict, c: _Config | None, label: str, extra_scalars=None):
+        sig = {name: f"*{ty}" for name, ty in tensors.items()}
+        aligned = list(tensors)
+        consts = dict(consts)
+        for p in stride_prefixes:
+            for dim in "bht":
+                sig[f"stride_{p}{dim}"] = "i32"
+                aligned.append(f"stride_{p}{dim}")
+            consts[f"stride_{p}d"] = 1  # Triton specialises a stride of 1 to a constant at run time
+        sig.update(scalars if extra_scalars is None else extra_scalars)
+        if c is not None:
+            consts.update(BLOCK_M=c.block_m, BLOCK_N=c.block_n)
+        return CompileCase(mod, kernel, sig, consts, num_warps=c.num_warps if c else 4,
+                           num_stages=c.num_stages if c else 3, label=label, extra={"divisible_by_16": aligned})
+
+    kernels = (
+        ("_attn_fwd", "fwd", FWD_CONFIGS, ("Q", "K", "V", "O"), "qkvo"),
+        ("_attn_bwd_dkdv", "dkdv", DKDV_CONFIGS, ("Q", "K", "V", "DO", "DK", "DV"), ("q", "k", "v", "do", "dk")),
+        ("_attn_bwd_dq", "dq", DQ_CONFIGS, ("Q", "K", "V", "DO", "DQ"), ("q", "k", "v", "do", "dq")),
+    )
+    cases = []
+    for kernel, short, configs, tensor_names, prefixes in kernels:
+        for c in configs:
+            for block_d in c.block_d:
+                t = "fp32" if c.fp32 else "bf16"
+                dropout = block_d in c.dropout_block_d
+                tensors = {n: t for n in tensor_names}
+                tensors.update({"LSE": "fp32"} if short == "fwd" else {"LSE": "fp32", "DELTA": "fp32"})
+                flags = {"HEAD_DIM": block_d, "BLOCK_D": block_d, "CAUSAL": True, "DROPOUT": dropout}
+                cases.append(case(kernel, tensors, prefixes, flags, c,
+                                  f"{short} D={block_d} {t}{' dropout' if dropout else ''}"))
+    cases.append(case("_attn_bwd_preprocess", {"O": "bf16", "DO": "bf16", "DELTA": "fp32"}, ("o", "do"),
+                      {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": PREPROCESS_BLOCK_M}, None, "D=128 bf16",
+                      {"H": "i32", "Tq": "i32"}))
+    cases.append(case("_dropout_mask_kernel", {"KEEP": "i8"}, (), {"BLOCK_M": MASK_BLOCK, "BLOCK_N": MASK_BLOCK},
+                      None, "mask", {"Tq": "i32", "Tk": "i32", "dropout_p": "fp32", "seed": "i32"}))
+    return cases
