@@ -31,6 +31,7 @@ from bench.common import format_table, machine_info, peak_memory, save_results, 
 
 V_GPT2 = 50257
 C_GPT2 = 768  # GPT-2 small's hidden width
+METRIC = "peak MiB"  # what `python -m bench` plots (lower is better; the table has the times)
 SIZES = (4096, 8192, 16384, 32768, 65536)
 QUICK_SIZES = (4096, 16384)
 COLUMNS = ["N", "method", "ms", "GB/s (2NV*2B)", "TFLOP/s (6NVC)", "peak MiB", "time vs base", "mem base/ours"]
@@ -66,7 +67,8 @@ def _measure(step, params, cuda: bool) -> tuple[float | None, float | None]:
 
 
 def _row(n, V, C, dtype, method, ms, mib, ce=True, base=None) -> dict:
-    row = {"N": n, "V": V, "C": C, "dtype": str(dtype).removeprefix("torch."), "method": method, "ms": ms,
+    row = {"case": f"{'linear+CE' if C else 'CE'} N={n}", "N": n, "V": V, "C": C,
+           "dtype": str(dtype).removeprefix("torch."), "method": method, "ms": ms,
            "peak MiB": mib}
     if ms:
         if ce:
