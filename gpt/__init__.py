@@ -10,7 +10,9 @@ from .config import PRESETS, GPTConfig
 from .generate import generate
 from .model import GPT
 from .tokenizer import get_tokenizer
+from .train import TrainConfig, train
 from .weights import CheckpointError, load_checkpoint, load_hf, save_checkpoint
 
 __all__ = ["GPT", "PRESETS", "CheckpointError", "GPTConfig", "generate", "get_tokenizer", "load_checkpoint",
            "load_hf", "save_checkpoint"]
+__all__ += ["TrainConfig", "train"]

@@ -13,7 +13,8 @@ import os
 import sys
 
 # modules that add subcommands (each has add_commands(subparsers)); gpt.cli itself adds generate and info
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["gpt.train", "gpt.finetune"]  # gpt.finetune adds finetune-classifier, classify,
+# finetune-instruct, chat (from gpt.classify and gpt.instruct) and lora-merge
 
 
 def pick_device(name: str = "auto"):
@@ -64,23 +65,52 @@ def load_model_from_args(args, device="cpu", **overrides):
 
 
 def cmd_generate(args) -> int:
+    """Print the prompt, then each new piece of text as soon as its token is chosen; tokens/s on stderr."""
+    import itertools
+    import time
+
     import torch
 
-    from .generate import check_sampling_args, generate
-    from .tokenizer import EOT_ID, decode, encode
+    from .generate import check_sampling_args, decode_stream, generate_stream
+    from .tokenizer import EOT_ID, encode
 
     if not args.prompt:
         raise ValueError("the prompt is empty: give some text with --prompt \"...\"")
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     device = pick_device(args.device)
+    if args.dtype == "auto":  # bf16 halves the bytes each decode step reads on a GPU; CPUs are faster in fp32
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if bf16 else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
     model, what = load_model_from_args(args, device)
+    model = model.to(dtype=dtype)
     if what.startswith("UNTRAINED"):
         print(f"note: running an {what}; its text is noise. Train one with `gpt train` and pass "
               f"--checkpoint DIR, or load GPT-2 with --hf DIR.", file=sys.stderr)
-    ids = torch.tensor(encode(args.prompt), dtype=torch.long, device=device)
-    out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, eos_id=EOT_ID if args.stop_at_eos else None, seed=args.seed)
-    print(decode(out.tolist()))
+    ids = encode(args.prompt)
+    stream = generate_stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, eos_id=EOT_ID if args.stop_at_eos else None, seed=args.seed,
+                             use_cache=not args.no_cache)
+    n_new, t_first = 0, None
+
+    def timed(tokens):
+        nonlocal n_new, t_first
+        for t in tokens:
+            n_new += 1
+            t_first = t_first or time.perf_counter()
+            yield t
+
+    t0 = time.perf_counter()
+    for piece in decode_stream(itertools.chain(ids, timed(stream))):  # the prompt, then each new token
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    elapsed = time.perf_counter() - t0
+    if n_new:
+        print(f"{n_new} new tokens in {elapsed:.2f} s: {n_new / elapsed:.1f} tokens/s (first after "
+              f"{(t_first - t0) * 1e3:.0f} ms; KV cache {'off' if args.no_cache else 'on'}, "
+              f"{str(dtype).removeprefix('torch.')}, {device})", file=sys.stderr)
     return 0
 
 
@@ -132,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="stop at <|endoftext|> (default: yes)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV cache (default: bfloat16 on a GPU, float32 on the CPU)")
+    g.add_argument("--no-cache", action="store_true",
+                   help="rerun the model over the whole text every step (no KV cache; slow, for comparison)")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="presets, parameter counts and the active kernel backend")

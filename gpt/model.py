@@ -17,6 +17,7 @@ import kernels
 from kernels.backend import use_backend
 
 from .config import GPTConfig
+from .kv_cache import KVCache, LayerKVCache
 
 
 class LayerNorm(nn.LayerNorm):
@@ -34,12 +35,21 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
         self.proj.residual_scaled = True  # GPT-2 init: std 0.02 / sqrt(2 * n_layers)
 
-    def forward(self, x):
+    def forward(self, x, cache: LayerKVCache | None = None):
+        """Causal self-attention over x (B, T, C). With a ``cache``, the T new tokens also attend to the
+        cached ones, and their keys and values are appended to it (see ``gpt.kv_cache``)."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D), strided views, no copy
         p = self.dropout if self.training else 0.0
-        y = kernels.attention(q, k, v, causal=True, dropout_p=p)  # (B, H, T, D)
+        if cache is None:
+            y = kernels.attention(q, k, v, causal=True, dropout_p=p)  # (B, H, T, D)
+        else:
+            k, v = cache.update(k, v)  # (B, H, L, D) each: the cached keys/values, then these T; T <= L
+            if cache.mask is None:  # every row starts at slot 0: causal, aligned to the end (key j <= i + L - T)
+                y = kernels.attention(q, k, v, causal=True, dropout_p=p)  # (B, H, T, D)
+            else:  # left-padded rows: padding keys masked out, which kernels.attention cannot express
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, dropout_p=p)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
 
@@ -52,7 +62,10 @@ class MLP(nn.Module):
         self.proj.residual_scaled = True
 
     def forward(self, x):
-        h = kernels.bias_gelu(F.linear(x, self.fc.weight), self.fc.bias, approximate="tanh")  # (B, T, 4C)
+        h = F.linear(x, self.fc.weight)  # (B, T, 4C); the bias is added in the fused bias + GELU below
+        if hasattr(self.fc, "lora_delta"):  # fc wrapped by a LoRA adapter (gpt/lora.py): add its low-rank term
+            h = h + self.fc.lora_delta(x)  # (B, T, 4C)
+        h = kernels.bias_gelu(h, self.fc.bias, approximate="tanh")  # (B, T, 4C)
         return self.proj(h)  # (B, T, C)
 
 
@@ -67,8 +80,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
-        a = self.drop(self.attn(self.ln1(x)))  # (B, T, C)
+    def forward(self, x, cache: LayerKVCache | None = None):
+        a = self.drop(self.attn(self.ln1(x), cache))  # (B, T, C)
         x, h = kernels.add_layer_norm(a, x, self.ln2.weight, self.ln2.bias, self.ln2.eps)  # both (B, T, C)
         return x + self.drop(self.mlp(h))
 
@@ -138,24 +151,49 @@ class GPT(nn.Module):
             bad = hi if hi >= self.config.vocab_size else lo
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """The final-normed residual stream (B, T, C), before the output head."""
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty key/value cache for ``batch_size`` rows of up to ``max_len`` tokens (default: the context)."""
+        return KVCache.for_model(self, batch_size, max_len)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final-normed residual stream (B, T, C), before the output head.
+
+        With a ``cache``, ``idx`` holds only the new tokens: they follow the cached ones (positions and
+        attention continue from there) and their keys and values are added to the cache.
+        """
         self.check_input(idx)
         B, T = idx.shape
-        pos = torch.arange(T, device=idx.device)
+        if cache is None:
+            pos = torch.arange(T, device=idx.device)
+            x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+            for block in self.blocks:
+                x = block(x)
+            return self.final_norm(x)  # (B, T, C)
+        if cache.batch_size != B:
+            raise ValueError(f"the KV cache was made for {cache.batch_size} rows, the input has {B}")
+        pos = cache.prepare(T)  # (T,), or (B, T) for left-padded rows
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x = block(x, layer_cache)
+        cache.advance(T)
         return self.final_norm(x)  # (B, T, C)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool | None = None,
+                *, cache: KVCache | None = None, last_only: bool = False):
         """Logits (B, T, vocab_size), or ``(logits, loss)`` given targets (B, T) (-100 = ignored).
 
         With targets, ``return_logits`` defaults to ``not self.training``: a training step gets
         ``(None, loss)`` from the fused linear + cross-entropy, which never builds the (B*T, V) logits.
+
+        For generation: ``cache`` (a :class:`KVCache`) makes ``idx`` the tokens that follow the cached
+        ones; ``last_only`` returns the last position's logits only, (B, 1, V).
         """
+        if last_only and targets is not None:
+            raise ValueError("last_only is for generation: it cannot be combined with targets")
         with use_backend(self.kernel_backend):
-            h = self.hidden_states(idx)  # (B, T, C)
+            h = self.hidden_states(idx, cache)  # (B, T, C)
+            if last_only:
+                h = h[:, -1:]  # (B, 1, C): only the next token is wanted
             V = self.config.vocab_size
             head_w = self.head.weight[:V] if self.head.weight.shape[0] != V else self.head.weight  # (V, C)
             if targets is None:

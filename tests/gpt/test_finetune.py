@@ -1,0 +1,302 @@
+import io
+import json
+import sys
+
+import pytest
+import torch
+
+from gpt import GPT, save_checkpoint
+from gpt.classify import (
+    ClassificationDataset,
+    GPTClassifier,
+    accuracy,
+    balance_classes,
+    class_names,
+    classification_loss,
+    collate_classification,
+    read_sms_spam,
+    read_table,
+    split_examples,
+)
+from gpt.cli import main
+from gpt.finetune import load_finetuned, set_trainable, train_epochs
+from gpt.instruct import (
+    InstructionDataset,
+    collate_instructions,
+    format_prompt,
+    instruction_loss,
+    lcs_length,
+    load_instruction_data,
+    rouge_l_f1,
+    split_instruction_data,
+    validate_instruction_data,
+)
+from gpt.tokenizer import EOT_ID
+
+# ------------------------------------------------------------------------------------------ data handling
+
+
+def test_instruction_collate_on_a_hand_made_batch():
+    # the book's example (chapter 7): three sequences of different lengths
+    batch = [([0, 1, 2, 3, 4], 2), ([5, 6], 1), ([7, 8, 9], 2)]
+    inputs, targets = collate_instructions(batch)
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, EOT_ID, EOT_ID, EOT_ID], [7, 8, 9, EOT_ID, EOT_ID]]
+    # the first end-of-text is a target (the model learns to stop), the rest of the padding is ignored
+    assert targets.tolist() == [[1, 2, 3, 4, EOT_ID], [6, EOT_ID, -100, -100, -100], [8, 9, EOT_ID, -100, -100]]
+
+    inputs, targets = collate_instructions(batch, max_length=3)
+    assert inputs.tolist() == [[0, 1, 2], [5, 6, EOT_ID], [7, 8, 9]]
+    assert targets.tolist() == [[1, 2, 3], [6, EOT_ID, -100], [8, 9, EOT_ID]]
+
+    # mask the prompt: the targets that are prompt tokens (token 1 .. p-1) are ignored
+    inputs, targets = collate_instructions(batch, mask_prompt=True)
+    assert inputs.tolist()[0] == [0, 1, 2, 3, 4]
+    assert targets.tolist() == [[-100, 2, 3, 4, EOT_ID], [6, EOT_ID, -100, -100, -100], [-100, 9, EOT_ID, -100, -100]]
+
+
+def test_alpaca_prompt_format():
+    with_input = format_prompt({"instruction": "Edit the sentence.", "input": "He go.", "output": "He goes."})
+    assert with_input == ("Below is an instruction that describes a task. Write a response that appropriately "
+                          "completes the request.\n\n### Instruction:\nEdit the sentence.\n\n### Input:\nHe go."
+                          "\n\n### Response:\n")
+    assert "### Input" not in format_prompt({"instruction": "Name a color.", "input": "", "output": "Red."})
+
+
+def test_bundled_instruction_data_splits_85_5_10():
+    data = load_instruction_data()
+    train, val, test = split_instruction_data(data)
+    assert (len(train), len(val), len(test)) == (935, 55, 110)  # the book's sizes
+
+
+def test_classification_collate_pads_and_records_lengths():
+    ids, lengths, labels = collate_classification([([5, 6, 7], 1), ([8], 0)])
+    assert ids.tolist() == [[5, 6, 7], [8, EOT_ID, EOT_ID]]
+    assert lengths.tolist() == [3, 1] and labels.tolist() == [1, 0]
+
+
+def test_spam_data_is_balanced_and_split_70_10_20():
+    texts, labels = read_sms_spam()
+    assert class_names(labels) == ["ham", "spam"]
+    examples = balance_classes(texts, labels, seed=123)
+    assert sum(1 for _, lab in examples if lab == "ham") == sum(1 for _, lab in examples if lab == "spam") == 747
+    train, val, test = split_examples(examples, seed=123)
+    assert (len(train), len(val), len(test)) == (1045, 149, 300)  # the book's sizes
+    assert split_examples(examples, seed=123)[0] == train and split_examples(examples, seed=7)[0] != train
+    limited = balance_classes(texts, labels, seed=123, limit=21)
+    assert sorted(lab for _, lab in limited) == ["ham"] * 10 + ["spam"] * 10
+
+
+def test_accuracy():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.5], [0.2, 0.1]])  # predicts 0, 1, 0, 0
+    assert accuracy(logits, torch.tensor([0, 1, 1, 1])) == 0.5
+    assert accuracy(logits, torch.tensor([0, 1, 0, 0])) == 1.0
+
+
+def test_rouge_l_f1():
+    assert lcs_length("a b c d".split(), "a c d e".split()) == 3
+    assert rouge_l_f1("The cat sat.", "the cat sat") == 1.0
+    assert rouge_l_f1("dog", "the cat sat") == 0.0
+    # LCS "the cat" = 2 words; precision 2/3, recall 2/4 -> F1 = 4/7
+    assert rouge_l_f1("the big cat", "the cat sat down") == pytest.approx(4 / 7)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def test_classifier_reads_the_last_real_token_so_padding_changes_nothing():
+    model = GPTClassifier(GPT.from_preset("tiny", dropout=0.0), 3).eval()
+    a, b = [11, 22, 33, 44, 55], [66, 77]
+    ids, lengths, _ = collate_classification([(a, 0), (b, 1)])
+    with torch.no_grad():
+        batched = model(ids, lengths)  # (2, 3)
+        alone = torch.cat([model(torch.tensor([a])), model(torch.tensor([b]))])
+    assert batched.shape == (2, 3)
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_last_block_mode_trains_the_last_block_final_norm_and_new_head():
+    model = GPTClassifier(GPT.from_preset("tiny"), 2)
+    set_trainable(model.gpt, "last-block", new_modules=[model.head])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    last = model.gpt.config.n_layers - 1
+    assert trainable and all(n.startswith((f"gpt.blocks.{last}.", "gpt.final_norm.", "head.")) for n in trainable)
+    assert {"head.weight", "head.bias", "gpt.final_norm.weight", f"gpt.blocks.{last}.mlp.fc.weight"} <= trainable
+
+
+def test_classifier_loss_falls_over_a_few_steps():
+    torch.manual_seed(0)
+    model = GPTClassifier(GPT.from_preset("tiny", dropout=0.0, vocab_size=1000), 2)  # a small vocabulary: fast
+    set_trainable(model.gpt, "last-block", new_modules=[model.head])
+    batch = collate_classification([(torch.randint(0, 1000, (int(n),)).tolist(), i % 2)
+                                    for i, n in enumerate(torch.randint(3, 12, (8,)))], pad_id=999)
+    before = classification_loss(model, batch).item()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    train_epochs(model, [batch] * 15, classification_loss, opt, epochs=1, seed=0)
+    after = classification_loss(model, batch).item()
+    assert after < 0.5 * before
+
+
+def test_instruction_loss_falls_over_a_few_steps():
+    torch.manual_seed(0)
+    model = GPT.from_preset("tiny", dropout=0.0, vocab_size=1000)  # a small vocabulary: fast
+    # two "records": (token ids of prompt + response, prompt length)
+    records = [(torch.randint(0, 999, (20,)).tolist(), 12), (torch.randint(0, 999, (14,)).tolist(), 9)]
+    batch = collate_instructions(records, pad_id=999, mask_prompt=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.eval()
+    before = instruction_loss(model, batch).item()
+    train_epochs(model, [batch] * 12, instruction_loss, opt, epochs=1, seed=0)
+    model.eval()
+    after = instruction_loss(model, batch).item()
+    assert after < before - 2.0
+
+
+# ------------------------------------------------------------------------------------ commands, end to end
+
+FAST = ["--preset", "tiny", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
+
+
+def test_classifier_command_end_to_end_then_classify(tmp_path, capsys):
+    out = tmp_path / "cls"
+    assert main(["finetune-classifier", *FAST, "--limit", "20", "--out", str(out), "--lr", "1e-3"]) == 0
+    text = capsys.readouterr().out
+    assert "train/val/test 14/2/4" in text and "trainable parameters" in text
+    assert "train loss" in text and "val loss" in text and "test loss" in text
+    meta = json.loads((out / "finetune.json").read_text())
+    assert meta["labels"] == ["ham", "spam"] and len(meta["history"]) == 1
+    assert {"train_accuracy", "val_accuracy", "test_accuracy"} <= set(meta["history"][0])
+
+    assert main(["classify", "--checkpoint", str(out), "WIN a FREE prize now!!"]) == 0
+    label, prob = capsys.readouterr().out.split()
+    assert label in ("ham", "spam") and 0.5 <= float(prob) <= 1.0
+
+
+def test_classifier_resume_continues_like_an_uninterrupted_run(tmp_path, capsys):
+    args = ["finetune-classifier", *FAST, "--limit", "20", "--lr", "1e-3", "--eval-batches", "1"]
+    assert main([*args, "--epochs", "2", "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--epochs", "1", "--out", str(tmp_path / "part")]) == 0
+    assert main([*args, "--epochs", "2", "--resume", str(tmp_path / "part")]) == 0
+    whole = json.loads((tmp_path / "whole" / "finetune.json").read_text())["history"]
+    resumed = json.loads((tmp_path / "part" / "finetune.json").read_text())["history"]
+    assert len(resumed) == 2
+    assert resumed[-1]["val_loss"] == pytest.approx(whole[-1]["val_loss"], rel=1e-5)
+
+
+def test_classifier_from_csv_with_lora_and_merge(tmp_path, capsys):
+    texts, labels = read_sms_spam()
+    rows = [(t, lab) for t, lab in zip(texts, labels)]
+    picked = [r for r in rows if r[1] == "spam"][:6] + [r for r in rows if r[1] == "ham"][:6]
+    data = tmp_path / "msgs.txt"  # no .csv/.tsv extension: the delimiter is sniffed
+    data.write_text("id;message;kind\n" + "".join(f"{i};{t.replace(';', ',')};{lab}\n"
+                                                  for i, (t, lab) in enumerate(picked)))
+    ck = tmp_path / "base"
+    save_checkpoint(GPT.from_preset("tiny"), ck)
+    out = tmp_path / "lora"
+    argv = ["finetune-classifier", "--checkpoint", str(ck), "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+            "--data", str(data), "--text-column", "message", "--label-column", "kind", "--lora-rank", "2",
+            "--lora-alpha", "4", "--merge", "--out", str(out)]
+    assert main(argv) == 0
+    assert "LoRA rank 2" in capsys.readouterr().out
+    assert (out / "adapters.safetensors").exists() and not (out / "model.safetensors").exists()
+    model, meta = load_finetuned(out)
+    merged, _ = load_finetuned(out / "merged")
+    ids, lengths, _ = collate_classification([([1, 2, 3], 0), ([4, 5], 1)])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids, lengths), model(ids, lengths), rtol=1e-5, atol=1e-5)
+    assert main(["lora-merge", "--checkpoint", str(out), "--out", str(tmp_path / "m2")]) == 0
+
+
+def test_classifier_from_a_hugging_face_gpt2(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "hf")
+    argv = ["finetune-classifier", "--hf", str(tmp_path / "hf"), "--limit", "20", "--epochs", "1", "--device",
+            "cpu", "--out", str(tmp_path / "out"), "--max-length", "32"]
+    assert main(argv) == 0
+    assert "GPT-2 weights from" in capsys.readouterr().out
+
+
+def test_instruct_command_end_to_end_then_chat(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ins"
+    argv = ["finetune-instruct", *FAST, "--limit", "10", "--max-new-tokens", "3", "--mask-prompt", "--out", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "train/val/test 8/1/1" in text and "test loss" in text and "ROUGE-L F1" in text
+    responses = json.loads((out / "test-responses.json").read_text())
+    assert len(responses) == 1 and {"instruction", "output", "model_response", "rouge_l_f1"} <= set(responses[0])
+    meta = json.loads((out / "finetune.json").read_text())
+    assert meta["mask_prompt"] and "test_rouge_l_f1" in meta and "test_loss" in meta
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Name a color.\n\nWhat is 2 + 2?\n"))
+    assert main(["chat", "--checkpoint", str(out), "--max-new-tokens", "3"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2  # one answer per instruction
+
+
+def test_instruct_with_lora_saves_only_adapters(tmp_path, capsys):
+    out = tmp_path / "ins"
+    argv = ["finetune-instruct", *FAST, "--limit", "10", "--max-new-tokens", "2", "--trainable", "lora",
+            "--max-steps", "1", "--out", str(out)]
+    assert main(argv) == 0
+    assert (out / "adapters.safetensors").exists() and (out / "base" / "model.safetensors").exists()
+    assert not (out / "model.safetensors").exists()
+    assert main(["lora-merge", "--checkpoint", str(out), "--out", str(tmp_path / "merged")]) == 0
+    # the merged model is an ordinary checkpoint: gpt generate reads it
+    assert main(["generate", "--checkpoint", str(tmp_path / "merged"), "--prompt", "Hi", "--max-new-tokens", "2",
+                 "--device", "cpu"]) == 0
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def test_table_errors(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text("text,category\nhello,a\nbye,b\n")
+    with pytest.raises(ValueError, match="no column 'label'.*--label-column"):
+        read_table(f)
+    assert read_table(f, label_column="category") == (["hello", "bye"], ["a", "b"])
+    with pytest.raises(ValueError, match="only one class"):
+        class_names(["ham", "ham"], "d.csv")
+    with pytest.raises(FileNotFoundError):
+        read_table(tmp_path / "missing.csv")
+    with pytest.raises(ValueError, match="too few"):
+        split_examples([("x", "a")] * 5)
+
+
+def test_instruction_data_errors(tmp_path):
+    for bad, match in [({"instruction": "x"}, "must be a JSON list"), ([], "empty list"),
+                       (["text"], "record 0 is a str"), ([{"instruction": "x"}], "record 0 has no 'output'"),
+                       ([{"instruction": "x", "output": 3}], "non-text 'output'")]:
+        with pytest.raises(ValueError, match=match):
+            validate_instruction_data(bad)
+    f = tmp_path / "bad.json"
+    f.write_text("[{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_instruction_data(f)
+    with pytest.raises(ValueError, match="longer than the maximum length of 10 tokens"):
+        InstructionDataset(load_instruction_data()[:3], max_length=10)
+    assert len(ClassificationDataset([("hi there", "a")], ["a", "b"], max_length=1)[0][0]) == 1
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["finetune-instruct", "--max-length", "20"], "longer than the maximum length of 20"),
+    (["finetune-instruct", "--max-length", "65"], "between 1 and the model's context length 64"),
+    (["finetune-classifier", "--label-column", "nope", "--data", "{csv}"], "no column 'nope'"),
+    (["finetune-classifier", "--data", "{one_class}"], "only one class"),
+    (["finetune-instruct", "--data", "{not_records}"], "must be a JSON list"),
+    (["finetune-classifier", "--trainable", "all", "--lora-rank", "4"], "go with --trainable lora"),
+    (["finetune-classifier", "--limit", "1"], "fewer than one example per class"),
+    (["classify", "--checkpoint", "/no/such/dir", "x"], "does not exist"),
+])
+def test_user_mistakes_are_one_line_errors(tmp_path, capsys, extra, match):
+    (tmp_path / "d.csv").write_text("text,label\nhi,a\nyo,b\n")
+    (tmp_path / "one.csv").write_text("text,label\nhi,a\nyo,a\n")
+    (tmp_path / "nr.json").write_text('{"instruction": "x", "output": "y"}')
+    files = {"csv": tmp_path / "d.csv", "one_class": tmp_path / "one.csv", "not_records": tmp_path / "nr.json"}
+    argv = [a.format(**files) for a in extra]
+    if argv[0].startswith("finetune"):
+        argv += ["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "out")]
+        if "--limit" not in argv:
+            argv += ["--limit", "20"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
