@@ -45,7 +45,6 @@ from .finetune import (
     run_dir,
     save_finetuned,
     save_train_state,
-    set_dropout,
     set_trainable,
     task_name,
     train_epochs,
@@ -318,7 +317,7 @@ def cmd_finetune_classifier(args) -> int:
         mode, lora, max_length = meta["trainable"], meta["lora"], meta["max_length"]
         state = load_train_state(out)
         start_epoch, step, history = state["epoch"] + 1, state["step"], meta.get("history", [])
-        set_dropout(model.gpt, args.dropout)
+        model.gpt.set_dropout(args.dropout)
         print(f"resuming {out} after epoch {start_epoch} (step {step})")
     else:
         mode, lora = resolve_trainable(args)

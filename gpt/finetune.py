@@ -31,7 +31,6 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .cli import add_common_training_args, load_model_from_args
-from .config import GPTConfig
 from .lora import DEFAULT_TARGETS, apply_lora, count_parameters, has_lora, load_lora_state, lora_state_dict
 from .lora import merge_lora as _merge_lora
 from .weights import CheckpointError, _atomic_write, _load_safetensors, load_checkpoint, load_hf, save_checkpoint
@@ -134,18 +133,8 @@ def load_base_model(args, device) -> tuple[nn.Module, str, dict]:
         source = {"hf": str(Path(args.hf).resolve())}
     else:
         source = {"preset": args.preset}
-    set_dropout(model, args.dropout)
+    model.set_dropout(args.dropout)
     return model, what, source
-
-
-def set_dropout(gpt: nn.Module, p: float) -> None:
-    """Set every dropout rate of a GPT (the embedding, attention and residual dropouts) to ``p``."""
-    gpt.config = GPTConfig.from_dict({**gpt.config.to_dict(), "dropout": p})
-    for m in gpt.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
-        elif hasattr(m, "dropout") and isinstance(m.dropout, float):  # CausalSelfAttention's attention dropout
-            m.dropout = p
 
 
 def set_trainable(gpt: nn.Module, mode: str, new_modules=(), lora: dict | None = None) -> None:
@@ -288,7 +277,7 @@ def _load_base(meta: dict, directory: Path) -> nn.Module:
     if want != have:
         raise CheckpointError(f"the base model {base} is not the one the adapters in {directory} were trained "
                               f"on (its config differs): restore that base model")
-    set_dropout(gpt, meta["config"].get("dropout", 0.0))
+    gpt.set_dropout(meta["config"].get("dropout", 0.0))
     return gpt
 
 

@@ -51,7 +51,6 @@ from .finetune import (
     run_dir,
     save_finetuned,
     save_train_state,
-    set_dropout,
     set_trainable,
     task_name,
     train_epochs,
@@ -275,7 +274,7 @@ def cmd_finetune_instruct(args) -> int:
         mode, lora, max_length, mask_prompt = meta["trainable"], meta["lora"], meta["max_length"], meta["mask_prompt"]
         state = load_train_state(out)
         start_epoch, step, history = state["epoch"] + 1, state["step"], meta.get("history", [])
-        set_dropout(model, args.dropout)
+        model.set_dropout(args.dropout)
         print(f"resuming {out} after epoch {start_epoch} (step {step})")
     else:
         mode, lora = resolve_trainable(args)

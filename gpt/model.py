@@ -7,6 +7,7 @@ and PyTorch's ops on CPU tensors (see ``kernels.backend``). The matmuls are cuBL
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -121,6 +122,15 @@ class GPT(nn.Module):
     def from_preset(cls, name: str, kernel_backend: str | None = None, **overrides) -> GPT:
         """A freshly initialised model of a preset (``gpt2-small``..``gpt2-xl``, ``mini``, ``tiny``)."""
         return cls(GPTConfig.from_preset(name, **overrides), kernel_backend=kernel_backend)
+
+    def set_dropout(self, p: float) -> None:
+        """Change every dropout rate (embeddings, attention weights, residual branches) and the config to ``p``."""
+        self.config = dataclasses.replace(self.config, dropout=p)  # validates p
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, CausalSelfAttention):
+                m.dropout = p
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameter count; shared (tied) tensors are counted once."""
