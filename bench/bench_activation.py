@@ -27,25 +27,11 @@ pass; bias + GELU's is two).
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
 
-from bench.bench_norm import (
-    PROVIDERS,
-    QUICK_ROWS,
-    QUICK_WIDTHS,
-    ROWS,
-    SMOKE_ROWS,
-    SMOKE_WIDTHS,
-    WIDTHS,
-    summary,
-    sweep,
-    wide_table,
-)
-from bench.common import machine_info, save_results
+from bench.bench_norm import sweep_main, sweep_run
 
 METRIC = "GB/s"  # what `python -m bench` plots
 
@@ -88,44 +74,11 @@ def _activation_ops() -> dict:
 
 
 def run(quick: bool = False, smoke: bool = False, widths=None, rows=None) -> list[dict]:
-    """Every number of the sweep (GPU), one dict each; or a tiny CPU pass through the code with ``smoke``."""
-    if smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `kernels` is not imported yet
-        widths, rows, providers = widths or SMOKE_WIDTHS, rows or SMOKE_ROWS, ("triton", "torch")
-    else:
-        if not torch.cuda.is_available():
-            raise RuntimeError("bench_activation needs a CUDA GPU (use smoke=True for a CPU pass)")
-        widths = widths or (QUICK_WIDTHS if quick else WIDTHS)
-        rows, providers = rows or (QUICK_ROWS if quick else ROWS), PROVIDERS
-    return sweep(_activation_ops(), widths, rows, providers, smoke)
+    return sweep_run("activation", _activation_ops(), quick, smoke, widths, rows)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.bench_activation", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help=f"widths {QUICK_WIDTHS}, rows {QUICK_ROWS}")
-    p.add_argument("--widths", type=int, nargs="+", help=f"widths N (default {WIDTHS})")
-    p.add_argument("--rows", type=int, nargs="+", help=f"rows M (default {ROWS})")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes on the CPU through the Triton interpreter: checks the script, times nothing real")
-    p.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
-    args = p.parse_args(argv)
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when `kernels` is first imported, in run()
-    elif not torch.cuda.is_available():
-        print("bench_activation needs a CUDA GPU: nothing to time on this machine "
-              "(run with --smoke for a tiny CPU pass through the code).")
-        return 0
-    info = machine_info()
-    print(f"device: {info['gpu'] or info['cpu']}, torch {info['torch']}, triton {info['triton']}")
-    rows = run(quick=args.quick, smoke=args.smoke, widths=args.widths, rows=args.rows)
-    print(wide_table(rows, ("triton", "torch") if args.smoke else PROVIDERS))
-    if args.smoke:
-        print("smoke run: interpreter timings on the CPU, not a measurement")
-        return 0
-    print(summary(rows, fwd_bwd_speedup=1.0))
-    if not args.no_save:
-        print(f"saved {save_results('activation', rows)}")
-    return 0
+    return sweep_main("activation", _activation_ops, argv, fwd_bwd_speedup=1.0)
 
 
 if __name__ == "__main__":

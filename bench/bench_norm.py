@@ -194,21 +194,23 @@ def _norm_ops() -> dict:
     }
 
 
-def run(quick: bool = False, smoke: bool = False, widths=None, rows=None) -> list[dict]:
-    """Every number of the sweep (GPU), one dict each; or a tiny CPU pass through the code with ``smoke``."""
+def sweep_run(name: str, ops: dict, quick: bool, smoke: bool, widths, rows) -> list[dict]:
+    """Every number of a sweep (GPU), one dict each; or a tiny CPU pass through the code with ``smoke``."""
     if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `kernels` is not imported yet
         widths, rows, providers = widths or SMOKE_WIDTHS, rows or SMOKE_ROWS, ("triton", "torch")
     else:
         if not torch.cuda.is_available():
-            raise RuntimeError("bench_norm needs a CUDA GPU (use smoke=True for a CPU pass)")
+            raise RuntimeError(f"bench_{name} needs a CUDA GPU (use smoke=True for a CPU pass)")
         widths = widths or (QUICK_WIDTHS if quick else WIDTHS)
         rows, providers = rows or (QUICK_ROWS if quick else ROWS), PROVIDERS
-    return sweep(_norm_ops(), widths, rows, providers, smoke)
+    return sweep(ops, widths, rows, providers, smoke)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.bench_norm", description=__doc__.splitlines()[0])
+def sweep_main(name: str, ops_fn, argv=None, fwd_bwd_speedup: float = 1.3) -> int:
+    """The command line shared by the memory-bound sweeps (bench_norm, bench_activation)."""
+    p = argparse.ArgumentParser(prog=f"python -m bench.bench_{name}", description=sys.modules[
+        ops_fn.__module__].__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"widths {QUICK_WIDTHS}, rows {QUICK_ROWS}")
     p.add_argument("--widths", type=int, nargs="+", help=f"widths N (default {WIDTHS})")
     p.add_argument("--rows", type=int, nargs="+", help=f"rows M (default {ROWS})")
@@ -219,20 +221,28 @@ def main(argv=None) -> int:
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read when `kernels` is first imported, in run()
     elif not torch.cuda.is_available():
-        print("bench_norm needs a CUDA GPU: nothing to time on this machine "
+        print(f"bench_{name} needs a CUDA GPU: nothing to time on this machine "
               "(run with --smoke for a tiny CPU pass through the code).")
         return 0
     info = machine_info()
     print(f"device: {info['gpu'] or info['cpu']}, torch {info['torch']}, triton {info['triton']}")
-    rows = run(quick=args.quick, smoke=args.smoke, widths=args.widths, rows=args.rows)
+    rows = sweep_run(name, ops_fn(), args.quick, args.smoke, args.widths, args.rows)
     print(wide_table(rows, ("triton", "torch") if args.smoke else PROVIDERS))
     if args.smoke:
         print("smoke run: interpreter timings on the CPU, not a measurement")
         return 0
-    print(summary(rows))
+    print(summary(rows, fwd_bwd_speedup=fwd_bwd_speedup))
     if not args.no_save:
-        print(f"saved {save_results('norm', rows)}")
+        print(f"saved {save_results(name, rows)}")
     return 0
+
+
+def run(quick: bool = False, smoke: bool = False, widths=None, rows=None) -> list[dict]:
+    return sweep_run("norm", _norm_ops(), quick, smoke, widths, rows)
+
+
+def main(argv=None) -> int:
+    return sweep_main("norm", _norm_ops, argv)
 
 
 if __name__ == "__main__":

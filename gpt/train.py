@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from .config import GPTConfig
 from .data import SlidingWindowDataset, default_text_path, load_tokens, split_tokens
 from .generate import generate
-from .model import GPT, CausalSelfAttention
+from .model import GPT
 from .tokenizer import decode, encode
 from .weights import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint, load_hf, save_checkpoint
 
@@ -164,16 +164,6 @@ def optimizer_step(optimizer, scheduler, scaler, model: nn.Module, grad_clip: fl
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
     return lr
-
-
-def set_dropout(model: GPT, p: float) -> None:
-    """Change every dropout rate of ``model`` (modules and attention) and its config to ``p``."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
-        elif isinstance(m, CausalSelfAttention):
-            m.dropout = p
-    model.config = dataclasses.replace(model.config, dropout=p)
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -366,9 +356,8 @@ def _resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
         if f.name in RESUME_MAY_CHANGE:
             merged[f.name] = mine if mine != default else theirs
         elif mine != default and mine != theirs:
-            what = "preset" if f.name == "preset" else f.name
-            raise ValueError(f"cannot resume {cfg.resume} with {what}={mine!r}: that run was trained with "
-                             f"{what}={theirs!r}. A resumed run keeps its settings: leave that option out, or start "
+            raise ValueError(f"cannot resume {cfg.resume} with {f.name}={mine!r}: that run was trained with "
+                             f"{f.name}={theirs!r}. A resumed run keeps its settings: leave that option out, or start "
                              f"a new run from its weights with --checkpoint {cfg.resume}")
         else:
             merged[f.name] = theirs
@@ -391,6 +380,8 @@ def _check_config(cfg: TrainConfig) -> None:
         positive(name)
     for name in ("max_steps", "context_length", "stride", "tokens_per_step"):
         positive(name, allow_none=True)
+    if not isinstance(cfg.sample_tokens, int) or cfg.sample_tokens < 0:
+        raise ValueError(f"sample-tokens must be >= 0 (0: no samples), got {cfg.sample_tokens!r}")
     if not 0.0 <= cfg.val_ratio < 1.0:
         raise ValueError(f"val-ratio must be in [0, 1), got {cfg.val_ratio}")
     if not cfg.lr > 0:
@@ -425,7 +416,7 @@ def _build_model(cfg: TrainConfig) -> GPT:
         raise ValueError(f"context length {cfg.context_length} is longer than the model's "
                          f"{model.config.context_length}: use --context-length {model.config.context_length} or less")
     if cfg.dropout is not None and cfg.dropout != model.config.dropout:
-        set_dropout(model, cfg.dropout)
+        model.set_dropout(cfg.dropout)
     return model
 
 
