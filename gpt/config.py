@@ -20,6 +20,8 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5  # GPT-2's epsilon
     pad_vocab_multiple: int = 1  # round the embedding/head rows up to a multiple of this (64 is faster on
     # GPUs); the padded columns never reach the logits or the loss
+    init: str = "gpt2"  # "gpt2": normal(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers);
+    # "torch": PyTorch's default layer init, as the book's from-scratch GPTModel (N(0, 1) embeddings)
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "pad_vocab_multiple"):
@@ -28,6 +30,8 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
         if self.emb_dim % self.n_heads:
             raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.init not in ("gpt2", "torch"):
+            raise ValueError(f"init must be 'gpt2' or 'torch', got {self.init!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

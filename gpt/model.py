@@ -107,7 +107,8 @@ class GPT(nn.Module):
         self.head = nn.Linear(C, V, bias=False)
         if config.tie_weights:
             self.head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
+        if config.init == "gpt2":  # else keep PyTorch's defaults, as the book's GPTModel does
+            self.apply(self._init_weights)
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):

@@ -79,6 +79,8 @@ class TrainConfig:
     checkpoint: str | None = None  # start from the weights of one of our checkpoint directories instead
     hf: str | None = None  # ... or from a Hugging Face GPT-2 directory
     dropout: float | None = None  # None: the model's own (0.1 for the presets)
+    book_init: bool = False  # a fresh model as the book's chapter 5 builds it: PyTorch's default init and an
+    # untied output head (GPT-2's init, std 0.02 and tied, memorises The Verdict far more slowly)
     kernels: str = "auto"  # kernel backend of the model's fused ops: auto, triton, torch, reference
     # the data
     data: str | None = None  # a text file or a directory of .txt files; None: The Verdict (bundled)
@@ -411,6 +413,8 @@ def _build_model(cfg: TrainConfig) -> GPT:
         model = load_hf(cfg.hf, kernel_backend=cfg.kernels)
     else:
         overrides = {"context_length": cfg.context_length} if cfg.context_length else {}
+        if cfg.book_init:
+            overrides.update(init="torch", tie_weights=False)
         model = GPT(GPTConfig.from_preset(cfg.preset or DEFAULT_PRESET, **overrides), kernel_backend=cfg.kernels)
     if cfg.context_length and cfg.context_length > model.config.context_length:
         raise ValueError(f"context length {cfg.context_length} is longer than the model's "
@@ -808,6 +812,8 @@ def add_commands(subparsers) -> None:
     o.add_argument("--min-lr", type=float, default=None, help="learning rate at the end of the cosine (default lr/10)")
     o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm; 0 = off (default 1.0)")
     o.add_argument("--dropout", type=float, default=None, help="dropout rate (default: the model's)")
+    o.add_argument("--book-init", action="store_true",
+                   help="a fresh model initialised as the book's chapter 5 (PyTorch defaults, untied head)")
     r = p.add_argument_group("evaluation and checkpoints")
     r.add_argument("--eval-every", type=int, default=d.eval_every, help=f"steps between evaluations ({d.eval_every})")
     r.add_argument("--eval-batches", type=int, default=d.eval_batches, help=f"batches per evaluation "

@@ -115,3 +115,11 @@ def test_backends_agree_on_the_model():
     out_torch = GPT.forward(model, idx)
     model.kernel_backend = "reference"
     torch.testing.assert_close(model(idx), out_torch, atol=1e-4, rtol=1e-4)
+
+
+def test_book_init_keeps_pytorch_defaults():
+    model = GPT.from_preset("tiny", init="torch", tie_weights=False)
+    assert abs(model.tok_emb.weight.std().item() - 1.0) < 0.05  # nn.Embedding's N(0, 1), as the book's model
+    assert model.head.weight is not model.tok_emb.weight
+    with pytest.raises(ValueError, match="init must be"):
+        GPTConfig(init="xavier")
