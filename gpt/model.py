@@ -157,7 +157,7 @@ class GPT(nn.Module):
                              f"{self.config.context_length} tokens")
         if torch.compiler.is_compiling():
             return  # the range check below reads values on the host: a graph break under torch.compile
-        lo, hi = int(idx.min()), int(idx.max())
+        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one reduction, one host sync for both ends
         if lo < 0 or hi >= self.config.vocab_size:
             bad = hi if hi >= self.config.vocab_size else lo
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
