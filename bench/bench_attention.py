@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from bench.common import format_table, machine_info, save_results, time_ms
+from bench.common import add_kernel_bench_args, format_table, save_results, start_kernel_bench, time_ms
 
 METRIC = "TFLOP/s"  # what `python -m bench` plots
 TOKENS = 16384  # tokens per batch: B = TOKENS // T
@@ -186,18 +186,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help=f"D {QUICK_HEAD_DIMS}, T {QUICK_SEQ_LENS}")
     p.add_argument("--seq-lens", type=int, nargs="+", help=f"sequence lengths (default {SEQ_LENS})")
     p.add_argument("--head-dims", type=int, nargs="+", help=f"head dims (default {HEAD_DIMS})")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes on the CPU through the Triton interpreter: checks the script, times nothing real")
-    p.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+    add_kernel_bench_args(p)
     args = p.parse_args(argv)
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when `kernels` is first imported, in run()
-    elif not torch.cuda.is_available():
-        print("bench_attention needs a CUDA GPU: nothing to time on this machine "
-              "(run with --smoke for a tiny CPU pass through the code).")
+    if not start_kernel_bench('attention', args.smoke):
         return 0
-    info = machine_info()
-    print(f"device: {info['gpu'] or info['cpu']}, torch {info['torch']}, triton {info['triton']}")
     rows = run(quick=args.quick, smoke=args.smoke, seq_lens=args.seq_lens, head_dims=args.head_dims)
     print(wide_table(rows))
     errors = {(r["provider"], r["error"]) for r in rows if r.get("error")}

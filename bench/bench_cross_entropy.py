@@ -27,7 +27,14 @@ import sys
 
 import torch
 
-from bench.common import format_table, machine_info, peak_memory, save_results, time_ms
+from bench.common import (
+    add_kernel_bench_args,
+    format_table,
+    peak_memory,
+    save_results,
+    start_kernel_bench,
+    time_ms,
+)
 
 V_GPT2 = 50257
 C_GPT2 = 768  # GPT-2 small's hidden width
@@ -166,18 +173,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bench_cross_entropy", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="N = 4K and 16K only")
     p.add_argument("--sizes", type=int, nargs="+", help="token counts N to run (default 4K..64K)")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes on the CPU through the Triton interpreter: checks the script, times nothing real")
-    p.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+    add_kernel_bench_args(p)
     args = p.parse_args(argv)
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when `kernels` is first imported, below
-    elif not torch.cuda.is_available():
-        print("bench_cross_entropy needs a CUDA GPU: nothing to time on this machine "
-              "(run with --smoke for a tiny CPU pass through the code).")
+    if not start_kernel_bench('cross_entropy', args.smoke):
         return 0
-    info = machine_info()
-    print(f"device: {info['gpu'] or info['cpu']}, torch {info['torch']}, triton {info['triton']}")
     rows = run(quick=args.quick, sizes=args.sizes, smoke=args.smoke)
     print(format_table(rows, COLUMNS))
     if args.smoke:

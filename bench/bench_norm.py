@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-from bench.common import format_table, machine_info, save_results, time_ms
+from bench.common import add_kernel_bench_args, format_table, save_results, start_kernel_bench, time_ms
 
 METRIC = "GB/s"  # what `python -m bench` plots
 WIDTHS = (768, 1024, 1280, 1600, 3072, 4096, 5120, 6400)
@@ -214,18 +214,10 @@ def sweep_main(name: str, ops_fn, argv=None, fwd_bwd_speedup: float = 1.3) -> in
     p.add_argument("--quick", action="store_true", help=f"widths {QUICK_WIDTHS}, rows {QUICK_ROWS}")
     p.add_argument("--widths", type=int, nargs="+", help=f"widths N (default {WIDTHS})")
     p.add_argument("--rows", type=int, nargs="+", help=f"rows M (default {ROWS})")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes on the CPU through the Triton interpreter: checks the script, times nothing real")
-    p.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+    add_kernel_bench_args(p)
     args = p.parse_args(argv)
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when `kernels` is first imported, in run()
-    elif not torch.cuda.is_available():
-        print(f"bench_{name} needs a CUDA GPU: nothing to time on this machine "
-              "(run with --smoke for a tiny CPU pass through the code).")
+    if not start_kernel_bench(name, args.smoke):
         return 0
-    info = machine_info()
-    print(f"device: {info['gpu'] or info['cpu']}, torch {info['torch']}, triton {info['triton']}")
     rows = sweep_run(name, ops_fn(), args.quick, args.smoke, args.widths, args.rows)
     print(wide_table(rows, ("triton", "torch") if args.smoke else PROVIDERS))
     if args.smoke:

@@ -118,3 +118,26 @@ def save_results(suite: str, rows: list[dict], extra: dict | None = None, out_di
     payload = {"suite": suite, "machine": info, "rows": rows, **(extra or {})}
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+def add_kernel_bench_args(p) -> None:
+    """The options every kernel benchmark's command line shares: --smoke and --no-save."""
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes on the CPU through the Triton interpreter: checks the script, times nothing real")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+
+
+def start_kernel_bench(name: str, smoke: bool) -> bool:
+    """Set up a kernel benchmark run: the interpreter for ``smoke``, else a GPU is needed. False: nothing to run.
+
+    ``TRITON_INTERPRET`` is read when ``kernels`` is first imported, so the scripts import it after this.
+    """
+    if smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        print(f"bench_{name} needs a CUDA GPU: nothing to time on this machine "
+              "(run with --smoke for a tiny CPU pass through the code).")
+        return False
+    info = machine_info()
+    print(f"device: {info['gpu'] or info['cpu']}, torch {info['torch']}, triton {info['triton']}")
+    return True
