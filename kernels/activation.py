@@ -10,12 +10,16 @@ Both GELU forms, computed in float32 whatever the storage dtype:
 ``gelu`` is elementwise over the flattened tensor (masked tail). ``bias_gelu`` works on (M, N) tiles so
 the bias is loaded once per tile; it saves only x and the bias and recomputes x + bias in the backward,
 whose bias gradient (a sum of dz over rows) is reduced in float32 per group of rows into a (G, N)
-buffer and finished with ``.sum(0)``: no atomics, deterministic.
+buffer and finished with ``.sum(0)``: no atomics, deterministic. The bias may be float32 beside a bf16
+activation (under autocast it is rounded to the activation's dtype in the kernel, as ``nn.Linear`` casts
+its bias; see :mod:`kernels.autocast`); its gradient comes back in its own dtype.
+
+Layers: the ``@triton.jit`` kernels; the launchers; the ``torch.library`` custom ops
+``gpt_triton::gelu`` / ``gelu_backward`` and ``gpt_triton::bias_gelu`` / ``bias_gelu_backward`` with fake
+implementations and the autograd formulas; the functional entries ``gelu`` and ``bias_gelu``.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -23,18 +27,14 @@ import triton
 import triton.language as tl
 
 from . import reference
+from .autocast import autocast_dtype
 from .backend import select
-from .norm import new_buffer, next_pow2, resident_programs
+from .common import as_rows, check_tensor, check_vector, new_buffer, next_pow2, resident_programs, split_rows
 
-GPT2_WIDTHS = (768, 1024, 1280, 1600, 3072, 4096, 5120, 6400)  # the widths the compile check covers
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _APPROXIMATE = ("none", "tanh")
 
 GELU_BLOCK = 4096  # elements per program: 16 per thread at 8 warps, two 16-byte vectors of 16-bit values
 GELU_WARPS = 8
-
-# Tests set this to fill every buffer the launchers allocate with NaN (unwritten elements then fail).
-POISON_OUTPUTS = False
 
 
 # ------------------------------------------------------------------------------------------- kernels
@@ -69,6 +69,15 @@ def _gelu_grad(x, APPROX_TANH: tl.constexpr):
         cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
         pdf = 0.3989422804014327 * tl.exp(-0.5 * x * x)
         return cdf + x * pdf
+
+
+@triton.jit
+def _load_bias(BIAS, cols, col_mask, x_dtype: tl.constexpr, ROUND: tl.constexpr):
+    """The bias at ``cols`` in float32, first rounded to ``x_dtype`` when ROUND."""
+    b = tl.load(BIAS + cols, mask=col_mask, other=0.0)
+    if ROUND:
+        b = b.to(x_dtype)
+    return b.to(tl.float32)
 
 
 @triton.jit
@@ -107,13 +116,14 @@ def _gelu_bwd_kernel(
 def _bias_gelu_fwd_kernel(
     X,  # input rows, (M, N), row stride stride_x, unit column stride
     BIAS,  # bias, (N,)
-    Y,  # out: gelu(X + BIAS), (M, N) contiguous (row stride N), X's dtype
+    Y,  # out: gelu(X + BIAS), (M, N) contiguous (row stride N), Y's dtype
     stride_x,  # elements between rows of X
     M,  # number of rows
     N,  # row width (the bias length)
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # columns per program
     APPROX_TANH: tl.constexpr,  # True: GPT-2's tanh form; False: the erf form
+    ROUND_BIAS: tl.constexpr,  # round the bias to X's dtype first, as nn.Linear casts its bias under autocast
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -121,7 +131,7 @@ def _bias_gelu_fwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) int64
     col_mask = cols < N
     mask = (rows < M)[:, None] & col_mask[None, :]  # (BLOCK_M, BLOCK_N)
-    b = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)  # (BLOCK_N,)
+    b = _load_bias(BIAS, cols, col_mask, X.dtype.element_ty, ROUND_BIAS)  # (BLOCK_N,) fp32
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     y = _gelu(x + b[None, :], APPROX_TANH)  # (BLOCK_M, BLOCK_N)
     tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -142,6 +152,7 @@ def _bias_gelu_bwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per loop step
     BLOCK_N: tl.constexpr,  # columns per program
     APPROX_TANH: tl.constexpr,  # True: GPT-2's tanh form; False: the erf form
+    ROUND_BIAS: tl.constexpr,  # as in the forward: recompute exactly the forward's x + bias
 ):
     pid_g = tl.program_id(0).to(tl.int64)  # row group
     pid_n = tl.program_id(1).to(tl.int64)  # column tile
@@ -149,7 +160,7 @@ def _bias_gelu_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_program, M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) int64
     col_mask = cols < N
-    b = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)  # (BLOCK_N,)
+    b = _load_bias(BIAS, cols, col_mask, X.dtype.element_ty, ROUND_BIAS)  # (BLOCK_N,) fp32
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)  # running sum over this group's rows of the gradient
     for start in range(row_start, row_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
@@ -174,8 +185,146 @@ def bias_gelu_config(n: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4}
 
 
-def _new(shape, dtype, device) -> torch.Tensor:
-    return new_buffer(shape, dtype, device, poison=POISON_OUTPUTS)
+def _gelu_fwd(x, approx_tanh: bool):
+    """Launch the GELU forward on ``x`` (any shape); returns y shaped and typed like x, contiguous."""
+    xc = x.contiguous()
+    y = new_buffer(x.shape, x.dtype, x.device)
+    n = xc.numel()
+    if n:
+        _gelu_fwd_kernel[(triton.cdiv(n, GELU_BLOCK),)](xc, y, n, BLOCK=GELU_BLOCK, APPROX_TANH=approx_tanh,
+                                                       num_warps=GELU_WARPS)
+    return y
+
+
+def _gelu_bwd(dy, x, approx_tanh: bool):
+    """Launch the GELU backward; returns dx shaped and typed like the forward's input x."""
+    xc, dyc = x.contiguous(), dy.contiguous()
+    dx = new_buffer(x.shape, x.dtype, x.device)
+    n = xc.numel()
+    if n:
+        _gelu_bwd_kernel[(triton.cdiv(n, GELU_BLOCK),)](xc, dyc, dx, n, BLOCK=GELU_BLOCK, APPROX_TANH=approx_tanh,
+                                                       num_warps=GELU_WARPS)
+    return dx
+
+
+def _bias_gelu_fwd(x, bias, approx_tanh: bool, round_bias: bool, out_dtype):
+    """Launch gelu(x + bias); returns y shaped like x, in ``out_dtype``."""
+    n = x.shape[-1]
+    x2 = as_rows(x, n)  # (M, N)
+    m = x2.shape[0]
+    y = new_buffer(x.shape, out_dtype, x.device)
+    if m * n:
+        cfg = bias_gelu_config(n)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+        _bias_gelu_fwd_kernel[grid](x2, bias.contiguous(), y, x2.stride(0), m, n, BLOCK_M=cfg["BLOCK_M"],
+                                    BLOCK_N=cfg["BLOCK_N"], APPROX_TANH=approx_tanh, ROUND_BIAS=round_bias,
+                                    num_warps=cfg["num_warps"])
+    return y
+
+
+def _bias_gelu_bwd(dy, x, bias, approx_tanh: bool, round_bias: bool):
+    """Launch the bias + GELU backward; returns (dx shaped and typed like x, dbias (N,) float32)."""
+    n = x.shape[-1]
+    x2 = as_rows(x, n)  # (M, N)
+    m = x2.shape[0]
+    dx = new_buffer(x.shape, x.dtype, x.device)
+    if m * n == 0:  # no rows: the bias gradient is an empty sum
+        return dx, torch.zeros(n, dtype=torch.float32, device=x.device)
+    dy2 = as_rows(dy, n)  # (M, N)
+    b = bias.contiguous()
+    cfg = bias_gelu_config(n)
+    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], APPROX_TANH=approx_tanh, ROUND_BIAS=round_bias,
+                num_warps=cfg["num_warps"])
+
+    def args(part, rows_per_program):
+        return (x2, b, dy2, dx, part, x2.stride(0), dy2.stride(0), m, n, rows_per_program)
+
+    key = (tuple(meta.items()), x2.dtype, dy2.dtype, b.dtype, n % 16 == 0)
+    resident = resident_programs(_bias_gelu_bwd_kernel, args(b, 3), meta, x.device, key)
+    # row groups: one wave of (groups x column tiles) programs, each walking >= 4 row tiles
+    groups, rows_per_program = split_rows(m, cfg["BLOCK_M"], max(1, resident // n_tiles))
+    part = new_buffer((groups, n), torch.float32, x.device)
+    _bias_gelu_bwd_kernel[(groups, n_tiles)](*args(part, rows_per_program), **meta)
+    return dx, part.sum(0)
+
+
+# -------------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("gpt_triton::gelu", mutates_args=())
+def _gelu_op(x: torch.Tensor, approx_tanh: bool) -> torch.Tensor:
+    return _gelu_fwd(x, approx_tanh)
+
+
+@torch.library.custom_op("gpt_triton::gelu_backward", mutates_args=())
+def _gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, approx_tanh: bool) -> torch.Tensor:
+    return _gelu_bwd(dy, x, approx_tanh)
+
+
+@torch.library.custom_op("gpt_triton::bias_gelu", mutates_args=())
+def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor, approx_tanh: bool, round_bias: bool,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """gelu(x + bias) in ``out_dtype``; with ``round_bias`` the bias is first rounded to x's dtype."""
+    return _bias_gelu_fwd(x, bias, approx_tanh, round_bias, out_dtype)
+
+
+@torch.library.custom_op("gpt_triton::bias_gelu_backward", mutates_args=())
+def _bias_gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, approx_tanh: bool,
+                           round_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx in x's dtype, dbias in the bias' dtype, summed in float32)."""
+    dx, db = _bias_gelu_bwd(dy, x, bias, approx_tanh, round_bias)
+    return dx, db.to(bias.dtype)
+
+
+@_gelu_op.register_fake
+def _(x, approx_tanh):
+    return x.new_empty(x.shape)
+
+
+@_gelu_backward_op.register_fake
+def _(dy, x, approx_tanh):
+    return x.new_empty(x.shape)
+
+
+@_bias_gelu_op.register_fake
+def _(x, bias, approx_tanh, round_bias, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@_bias_gelu_backward_op.register_fake
+def _(dy, x, bias, approx_tanh, round_bias):
+    return x.new_empty(x.shape), bias.new_empty(bias.shape)
+
+
+def _gelu_setup(ctx, inputs, output):
+    x, approx_tanh = inputs
+    ctx.save_for_backward(x)
+    ctx.approx_tanh = approx_tanh
+
+
+def _gelu_vjp(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return _gelu_backward_op(dy, x, ctx.approx_tanh), None
+
+
+def _bias_gelu_setup(ctx, inputs, output):
+    x, bias, approx_tanh, round_bias, _ = inputs
+    ctx.save_for_backward(x, bias)  # x and the bias only: x + bias is recomputed
+    ctx.flags = (approx_tanh, round_bias)
+
+
+def _bias_gelu_vjp(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, db = _bias_gelu_backward_op(dy, x, bias, *ctx.flags)
+    return dx, db if ctx.needs_input_grad[1] else None, None, None, None
+
+
+_gelu_op.register_autograd(_gelu_vjp, setup_context=_gelu_setup)
+_bias_gelu_op.register_autograd(_bias_gelu_vjp, setup_context=_bias_gelu_setup)
+
+
+# ---------------------------------------------------------------------------------- functional API
 
 
 def _check_approximate(approximate) -> bool:
@@ -184,164 +333,54 @@ def _check_approximate(approximate) -> bool:
     return approximate == "tanh"
 
 
-def _check_input(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"{name}: the Triton kernel takes float16, bfloat16 or float32 input, got {x.dtype}; "
-                        "use kernels.use_backend('torch') for other dtypes")
-
-
-def _gelu_fwd(x, approx_tanh: bool):
-    """Launch the GELU forward on ``x`` (any shape); returns (y, the contiguous x the backward rereads)."""
-    _check_input("gelu", x)
-    xc = x.contiguous()
-    y = _new(x.shape, x.dtype, x.device)
-    n = xc.numel()
-    if n:
-        _gelu_fwd_kernel[(triton.cdiv(n, GELU_BLOCK),)](xc, y, n, BLOCK=GELU_BLOCK, APPROX_TANH=approx_tanh,
-                                                       num_warps=GELU_WARPS)
-    return y, xc
-
-
-def _gelu_bwd(dy, xc, approx_tanh: bool):
-    """Launch the GELU backward; returns dx shaped and typed like the forward's input."""
-    dyc = dy.contiguous()
-    dx = _new(xc.shape, xc.dtype, xc.device)
-    n = xc.numel()
-    if n:
-        _gelu_bwd_kernel[(triton.cdiv(n, GELU_BLOCK),)](xc, dyc, dx, n, BLOCK=GELU_BLOCK, APPROX_TANH=approx_tanh,
-                                                       num_warps=GELU_WARPS)
-    return dx
-
-
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """``t`` as (M, n) rows with unit column stride: a view when the layout allows, else a copy."""
-    t2 = t.reshape(math.prod(t.shape[:-1]), n)  # (M, N)
-    return t2 if t2.stride(1) == 1 or t2.numel() == 0 else t2.contiguous()
-
-
-def _check_bias(x, bias) -> int:
-    _check_input("bias_gelu", x)
-    if not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias_gelu: bias must be a torch.Tensor, got {type(bias).__name__}")
-    if x.dim() == 0:
-        raise ValueError("bias_gelu: input must have at least one dimension (the bias runs along the last)")
-    n = x.shape[-1]
-    if tuple(bias.shape) != (n,):
-        raise ValueError(f"bias_gelu: bias must have shape ({n},) to match the input's last dimension, "
-                         f"got {tuple(bias.shape)}")
-    if bias.dtype != x.dtype:
-        raise TypeError(f"bias_gelu: bias dtype {bias.dtype} must equal the input's {x.dtype}; cast one of them")
-    if bias.device != x.device:
-        raise ValueError(f"bias_gelu: bias is on {bias.device} but the input is on {x.device}")
-    return n
-
-
-def _bias_gelu_fwd(x, bias, approx_tanh: bool):
-    """Launch gelu(x + bias); returns (y shaped like x, the (M, N) rows of x the backward rereads)."""
-    n = _check_bias(x, bias)
-    x2 = _rows(x, n)  # (M, N)
-    m = x2.shape[0]
-    y = _new(x.shape, x.dtype, x.device)
-    if m * n:
-        cfg = bias_gelu_config(n)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
-        _bias_gelu_fwd_kernel[grid](x2, bias.contiguous(), y, x2.stride(0), m, n, BLOCK_M=cfg["BLOCK_M"],
-                                    BLOCK_N=cfg["BLOCK_N"], APPROX_TANH=approx_tanh, num_warps=cfg["num_warps"])
-    return y, x2
-
-
-def _bias_gelu_bwd(dy, x2, bias, approx_tanh: bool):
-    """Launch the bias + GELU backward; returns (dx shaped like dy, dbias (N,) float32)."""
-    m, n = x2.shape
-    dx = _new(dy.shape, x2.dtype, x2.device)
-    if m * n == 0:  # no rows: the bias gradient is an empty sum
-        return dx, torch.zeros(n, dtype=torch.float32, device=x2.device)
-    dy2 = _rows(dy, n)  # (M, N)
-    b = bias.contiguous()
-    cfg = bias_gelu_config(n)
-    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
-    meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], APPROX_TANH=approx_tanh, num_warps=cfg["num_warps"])
-
-    def args(part, rows_per_program):
-        return (x2, b, dy2, dx, part, x2.stride(0), dy2.stride(0), m, n, rows_per_program)
-
-    key = (tuple(meta.items()), x2.dtype, dy2.dtype, n % 16 == 0)
-    resident = resident_programs(_bias_gelu_bwd_kernel, args(b, 3), meta, x2.device, key)
-    # row groups: one wave of (groups x column tiles) programs, each walking >= 4 row tiles
-    tiles = triton.cdiv(m, cfg["BLOCK_M"])
-    groups = max(1, min(tiles, resident // n_tiles, triton.cdiv(tiles, 4)))
-    rows_per_program = triton.cdiv(tiles, groups) * cfg["BLOCK_M"]
-    groups = triton.cdiv(m, rows_per_program)
-    part = _new((groups, n), torch.float32, x2.device)
-    _bias_gelu_bwd_kernel[(groups, n_tiles)](*args(part, rows_per_program), **meta)
-    return dx, part.sum(0)
-
-
-# ------------------------------------------------------------------------------------ autograd glue
-
-
-class _GeluFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, approx_tanh):
-        y, xc = _gelu_fwd(x, approx_tanh)
-        ctx.save_for_backward(xc)
-        ctx.approx_tanh = approx_tanh
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        (xc,) = ctx.saved_tensors
-        return _gelu_bwd(dy, xc, ctx.approx_tanh), None
-
-
-class _BiasGeluFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bias, approx_tanh):
-        y, x2 = _bias_gelu_fwd(x, bias, approx_tanh)
-        ctx.save_for_backward(x2, bias)  # x and the bias only: x + bias is recomputed
-        ctx.approx_tanh = approx_tanh
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, bias = ctx.saved_tensors
-        dx, db = _bias_gelu_bwd(dy, x2, bias, ctx.approx_tanh)
-        return dx, db.to(bias.dtype) if ctx.needs_input_grad[1] else None, None
-
-
-# ---------------------------------------------------------------------------------- functional API
-
-
 def gelu(input, approximate="none"):
-    """``torch.nn.functional.gelu`` (same signature and default), on the selected backend."""
+    """``torch.nn.functional.gelu`` (same signature and default), on the selected backend; the output has
+    the input's dtype, under autocast too."""
     impl = select(input)
     if impl == "torch":
         return F.gelu(input, approximate=approximate)
     if impl == "reference":
         return reference.gelu(input, approximate)
-    return _GeluFn.apply(input, _check_approximate(approximate))
+    approx_tanh = _check_approximate(approximate)
+    check_tensor("gelu", "input", input)
+    return _gelu_op(input, approx_tanh)
 
 
 def bias_gelu(x, bias, approximate="tanh"):
-    """``gelu(x + bias)`` in one pass: the feed-forward's bias add and activation."""
+    """``gelu(x + bias)`` in one pass: the feed-forward's bias add and activation.
+
+    Without autocast the output has the dtype ``x + bias`` has; under autocast x and the bias are rounded
+    to autocast's dtype, as ``nn.Linear`` would give them, and so is the output.
+    """
+    amp = autocast_dtype(x)
     impl = select(x, bias)
-    if impl == "torch":
-        return F.gelu(x + bias, approximate=approximate)
-    if impl == "reference":
-        return reference.bias_gelu(x, bias, approximate)
-    return _BiasGeluFn.apply(x, bias, _check_approximate(approximate))
+    if impl in ("torch", "reference"):
+        if amp is not None:
+            x, bias = x.to(amp), bias.to(amp)
+        return F.gelu(x + bias, approximate=approximate) if impl == "torch" else reference.bias_gelu(
+            x, bias, approximate)
+    approx_tanh = _check_approximate(approximate)
+    _check_bias(x, bias)
+    if amp is not None:
+        return _bias_gelu_op(x.to(amp), bias, approx_tanh, bias.dtype != amp, amp)
+    return _bias_gelu_op(x, bias, approx_tanh, False, torch.promote_types(x.dtype, bias.dtype))
+
+
+def _check_bias(x, bias) -> None:
+    check_tensor("bias_gelu", "input", x)
+    if x.dim() == 0:
+        raise ValueError("bias_gelu: input must have at least one dimension (the bias runs along the last)")
+    check_vector("bias_gelu", "bias", bias, x.shape[-1], x)
 
 
 # ------------------------------------------------------------------------------------- compile check
 
 
 def compile_cases():
-    """Every kernel at the configurations its launcher picks for GPT-2's widths, both GELU forms: bf16,
-    and float32 for the backward (the heaviest in registers). GELU's block is fixed; bias + GELU's tile
-    is the same for every width >= 1024 and for 768."""
-    from .compile_check import CompileCase
+    """Every kernel at the configurations its launcher picks for the compile check's widths, both GELU
+    forms: bf16, autocast's mix for bias + GELU, and float32 for the backward (the heaviest in registers).
+    GELU's block is fixed; bias + GELU's tile is the same for every width >= 1024 and for 768."""
+    from .compile_check import WIDTHS, CompileCase
 
     cases = []
     for ty in ("bf16", "fp32"):
@@ -361,19 +400,23 @@ def compile_cases():
     bwd_sig = {"X": "", "BIAS": "", "DY": "", "DX": "", "DB_PART": "*fp32", "stride_x": "i32", "stride_dy": "i32",
                "M": "i32", "N": "i32", "rows_per_program": "i32"}
     configs = {}
-    for n in GPT2_WIDTHS:
+    for n in WIDTHS:
         configs.setdefault(tuple(bias_gelu_config(n).items()), n)
+    # "amp": what autocast gives the model, a bf16 activation with its fp32 bias (rounded in the kernel)
     for cfg_items, n in configs.items():
         cfg = dict(cfg_items)
         warps = cfg.pop("num_warps")
-        for ty in ("bf16", "fp32"):
+        for ty in ("bf16", "amp", "fp32"):
             for tanh in (True, False):
                 form = "tanh" if tanh else "erf"
                 for kernel, base in (("_bias_gelu_fwd_kernel", fwd_sig), ("_bias_gelu_bwd_kernel", bwd_sig)):
                     if ty == "fp32" and kernel == "_bias_gelu_fwd_kernel":
                         continue
+                    sig = {k: (v or f"*{'bf16' if ty == 'amp' else ty}") for k, v in base.items()}
+                    if ty == "amp":
+                        sig["BIAS"] = "*fp32"
                     cases.append(CompileCase(
-                        "kernels.activation", kernel, {k: (v or f"*{ty}") for k, v in base.items()},
-                        {**cfg, "APPROX_TANH": tanh}, num_warps=warps, label=f"N>={n} {form} {ty}",
+                        "kernels.activation", kernel, sig, {**cfg, "APPROX_TANH": tanh, "ROUND_BIAS": ty == "amp"},
+                        num_warps=warps, label=f"N>={n} {form} {ty}",
                         extra={"divisible_by_16": [k for k in base if k not in ("M", "rows_per_program")]}))
     return cases

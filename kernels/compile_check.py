@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 
 OP_MODULES = ("kernels.norm", "kernels.activation", "kernels.flash_attention", "kernels.fused_cross_entropy")
 ARCHS = (80, 90)
+# Row widths the row-wise kernels are compiled at: the hidden widths of the common transformer sizes
+# (768 .. 1600) and their 4x feed-forward widths. Their launch configs depend on the width alone.
+WIDTHS = (768, 1024, 1280, 1600, 3072, 4096, 5120, 6400)
 
 
 @dataclass

@@ -27,7 +27,9 @@ Backward, FlashAttention-2's split into three launches, with no atomics:
 Dropout on the attention weights uses Philox (``tl.randint4x``) keyed by (seed, batch*head), one counter
 per (query row, group of four key columns) giving the four columns' random words: forward and backward
 regenerate the same keep-mask tile by tile and it is never stored. Kept weights are scaled by
-1 / (1 - p); the softmax normaliser l is taken before dropout, as in ``F.dropout(softmax(s))``.
+1 / (1 - p); the softmax normaliser l is taken before dropout, as in ``F.dropout(softmax(s))``. The seed
+is drawn by ``torch.randint`` on the inputs' device and read by the kernels from device memory, so
+choosing it needs no host sync and ``torch.manual_seed`` makes runs repeatable.
 :func:`attention_dropout_mask` materialises the very mask the kernels use (a small kernel calling the
 same jitted ``_dropout_keep``, so identical by construction), for tests.
 
@@ -43,9 +45,11 @@ exactly those lists. Under TRITON_INTERPRET=1 one small fixed config per kernel 
 
 Layers: the ``@triton.jit`` kernels; ``_check_inputs`` and the launchers ``_forward`` / ``_backward``
 (strides passed through, so q, k, v may be non-contiguous views, e.g. the (B, T, H, D) split of a fused
-qkv projection, and outputs are laid out like the inputs); ``_FlashAttention`` (autograd); ``_attention``
-(the Triton path, with a ``seed`` for tests) and the public ``attention``, which picks the backend once,
-before any ``.apply``.
+qkv projection, and outputs are laid out like the inputs); the ``torch.library`` custom ops
+``gpt_triton::attention`` and ``gpt_triton::attention_backward`` (fake implementations for
+``torch.compile``; the autograd formula registered on the forward); ``_attention`` (the Triton path, with
+a ``seed`` for tests) and the public ``attention``, which applies the autocast policy
+(:mod:`kernels.autocast`) and picks the backend once, before any op runs.
 """
 
 from __future__ import annotations
@@ -59,7 +63,9 @@ import triton
 import triton.language as tl
 
 from . import reference
+from .autocast import autocast_dtype
 from .backend import interpreter_enabled, select
+from .common import INTERPRETER, LN2, LOG2E
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 
@@ -85,12 +91,31 @@ def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 @triton.jit
 def _mm(a, b, acc, FP32: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; fp32 inputs use 3xTF32 (near-fp32 accuracy on tensor cores)."""
+    """acc + a @ b with fp32 accumulation; fp32 inputs use 3xTF32 (near-fp32 accuracy on tensor cores).
+
+    Triton's CPU interpreter multiplies bf16 operands wrongly (its numpy dot has no bf16), so there, and
+    only there, they are widened to fp32 first: bf16 products are exact in fp32, as on the tensor cores.
+    """
+    if INTERPRETER:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
     if FP32:
         out = tl.dot(a, b, acc, input_precision="tf32x3")
     else:
         out = tl.dot(a, b, acc)
     return out
+
+
+@triton.jit
+def _philox_key(SEED, bh, DROPOUT: tl.constexpr):
+    """The Philox key of one (batch, head): the seed (read from device memory, so no host sync picks
+    it) in the low 32 bits, batch*head in the high 32. 0 without dropout (never used then)."""
+    key = bh * 0
+    if DROPOUT:
+        key = bh * 4294967296 + tl.load(SEED)
+    return key
 
 
 @triton.jit
@@ -158,7 +183,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  # running state: (BLOCK_M, BLOCK_D) fp32,
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attn_fwd(
     Q, K, V,  # (B, H, Tq, D) queries, (B, H, Tk, D) keys and values, any strides
     O,  # (B, H, Tq, D) output, strides stride_o*
@@ -171,7 +196,7 @@ def _attn_fwd(
     Tq, Tk,  # query and key lengths (Tq <= Tk when CAUSAL)
     sm_scale,  # softmax scale (1/sqrt(D) by default)
     dropout_p,  # probability of dropping an attention weight (used when DROPOUT)
-    seed,  # Philox seed of the dropout mask, < 2**31 (used when DROPOUT)
+    SEED,  # (1,) int64: the Philox seed of the dropout mask, < 2**31 (read only when DROPOUT)
     TQ_KEY, TK_KEY,  # autotune keys only: Tq and Tk rounded up to a power of two (not read)
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two; columns >= D are masked
@@ -194,8 +219,8 @@ def _attn_fwd(
     Vb = V + b * stride_vb + h * stride_vh
     q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
                    offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True)  # (BLOCK_M, BLOCK_D), stays in registers
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e) folded in: exp(x) = exp2(x * log2(e))
-    seed_key = bh * 4294967296 + seed  # batch*head in the Philox key's high word
+    qk_scale = sm_scale * LOG2E  # log2(e) folded in: exp(x) = exp2(x * log2(e))
+    seed_key = _philox_key(SEED, bh, DROPOUT)
     OFF = Tk - Tq
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 domain)
@@ -220,7 +245,7 @@ def _attn_fwd(
     out = acc / l_i[:, None]  # (BLOCK_M, BLOCK_D)
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log: * ln(2)
+    lse = (m_i + tl.math.log2(l_i)) * LN2  # back to natural log
     row_ok = offs_m < Tq
     tl.store(LSE + bh * Tq + offs_m, lse, mask=row_ok)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
@@ -274,10 +299,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,  # (BLOCK_N, BLOCK_D) fp32 accumulators; 
         do = _load_tile(DOb + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, offs_m, Tq, offs_d,
                         HEAD_DIM, BLOCK_D, MASK_ROWS)  # (BLOCK_M, BLOCK_D)
         if MASK_ROWS:
-            lse2 = tl.load(LSEb + offs_m, mask=offs_m < Tq, other=float("inf")) * 1.4426950408889634
+            lse2 = tl.load(LSEb + offs_m, mask=offs_m < Tq, other=float("inf")) * LOG2E
             delta = tl.load(DELTAb + offs_m, mask=offs_m < Tq, other=0.0)  # (BLOCK_M,)
         else:
-            lse2 = tl.load(LSEb + offs_m) * 1.4426950408889634  # (BLOCK_M,) lse in the log2 domain
+            lse2 = tl.load(LSEb + offs_m) * LOG2E  # (BLOCK_M,) lse in the log2 domain
             delta = tl.load(DELTAb + offs_m)
         sT = _mm(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32)  # (BLOCK_N, BLOCK_M)
         pT = tl.math.exp2(sT * qk_scale - lse2[None, :])  # softmax weights, transposed; 0 on padded rows
@@ -296,7 +321,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,  # (BLOCK_N, BLOCK_D) fp32 accumulators; 
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attn_bwd_dkdv(
     Q, K, V,  # (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, D) forward inputs, any strides
     DO,  # (B, H, Tq, D) gradient of the output, any strides
@@ -311,7 +336,7 @@ def _attn_bwd_dkdv(
     Tq, Tk,  # query and key lengths
     sm_scale,  # softmax scale
     dropout_p,  # dropout probability (used when DROPOUT)
-    seed,  # Philox seed of the forward's dropout mask (used when DROPOUT)
+    SEED,  # (1,) int64: the Philox seed of the forward's dropout mask (read only when DROPOUT)
     TQ_KEY, TK_KEY,  # autotune keys only: Tq and Tk rounded up to a power of two (not read)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # D and D rounded up to a power of two
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,  # as in the forward
@@ -333,8 +358,8 @@ def _attn_bwd_dkdv(
     DOb = DO + b * stride_dob + h * stride_doh
     LSEb = LSE + bh * Tq
     DELTAb = DELTA + bh * Tq
-    qk_scale = sm_scale * 1.4426950408889634
-    seed_key = bh * 4294967296 + seed
+    qk_scale = sm_scale * LOG2E
+    seed_key = _philox_key(SEED, bh, DROPOUT)
     OFF = Tk - Tq
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -403,7 +428,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta,  # (BLOCK_M, BLOCK_D) fp32 accumu
     return dq
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attn_bwd_dq(
     Q, K, V,  # (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, D) forward inputs, any strides
     DO,  # (B, H, Tq, D) gradient of the output, any strides
@@ -418,7 +443,7 @@ def _attn_bwd_dq(
     Tq, Tk,  # query and key lengths
     sm_scale,  # softmax scale
     dropout_p,  # dropout probability (used when DROPOUT)
-    seed,  # Philox seed of the forward's dropout mask (used when DROPOUT)
+    SEED,  # (1,) int64: the Philox seed of the forward's dropout mask (read only when DROPOUT)
     TQ_KEY, TK_KEY,  # autotune keys only: Tq and Tk rounded up to a power of two (not read)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # D and D rounded up to a power of two
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,  # as in the forward
@@ -440,12 +465,12 @@ def _attn_bwd_dq(
     do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
                     + offs_d[None, :] * stride_dod, offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
     row_ok = offs_m < Tq
-    lse2 = tl.load(LSE + bh * Tq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # (BLOCK_M,)
+    lse2 = tl.load(LSE + bh * Tq + offs_m, mask=row_ok, other=0.0) * LOG2E  # (BLOCK_M,)
     delta = tl.load(DELTA + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
     Kb = K + b * stride_kb + h * stride_kh
     Vb = V + b * stride_vb + h * stride_vh
-    qk_scale = sm_scale * 1.4426950408889634
-    seed_key = bh * 4294967296 + seed
+    qk_scale = sm_scale * LOG2E
+    seed_key = _philox_key(SEED, bh, DROPOUT)
     OFF = Tk - Tq
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if CAUSAL:
@@ -465,18 +490,18 @@ def _attn_bwd_dq(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _dropout_mask_kernel(
     KEEP,  # (B*H, Tq, Tk) int8 output: 1 where the attention kernels keep the weight
     Tq, Tk,  # query and key lengths
     dropout_p,  # dropout probability
-    seed,  # Philox seed
+    SEED,  # (1,) int64: the Philox seed
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile of (rows, keys) per program
 ):
     bh = tl.program_id(0).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    keep = _dropout_keep(bh * 4294967296 + seed, offs_m, tl.program_id(2) * BLOCK_N, Tk, dropout_p, BLOCK_N)
+    keep = _dropout_keep(_philox_key(SEED, bh, True), offs_m, tl.program_id(2) * BLOCK_N, Tk, dropout_p, BLOCK_N)
     ptrs = KEEP + bh * Tq * Tk + offs_m[:, None].to(tl.int64) * Tk + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
 
@@ -673,31 +698,48 @@ def _head_dims(D: int) -> dict:
     return {"HEAD_DIM": D, "BLOCK_D": triton.next_power_of_2(D)}
 
 
-def _forward(q, k, v, causal: bool, dropout_p: float, scale: float, seed: int, o=None, lse=None):
+def _seed_tensor(seed, device) -> torch.Tensor | None:
+    """The dropout seed as the kernels read it: a (1,) int64 tensor on ``device`` (ints are converted)."""
+    if seed is None or isinstance(seed, torch.Tensor):
+        return seed
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
+def _forward(q, k, v, causal: bool, dropout_p: float, scale: float, seed, o=None, lse=None):
     """Run the forward kernel; returns ``(o, lse)``: (B, H, Tq, D) output and (B, H, Tq) fp32 log-sum-exp.
 
-    ``o``/``lse`` may be passed preallocated (tests poison them to catch unwritten elements).
+    ``seed``: a (1,) int64 tensor on q's device or an int (read only with dropout). ``o``/``lse`` may be
+    passed preallocated (tests poison them to catch unwritten elements).
     """
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    q, k, v = _fits_int32(q), _fits_int32(k), _fits_int32(v)
     o = _empty_like_layout(q) if o is None else o
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32) if lse is None else lse
     if o.numel() == 0:
         return o, lse
+    q, k, v = _fits_int32(q), _fits_int32(k), _fits_int32(v)
     args = dict(Q=q, K=k, V=v, O=o, LSE=lse,
                 **dict(zip(("stride_qb", "stride_qh", "stride_qt", "stride_qd"), _strides(q))),
                 **dict(zip(("stride_kb", "stride_kh", "stride_kt", "stride_kd"), _strides(k))),
                 **dict(zip(("stride_vb", "stride_vh", "stride_vt", "stride_vd"), _strides(v))),
                 **dict(zip(("stride_ob", "stride_oh", "stride_ot", "stride_od"), _strides(o))),
-                H=H, Tq=Tq, Tk=Tk, sm_scale=float(scale), dropout_p=float(dropout_p), seed=int(seed),
+                H=H, Tq=Tq, Tk=Tk, sm_scale=float(scale), dropout_p=float(dropout_p),
+                SEED=_seed_tensor(seed, q.device) if dropout_p > 0.0 else lse,
                 TQ_KEY=_bucket(Tq), TK_KEY=_bucket(Tk), **_head_dims(D), CAUSAL=bool(causal),
                 DROPOUT=dropout_p > 0.0)
     _launch("fwd", _attn_fwd, Tq, B * H, args, "BLOCK_M")
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal: bool, dropout_p: float, scale: float, seed: int, grads=None):
+def _new_grads(q, k):
+    """Fresh (dq, dk, dv) laid out like q and k (dv shares dk's strides, as the dK/dV kernel assumes)."""
+    dq = _empty_like_layout(q)
+    dk = _empty_like_layout(k)
+    dv = torch.empty_strided(dk.shape, dk.stride(), device=dk.device, dtype=dk.dtype)
+    return dq, dk, dv
+
+
+def _backward(do, q, k, v, o, lse, causal: bool, dropout_p: float, scale: float, seed, grads=None):
     """Run the three backward kernels; returns fresh ``(dq, dk, dv)``, laid out like q, k, v.
 
     ``grads`` may pass the three output buffers preallocated (tests poison them); dk and dv must share
@@ -705,14 +747,9 @@ def _backward(do, q, k, v, o, lse, causal: bool, dropout_p: float, scale: float,
     """
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    if grads is None:
-        dq = _empty_like_layout(q)
-        dk = _empty_like_layout(k)
-        dv = torch.empty_strided(dk.shape, dk.stride(), device=dk.device, dtype=dk.dtype)  # dk's strides
-    else:
-        dq, dk, dv = grads
-        if dk.stride() != dv.stride():
-            raise ValueError("_backward: preallocated dk and dv must have the same strides")
+    dq, dk, dv = _new_grads(q, k) if grads is None else grads
+    if dk.stride() != dv.stride():
+        raise ValueError("_backward: preallocated dk and dv must have the same strides")
     if q.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     q, k, v, do = _fits_int32(q), _fits_int32(k), _fits_int32(v), _fits_int32(do)
@@ -724,7 +761,8 @@ def _backward(do, q, k, v, o, lse, causal: bool, dropout_p: float, scale: float,
                   **dict(zip(("stride_kb", "stride_kh", "stride_kt", "stride_kd"), _strides(k))),
                   **dict(zip(("stride_vb", "stride_vh", "stride_vt", "stride_vd"), _strides(v))),
                   **dict(zip(("stride_dob", "stride_doh", "stride_dot", "stride_dod"), _strides(do))),
-                  H=H, Tq=Tq, Tk=Tk, sm_scale=float(scale), dropout_p=float(dropout_p), seed=int(seed),
+                  H=H, Tq=Tq, Tk=Tk, sm_scale=float(scale), dropout_p=float(dropout_p),
+                  SEED=_seed_tensor(seed, q.device) if dropout_p > 0.0 else lse,
                   TQ_KEY=_bucket(Tq), TK_KEY=_bucket(Tk), **_head_dims(D), CAUSAL=bool(causal),
                   DROPOUT=dropout_p > 0.0)
     _launch("dkdv", _attn_bwd_dkdv, Tk, B * H, dict(
@@ -736,13 +774,15 @@ def _backward(do, q, k, v, o, lse, causal: bool, dropout_p: float, scale: float,
     return dq, dk, dv
 
 
-def _draw_seed() -> int:
-    """A dropout seed from torch's default CPU generator: ``torch.manual_seed`` makes runs repeatable."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+def _draw_seed(device) -> torch.Tensor:
+    """A dropout seed, (1,) int64 on ``device``, from torch's generator there: ``torch.manual_seed`` makes
+    runs repeatable, and drawing it on the device needs no host sync (nor a graph break under compile)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device)
 
 
-def attention_dropout_mask(seed: int, B: int, H: int, Tq: int, Tk: int, dropout_p: float, device) -> torch.Tensor:
-    """The (B, H, Tq, Tk) bool keep-mask (True = keep) the attention kernels use for this seed.
+def attention_dropout_mask(seed, B: int, H: int, Tq: int, Tk: int, dropout_p: float, device) -> torch.Tensor:
+    """The (B, H, Tq, Tk) bool keep-mask (True = keep) the attention kernels use for this seed (an int, or
+    the (1,) int64 tensor :func:`attention` draws).
 
     Computed by a small Triton kernel calling the same ``_dropout_keep`` as the attention kernels, so it
     is the mask they apply, bit for bit; pass it to ``reference.attention(..., dropout_mask=mask)``.
@@ -752,44 +792,83 @@ def attention_dropout_mask(seed: int, B: int, H: int, Tq: int, Tk: int, dropout_
     keep = torch.empty(B, H, Tq, Tk, device=device, dtype=torch.int8)
     if keep.numel():
         grid = (B * H, triton.cdiv(Tq, MASK_BLOCK), triton.cdiv(Tk, MASK_BLOCK))
-        _dropout_mask_kernel[grid](keep, Tq, Tk, float(dropout_p), int(seed), BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK)
+        _dropout_mask_kernel[grid](keep, Tq, Tk, float(dropout_p), _seed_tensor(seed, device).to(device),
+                                   BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK)
     return keep.bool()
 
 
-# ============================================================================================ autograd
+# ========================================================================================= custom ops
+# torch.library ops, so torch.compile(fullgraph=True) keeps the kernels as opaque calls with known outputs
+# (the fake implementations allocate exactly as the launchers do) and autograd knows the backward.
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, dropout_p, scale, seed):
-        o, lse = _forward(q, k, v, causal, dropout_p, scale, seed)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = causal, dropout_p, scale, seed
-        return o
+@torch.library.custom_op("gpt_triton::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor | None, causal: bool,
+                  dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse): the (B, H, Tq, D) output and the (B, H, Tq) float32 log-sum-exp the backward reuses."""
+    return _forward(q, k, v, causal, dropout_p, scale, seed)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed)
-        return dq, dk, dv, None, None, None, None
+
+@torch.library.custom_op("gpt_triton::attention_backward", mutates_args=())
+def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                           lse: torch.Tensor, seed: torch.Tensor | None, causal: bool, dropout_p: float,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, causal, dropout_p, scale, seed)
+
+
+@_attention_op.register_fake
+def _(q, k, v, seed, causal, dropout_p, scale):
+    return _empty_like_layout(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, seed, causal, dropout_p, scale):
+    return _new_grads(q, k)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, seed, causal, dropout_p, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.args = (causal, dropout_p, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_vjp(ctx, do, _dlse):
+    q, k, v, o, lse, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, seed, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_op.register_autograd(_attention_vjp, setup_context=_attention_setup)
+
+
+# ========================================================================================== functional
 
 
 def _attention(q, k, v, causal=True, dropout_p=0.0, scale=None, seed=None):
-    """The Triton path of :func:`attention`, with ``seed`` for the dropout mask (drawn from torch's
-    default generator when None; tests pass one to compare with :func:`attention_dropout_mask`)."""
+    """The Triton path of :func:`attention`, with ``seed`` for the dropout mask (an int or a (1,) int64
+    tensor; drawn from torch's generator on q's device when None; tests pass one to compare with
+    :func:`attention_dropout_mask`)."""
     _check_inputs(q, k, v, causal, dropout_p, scale)
     dropout_p = float(dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if seed is None:
-        seed = _draw_seed() if dropout_p > 0.0 else 0
-    return _FlashAttention.apply(q, k, v, bool(causal), dropout_p, scale, int(seed))
+    if dropout_p > 0.0:
+        seed = _draw_seed(q.device) if seed is None else _seed_tensor(seed, q.device)
+    else:
+        seed = None
+    return _attention_op(q, k, v, seed, bool(causal), dropout_p, scale)[0]
 
 
 def attention(q, k, v, causal=True, dropout_p=0.0, scale=None):
     """softmax(q k^T * scale) v for (B, H, Tq, D) q and (B, H, Tk, D) k, v, Tq <= Tk.
 
-    With ``causal`` the mask is aligned to the end: query i sees keys j <= i + Tk - Tq.
+    With ``causal`` the mask is aligned to the end: query i sees keys j <= i + Tk - Tq. Under autocast
+    q, k and v are cast to autocast's dtype first (as autocast does for SDPA), on every backend.
     """
+    amp = autocast_dtype(q) if isinstance(q, torch.Tensor) else None
+    if amp is not None:
+        q, k, v = q.to(amp), k.to(amp), v.to(amp)
     impl = select(q, k, v)
     if impl == "torch":
         tq, tk = q.shape[-2], k.shape[-2]
@@ -817,7 +896,7 @@ def compile_cases():
     from .compile_check import CompileCase
 
     mod = "kernels.flash_attention"
-    scalars = {"H": "i32", "Tq": "i32", "Tk": "i32", "sm_scale": "fp32", "dropout_p": "fp32", "seed": "i32",
+    scalars = {"H": "i32", "Tq": "i32", "Tk": "i32", "sm_scale": "fp32", "dropout_p": "fp32",
                "TQ_KEY": "i32", "TK_KEY": "i32"}
 
     def case(kernel, tensors: dict, stride_prefixes, consts: dict, c: _Config | None, label: str, extra_scalars=None):
@@ -848,6 +927,7 @@ def compile_cases():
                 dropout = block_d in c.dropout_block_d
                 tensors = {n: t for n in tensor_names}
                 tensors.update({"LSE": "fp32"} if short == "fwd" else {"LSE": "fp32", "DELTA": "fp32"})
+                tensors["SEED"] = "i64"
                 flags = {"HEAD_DIM": block_d, "BLOCK_D": block_d, "CAUSAL": True, "DROPOUT": dropout}
                 cases.append(case(kernel, tensors, prefixes, flags, c,
                                   f"{short} D={block_d} {t}{' dropout' if dropout else ''}"))
@@ -855,5 +935,5 @@ def compile_cases():
                       {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": PREPROCESS_BLOCK_M}, None, "D=128 bf16",
                       {"H": "i32", "Tq": "i32"}))
     cases.append(case("_dropout_mask_kernel", {"KEEP": "i8"}, (), {"BLOCK_M": MASK_BLOCK, "BLOCK_N": MASK_BLOCK},
-                      None, "mask", {"Tq": "i32", "Tk": "i32", "dropout_p": "fp32", "seed": "i32"}))
+                      None, "mask", {"Tq": "i32", "Tk": "i32", "dropout_p": "fp32", "SEED": "*i64"}))
     return cases

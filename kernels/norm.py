@@ -3,13 +3,20 @@
 Forward: each program normalizes a tile of ``BLOCK_M`` whole rows held in registers (``BLOCK_N`` =
 the width rounded up to a power of two, masked), two-pass mean and variance in float32, and keeps the
 float32 mean and 1/std of every row for the backward. ``add_layer_norm`` adds the residual in the same
-pass and writes the sum (the new residual stream) beside the norm.
+pass and writes the sum (the new residual stream) beside the norm. Input, residual, sum and output may
+each have their own dtype: under autocast the fp32 residual stream meets a bf16 branch, and the norm's
+output goes to the next matmul in bf16 (the policy is in :mod:`kernels.autocast`).
 
 Backward: dx = rstd * (w*dy - mean(w*dy) - xhat * mean(xhat * w*dy)) per row (plus the gradient that
-arrives on the sum output for ``add_layer_norm``). The weight and bias gradients are sums over rows: each
-program walks its own contiguous group of rows, accumulates ``dy * xhat`` and ``dy`` in float32
-registers and writes one row of a (G, N) float32 partial buffer; ``partials.sum(1)`` finishes the sum.
-No atomics, so the result is deterministic.
+arrives on the sum output for ``add_layer_norm``, written once per input dtype). The weight and bias
+gradients are sums over rows: each program walks its own contiguous group of rows, accumulates
+``dy * xhat`` and ``dy`` in float32 registers and writes one row of a (G, N) float32 partial buffer;
+``partials.sum(1)`` finishes the sum. No atomics, so the result is deterministic.
+
+Layers: the ``@triton.jit`` kernels; the launchers ``_layer_norm_fwd`` / ``_layer_norm_bwd``; the
+``torch.library`` custom ops ``gpt_triton::layer_norm``, ``gpt_triton::add_layer_norm`` and
+``gpt_triton::layer_norm_backward`` (fake implementations for ``torch.compile``, autograd formulas
+registered on the forward ops); the functional entries, which apply the dtype policy and pick the backend.
 
 Limit: a row must fit one block, N <= MAX_N = 8192 (every GPT-2 width; gpt2-xl's is 6400). Wider rows
 raise a ValueError that names the limit and points to the torch backend (no silent fallback).
@@ -25,15 +32,11 @@ import triton
 import triton.language as tl
 
 from . import reference
+from .autocast import autocast_dtype, matmul_dtype
 from .backend import select
+from .common import as_rows, check_tensor, check_vector, new_buffer, next_pow2, resident_programs, split_rows
 
 MAX_N = 8192  # widest row one program holds in registers (backward: x, dy, w and two sums, no spills)
-GPT2_WIDTHS = (768, 1024, 1280, 1600, 3072, 4096, 5120, 6400)  # the widths the compile check covers
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# Tests set this to fill every buffer the launchers allocate with NaN, so an element a kernel forgets
-# to write fails the comparison instead of passing on leftover memory.
-POISON_OUTPUTS = False
 
 
 # ------------------------------------------------------------------------------------------- kernels
@@ -43,8 +46,8 @@ POISON_OUTPUTS = False
 def _layer_norm_fwd_kernel(
     X,  # input rows, (M, N), row stride stride_x, unit column stride
     R,  # residual rows, (M, N), row stride stride_r (read only when HAS_RESIDUAL)
-    S,  # out: X + R in X's dtype, (M, N), row stride stride_out (written only when HAS_RESIDUAL)
-    Y,  # out: the normalized rows, (M, N), row stride stride_out
+    S,  # out: X + R in S's dtype, (M, N), row stride stride_out (written only when HAS_RESIDUAL)
+    Y,  # out: the normalized rows in Y's dtype, (M, N), row stride stride_out
     W,  # weight, (N,) (read only when HAS_WEIGHT)
     B,  # bias, (N,) (read only when HAS_BIAS)
     Mean,  # out: mean of each row, (M,) float32
@@ -99,7 +102,8 @@ def _layer_norm_bwd_kernel(
     Rstd,  # 1 / std of each row from the forward, (M,) float32
     DY,  # gradient of the norm's output, (M, N), row stride stride_dy
     DS,  # gradient arriving on add_layer_norm's sum output, (M, N), row stride stride_ds (when HAS_DS)
-    DX,  # out: gradient of the input (and of the residual), (M, N), row stride stride_dx
+    DX,  # out: gradient of the input (and of the residual when not HAS_DR), (M, N), row stride stride_dx
+    DR,  # out: gradient of the residual in its own dtype, (M, N), row stride stride_dx (when HAS_DR)
     DW_PART,  # out: per-program sums over its rows of dy * xhat, (G, N) float32 (when HAS_WEIGHT)
     DB_PART,  # out: per-program sums over its rows of dy, (G, N) float32 (when HAS_BIAS)
     stride_x,  # elements between rows of X
@@ -114,6 +118,7 @@ def _layer_norm_bwd_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_DS: tl.constexpr,  # add DS to the input gradient
+    HAS_DR: tl.constexpr,  # also write the gradient to DR (add_layer_norm with residual and input dtypes apart)
 ):
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program
@@ -143,6 +148,8 @@ def _layer_norm_bwd_kernel(
         if HAS_DS:
             dx += tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DR:
+            tl.store(DR + rows[:, None] * stride_dx + cols[None, :], dx.to(DR.dtype.element_ty), mask=mask)
         if HAS_WEIGHT:
             dw += tl.sum(dy * xhat, axis=0)
         if HAS_BIAS:
@@ -154,10 +161,6 @@ def _layer_norm_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------ launchers
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def fwd_config(n: int) -> dict:
@@ -182,120 +185,19 @@ def bwd_config(n: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
 
 
-_RESIDENT: dict = {}  # (kernel, device, config key) -> how many of its programs one SM holds at once
-
-
-def resident_programs(kernel, args, meta: dict, device: torch.device, key) -> int:
-    """How many programs of ``kernel`` (launched with ``args`` and ``meta``) the whole GPU runs at once.
-
-    Per SM: the fewest of what its registers, threads and shared memory allow, read from the compiled
-    kernel (``kernel.warmup`` compiles without launching) and cached per ``key``. A grid of exactly this
-    many programs finishes in one wave; a few more would leave most SMs idle for a second one. Under the
-    CPU interpreter: 4, so the tests run several programs with several loop steps each.
-    """
-    if device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    num_warps = meta["num_warps"]
-    cache_key = (getattr(kernel, "__name__", id(kernel)), index, key)
-    if cache_key not in _RESIDENT:
-        props = torch.cuda.get_device_properties(index)
-        threads = getattr(props, "max_threads_per_multi_processor", 2048)
-        try:
-            compiled = kernel.warmup(*args, grid=(1,), **meta)
-            compiled._init_handles()  # loads the binary, which fills in n_regs
-            regs_per_warp = -(-max(int(compiled.n_regs), 1) * 32 // 256) * 256  # allocated in 256s per warp
-            by_regs = getattr(props, "regs_per_multiprocessor", 65536) // regs_per_warp // num_warps
-            smem = int(compiled.metadata.shared)
-            by_smem = getattr(props, "shared_memory_per_multiprocessor", 0) // smem if smem else 32
-            fit = min(by_regs, by_smem or 32, threads // (32 * num_warps), 32)
-        except Exception:  # an older/newer Triton without these fields: assume ~64 registers a thread
-            fit = threads // (64 * num_warps)
-        _RESIDENT[cache_key] = props.multi_processor_count * max(1, fit)
-    return _RESIDENT[cache_key]
-
-
-def _split_rows(m: int, block_m: int, resident: int) -> tuple[int, int]:
-    """(G, rows per program) for a backward whose programs each walk a contiguous group of rows.
-
-    At most one wave of programs (``resident``), and at least 4 row tiles per program so the (G, N)
-    float32 partial sums stay small next to the rows themselves. Rows per program is a multiple of
-    ``block_m``, so only the last program's last tile is ragged.
-    """
-    tiles = triton.cdiv(m, block_m)
-    g = max(1, min(tiles, resident, triton.cdiv(tiles, 4)))
-    rows_per_program = triton.cdiv(tiles, g) * block_m
-    return triton.cdiv(m, rows_per_program), rows_per_program
-
-
-def _new(shape, dtype, device) -> torch.Tensor:
-    return new_buffer(shape, dtype, device, poison=POISON_OUTPUTS)
-
-
-def new_buffer(shape, dtype, device, poison: bool = False) -> torch.Tensor:
-    """``torch.empty``, or filled with NaN when ``poison`` (the tests' check for unwritten elements)."""
-    t = torch.empty(shape, dtype=dtype, device=device)
-    return t.fill_(float("nan")) if poison else t
-
-
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """``t`` as (M, n) rows with unit column stride: a view when the layout allows, else a copy."""
-    t2 = t.reshape(math.prod(t.shape[:-1]), n)  # (M, N); not -1, which is ambiguous when N == 0
-    return t2 if t2.stride(1) == 1 or t2.numel() == 0 else t2.contiguous()
-
-
-def _check_inputs(name: str, x, weight, bias, residual=None) -> int:
-    """Raise a clear error for inputs the kernels do not take; returns the width N."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"{name}: the Triton kernel takes float16, bfloat16 or float32 input, got {x.dtype}; "
-                        "use kernels.use_backend('torch') for other dtypes")
-    if x.dim() == 0:
-        raise ValueError(f"{name}: input must have at least one dimension")
+def _layer_norm_fwd(x, weight, bias, eps, out_dtype, residual=None):
+    """Launch the forward. Returns ``(y, s, mean, rstd)``: y (x's shape, ``out_dtype``), the sum s (x's
+    shape, x and residual's promoted dtype; None without a residual), mean and rstd (M,) float32."""
     n = x.shape[-1]
-    if n > MAX_N:
-        raise ValueError(f"{name}: width {n} exceeds the Triton kernel's one-block limit of {MAX_N} "
-                         "(a whole row lives in registers); use kernels.use_backend('torch') for wider rows")
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor):
-            raise TypeError(f"{name}: residual must be a torch.Tensor, got {type(residual).__name__}")
-        if residual.shape != x.shape:
-            raise ValueError(f"{name}: residual shape {tuple(residual.shape)} must equal the input's "
-                             f"{tuple(x.shape)} (no broadcasting)")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"{name}: residual dtype {residual.dtype} must equal the input's {x.dtype}; "
-                            "cast one of them")
-        if residual.device != x.device:
-            raise ValueError(f"{name}: residual is on {residual.device} but the input is on {x.device}")
-    for pname, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{name}: {pname} must be a torch.Tensor or None, got {type(p).__name__}")
-        if tuple(p.shape) != (n,):
-            raise ValueError(f"{name}: {pname} must have shape ({n},) to match the input's last dimension, "
-                             f"got {tuple(p.shape)}")
-        if p.dtype not in _DTYPES:
-            raise TypeError(f"{name}: {pname} must be float16, bfloat16 or float32, got {p.dtype}")
-        if p.device != x.device:
-            raise ValueError(f"{name}: {pname} is on {p.device} but the input is on {x.device}")
-    return n
-
-
-def _layer_norm_fwd(x, weight, bias, eps, residual=None):
-    """Launch the forward. Returns ``(y, s, mean, rstd, rows)``: y and s (the sum, None without a
-    residual) shaped like x; mean and rstd (M,) float32; the (M, N) rows the backward rereads."""
-    n = _check_inputs("layer_norm" if residual is None else "add_layer_norm", x, weight, bias, residual)
-    x2 = _rows(x, n)  # (M, N)
+    x2 = as_rows(x, n)  # (M, N)
     m = x2.shape[0]
-    y = _new(x.shape, x.dtype, x.device)
-    s = _new(x.shape, x.dtype, x.device) if residual is not None else None
-    mean = _new((m,), torch.float32, x.device)
-    rstd = _new((m,), torch.float32, x.device)
+    y = new_buffer(x.shape, out_dtype, x.device)
+    s = new_buffer(x.shape, torch.promote_types(x.dtype, residual.dtype), x.device) if residual is not None else None
+    mean = new_buffer((m,), torch.float32, x.device)
+    rstd = new_buffer((m,), torch.float32, x.device)
     if m * n == 0:
-        return y, s, mean, rstd, _rows(s if s is not None else x, n)
-    r2 = _rows(residual, n) if residual is not None else x2  # (M, N)
+        return y, s, mean, rstd
+    r2 = as_rows(residual, n) if residual is not None else x2  # (M, N)
     w = weight.contiguous() if weight is not None else x2  # (N,) (x2 stands in for an unused pointer)
     b = bias.contiguous() if bias is not None else x2
     cfg = fwd_config(n)
@@ -305,90 +207,183 @@ def _layer_norm_fwd(x, weight, bias, eps, residual=None):
         x2.stride(0), r2.stride(0), n, m, n, float(eps),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_RESIDUAL=residual is not None,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, num_warps=cfg["num_warps"])
-    saved = s.view(m, n) if s is not None else x2  # (M, N) what the norm normalized
-    return y, s, mean, rstd, saved
+    return y, s, mean, rstd
 
 
-def _layer_norm_bwd(dy, x2, weight, has_bias, mean, rstd, ds=None):
-    """Launch the backward. ``x2`` (M, N) rows the forward normalized; ``dy`` and ``ds`` (optional)
-    shaped like the forward's input. Returns ``(dx, dweight, dbias)``: dx in x2's dtype and dy's shape,
-    dweight/dbias (N,) float32 (None when the forward had no weight / bias)."""
-    m, n = x2.shape
-    dx = _new(dy.shape, x2.dtype, x2.device)
+def _layer_norm_bwd(dy, xn, weight, has_bias, mean, rstd, dx_dtype, ds=None, dr_dtype=None):
+    """Launch the backward. ``xn``: what the forward normalized (x, or the sum s), any shape (..., N);
+    ``dy`` and ``ds`` (optional) shaped like it. Returns ``(dx, dr, dweight, dbias)``: dx in ``dx_dtype``,
+    dr the same gradient in ``dr_dtype`` (None unless given), dweight/dbias (N,) float32 (None when the
+    forward had no weight / bias)."""
+    n = xn.shape[-1]
+    x2 = as_rows(xn, n)  # (M, N)
+    m = x2.shape[0]
+    dx = new_buffer(xn.shape, dx_dtype, xn.device)
+    dr = new_buffer(xn.shape, dr_dtype, xn.device) if dr_dtype is not None else None
     if m * n == 0:  # no rows: the sums over rows are zero, as torch gives
-        dw = torch.zeros(n, dtype=torch.float32, device=x2.device) if weight is not None else None
-        db = torch.zeros(n, dtype=torch.float32, device=x2.device) if has_bias else None
-        return dx, dw, db
-    dy2 = _rows(dy, n)  # (M, N)
-    ds2 = _rows(ds, n) if ds is not None else dy2  # (M, N)
+        dw = torch.zeros(n, dtype=torch.float32, device=xn.device) if weight is not None else None
+        db = torch.zeros(n, dtype=torch.float32, device=xn.device) if has_bias else None
+        return dx, dr, dw, db
+    dy2 = as_rows(dy, n)  # (M, N)
+    ds2 = as_rows(ds, n) if ds is not None else dy2  # (M, N)
     w = weight.contiguous() if weight is not None else x2
     cfg = bwd_config(n)
     meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_WEIGHT=weight is not None,
-                HAS_BIAS=has_bias, HAS_DS=ds is not None, num_warps=cfg["num_warps"])
+                HAS_BIAS=has_bias, HAS_DS=ds is not None, HAS_DR=dr is not None, num_warps=cfg["num_warps"])
 
     def args(part, rows_per_program):
-        return (x2, w, mean, rstd, dy2, ds2, dx, part[0], part[1],
+        return (x2, w, mean, rstd, dy2, ds2, dx, dr if dr is not None else dx, part[0], part[1],
                 x2.stride(0), dy2.stride(0), ds2.stride(0), n, m, n, rows_per_program)
 
-    key = (tuple(meta.items()), x2.dtype, dy2.dtype, ds2.dtype, w.dtype, n % 16 == 0)
-    resident = resident_programs(_layer_norm_bwd_kernel, args((mean, mean), 3), meta, x2.device, key)
-    g, rows_per_program = _split_rows(m, cfg["BLOCK_M"], resident)
-    part = _new((2, g, n), torch.float32, x2.device)  # [0]: dweight partials, [1]: dbias partials
+    key = (tuple(meta.items()), x2.dtype, dy2.dtype, ds2.dtype, w.dtype, dx.dtype, n % 16 == 0)
+    resident = resident_programs(_layer_norm_bwd_kernel, args((mean, mean), 3), meta, xn.device, key)
+    g, rows_per_program = split_rows(m, cfg["BLOCK_M"], resident)
+    part = new_buffer((2, g, n), torch.float32, xn.device)  # [0]: dweight partials, [1]: dbias partials
     _layer_norm_bwd_kernel[(g,)](*args(part, rows_per_program), **meta)
-    dw = db = None
-    if weight is not None and has_bias:
-        sums = part.sum(1)  # (2, N) float32, one reduction for both
-        dw, db = sums[0], sums[1]
-    elif weight is not None:
-        dw = part[0].sum(0)
-    elif has_bias:
-        db = part[1].sum(0)
-    return dx, dw, db
+    dw = part[0].sum(0) if weight is not None else None  # (N,) float32
+    db = part[1].sum(0) if has_bias else None
+    return dx, dr, dw, db
 
 
-# ------------------------------------------------------------------------------------ autograd glue
+# -------------------------------------------------------------------------------------- custom ops
+# torch.library ops, so torch.compile(fullgraph=True) keeps each kernel as one opaque call with a known
+# output (the fake implementations) and autograd knows the backward (register_autograd below).
 
 
-class _LayerNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, _, mean, rstd, x2 = _layer_norm_fwd(x, weight, bias, eps)
-        ctx.save_for_backward(x2, weight, mean, rstd)
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _layer_norm_bwd(dy, x2, weight, ctx.has_bias, mean, rstd)
-        dw = dw.to(weight.dtype) if dw is not None and ctx.needs_input_grad[1] else None
-        db = db.to(ctx.bias_dtype) if db is not None and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None
+@torch.library.custom_op("gpt_triton::layer_norm", mutates_args=())
+def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                   out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd): the normalized x (x's shape, ``out_dtype``), and each row's float32 statistics."""
+    y, _, mean, rstd = _layer_norm_fwd(x, weight, bias, eps, out_dtype)
+    return y, mean, rstd
 
 
-class _AddLayerNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        y, s, mean, rstd, s2 = _layer_norm_fwd(x, weight, bias, eps, residual=residual)
-        ctx.save_for_backward(s2, weight, mean, rstd)
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.set_materialize_grads(False)  # a None gradient (an unused output) costs no pass over memory
-        return s, y
+@torch.library.custom_op("gpt_triton::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                       bias: torch.Tensor | None, eps: float,
+                       out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s, y, mean, rstd): s = x + residual (promoted dtype), y its norm in ``out_dtype``, row statistics."""
+    y, s, mean, rstd = _layer_norm_fwd(x, weight, bias, eps, out_dtype, residual=residual)
+    return s, y, mean, rstd
 
-    @staticmethod
-    def backward(ctx, ds, dy):
-        s2, weight, mean, rstd = ctx.saved_tensors
-        if dy is None:  # only the sum was used: d(x + residual) passes straight through
-            return ds, ds, None, None, None
-        dx, dw, db = _layer_norm_bwd(dy, s2, weight, ctx.has_bias, mean, rstd, ds=ds)
-        dw = dw.to(weight.dtype) if dw is not None and ctx.needs_input_grad[2] else None
-        db = db.to(ctx.bias_dtype) if db is not None and ctx.needs_input_grad[3] else None
-        return dx, dx, dw, db, None  # x and residual get the same gradient, as torch's add does
+
+@torch.library.custom_op("gpt_triton::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(dy: torch.Tensor, xn: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                            rstd: torch.Tensor, ds: torch.Tensor | None, bias_dtype: torch.dtype | None,
+                            dx_dtype: torch.dtype, dr_dtype: torch.dtype | None) -> list[torch.Tensor]:
+    """[dx, dr if dr_dtype, dweight if weight, dbias if bias_dtype]: the input gradient in ``dx_dtype`` (and
+    again in ``dr_dtype`` for a residual of another dtype), the parameters' summed in float32, then cast."""
+    dx, dr, dw, db = _layer_norm_bwd(dy, xn, weight, bias_dtype is not None, mean, rstd, dx_dtype, ds=ds,
+                                     dr_dtype=dr_dtype)
+    out = [dx] + ([dr] if dr is not None else [])
+    if dw is not None:
+        out.append(dw.to(weight.dtype))
+    if db is not None:
+        out.append(db.to(bias_dtype))
+    return out
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps, out_dtype):
+    m = math.prod(x.shape[:-1])
+    return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty((m,), dtype=torch.float32),
+            x.new_empty((m,), dtype=torch.float32))
+
+
+@_add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps, out_dtype):
+    m = math.prod(x.shape[:-1])
+    return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype)),
+            x.new_empty(x.shape, dtype=out_dtype), x.new_empty((m,), dtype=torch.float32),
+            x.new_empty((m,), dtype=torch.float32))
+
+
+@_layer_norm_backward_op.register_fake
+def _(dy, xn, weight, mean, rstd, ds, bias_dtype, dx_dtype, dr_dtype):
+    n = xn.shape[-1]
+    out = [xn.new_empty(xn.shape, dtype=dx_dtype)]
+    if dr_dtype is not None:
+        out.append(xn.new_empty(xn.shape, dtype=dr_dtype))
+    if weight is not None:
+        out.append(xn.new_empty((n,), dtype=weight.dtype))
+    if bias_dtype is not None:
+        out.append(xn.new_empty((n,), dtype=bias_dtype))
+    return out
+
+
+def _param_grads(ctx, grads: list, weight_index: int):
+    """(dweight, dbias) from the tail of layer_norm_backward's list, None where not wanted."""
+    dw = grads.pop(0) if ctx.has_weight else None
+    db = grads.pop(0) if ctx.bias_dtype is not None else None
+    return (dw if ctx.needs_input_grad[weight_index] else None,
+            db if ctx.needs_input_grad[weight_index + 1] else None)
+
+
+def _save_params(ctx, weight, bias):
+    ctx.has_weight = weight is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, _, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    _save_params(ctx, weight, bias)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _layer_norm_vjp(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    grads = _layer_norm_backward_op(dy, x, weight, mean, rstd, None, ctx.bias_dtype, x.dtype, None)
+    dx = grads.pop(0)
+    return (dx, *_param_grads(ctx, grads, 1), None, None)
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, _, _ = inputs
+    s, _, mean, rstd = output
+    ctx.save_for_backward(s, weight, mean, rstd)
+    _save_params(ctx, weight, bias)
+    ctx.dtypes = (x.dtype, residual.dtype)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # a None gradient (an unused output) costs no pass over memory
+
+
+def _add_layer_norm_vjp(ctx, ds, dy, _dmean, _drstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    x_dtype, r_dtype = ctx.dtypes
+    if dy is None:  # only the sum was used: d(x + residual) passes straight through, in each input's dtype
+        return ds.to(x_dtype), ds.to(r_dtype), None, None, None, None
+    grads = _layer_norm_backward_op(dy, s, weight, mean, rstd, ds, ctx.bias_dtype, x_dtype,
+                                    r_dtype if r_dtype != x_dtype else None)
+    dx = grads.pop(0)
+    dr = grads.pop(0) if r_dtype != x_dtype else dx  # x and residual get the same gradient, as torch's add
+    return (dx, dr, *_param_grads(ctx, grads, 2), None, None)
+
+
+_layer_norm_op.register_autograd(_layer_norm_vjp, setup_context=_layer_norm_setup)
+_add_layer_norm_op.register_autograd(_add_layer_norm_vjp, setup_context=_add_layer_norm_setup)
 
 
 # ---------------------------------------------------------------------------------- functional API
+
+
+def _check_inputs(op: str, x, weight, bias, residual=None) -> None:
+    """Raise a clear error for inputs the kernels do not take."""
+    check_tensor(op, "input", x)
+    if x.dim() == 0:
+        raise ValueError(f"{op}: input must have at least one dimension")
+    n = x.shape[-1]
+    if n > MAX_N:
+        raise ValueError(f"{op}: width {n} exceeds the Triton kernel's one-block limit of {MAX_N} "
+                         "(a whole row lives in registers); use kernels.use_backend('torch') for wider rows")
+    if residual is not None:
+        check_tensor(op, "residual", residual, like=x)
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual shape {tuple(residual.shape)} must equal the input's "
+                             f"{tuple(x.shape)} (no broadcasting)")
+    check_vector(op, "weight", weight, n, x)
+    check_vector(op, "bias", bias, n, x)
 
 
 def _check_normalized_shape(input, normalized_shape) -> None:
@@ -403,73 +398,96 @@ def _check_normalized_shape(input, normalized_shape) -> None:
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """``torch.nn.functional.layer_norm`` over the last dimension, on the selected backend."""
+    """``torch.nn.functional.layer_norm`` over the last dimension, on the selected backend.
+
+    Under autocast the output is in autocast's dtype (what the next matmul reads); see :mod:`kernels.autocast`.
+    """
     impl = select(input)
     if impl == "torch":
-        return F.layer_norm(input, normalized_shape, weight, bias, eps)
+        return F.layer_norm(input, normalized_shape, weight, bias, eps).to(matmul_dtype(input))
     if impl == "reference":
-        return reference.layer_norm(input, normalized_shape, weight, bias, eps)
+        return reference.layer_norm(input, normalized_shape, weight, bias, eps).to(matmul_dtype(input))
+    _check_inputs("layer_norm", input, weight, bias)
     _check_normalized_shape(input, normalized_shape)
-    return _LayerNormFn.apply(input, weight, bias, eps)
+    return _layer_norm_op(input, weight, bias, float(eps), matmul_dtype(input))[0]
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
-    """Returns ``(x + residual, layer_norm(x + residual))``: the new residual stream and its norm."""
+    """Returns ``(x + residual, layer_norm(x + residual))``: the new residual stream and its norm.
+
+    The sum has the dtype ``x + residual`` has (the fp32 residual stream stays fp32 beside a bf16 branch);
+    the norm is in autocast's dtype under autocast, else in the sum's.
+    """
     impl = select(x, residual)
     if impl == "torch":
         s = x + residual
-        return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+        return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps).to(matmul_dtype(s))
     if impl == "reference":
-        return reference.add_layer_norm(x, residual, weight, bias, eps)
-    return _AddLayerNormFn.apply(x, residual, weight, bias, eps)
+        s, y = reference.add_layer_norm(x, residual, weight, bias, eps)
+        return s, y.to(matmul_dtype(s))
+    _check_inputs("add_layer_norm", x, weight, bias, residual)
+    out_dtype = autocast_dtype(x) or torch.promote_types(x.dtype, residual.dtype)
+    s, y, _, _ = _add_layer_norm_op(x, residual, weight, bias, float(eps), out_dtype)
+    return s, y
 
 
 # ------------------------------------------------------------------------------------- compile check
 
 
 def compile_cases():
-    """Every forward/backward configuration the launchers pick for GPT-2's widths (the configs depend
-    on the width only): bf16 for each, with and without the residual; float32 at the widest block."""
-    from .compile_check import CompileCase
+    """Every forward/backward configuration the launchers pick for the compile check's widths (the configs
+    depend on the width only): bf16 for each, with and without the residual; the mix autocast gives
+    (fp32 residual stream and parameters, bf16 branch and output: forward with the residual, backward with
+    the sum's gradient and a separate fp32 residual gradient); float32 at the widest block."""
+    from .compile_check import WIDTHS, CompileCase
 
     fwd_sig = {"X": "", "R": "", "S": "", "Y": "", "W": "", "B": "", "Mean": "*fp32", "Rstd": "*fp32",
                "stride_x": "i32", "stride_r": "i32", "stride_out": "i32", "M": "i32", "N": "i32", "eps": "fp32"}
-    bwd_sig = {"X": "", "W": "", "Mean": "*fp32", "Rstd": "*fp32", "DY": "", "DS": "", "DX": "",
+    bwd_sig = {"X": "", "W": "", "Mean": "*fp32", "Rstd": "*fp32", "DY": "", "DS": "", "DX": "", "DR": "",
                "DW_PART": "*fp32", "DB_PART": "*fp32", "stride_x": "i32", "stride_dy": "i32", "stride_ds": "i32",
                "stride_dx": "i32", "M": "i32", "N": "i32", "rows_per_program": "i32"}
+    amp = {"fwd": {"X": "*bf16", "R": "*fp32", "S": "*fp32", "Y": "*bf16", "W": "*fp32", "B": "*fp32"},
+           "bwd": {"X": "*fp32", "W": "*fp32", "DY": "*bf16", "DS": "*fp32", "DX": "*bf16", "DR": "*fp32"}}
 
-    def sig(base, ty):
+    def sig(base, ty, which):
+        if ty == "amp":
+            return {k: v or amp[which][k] for k, v in base.items()}
         return {k: (v or f"*{ty}") for k, v in base.items()}
 
-    # as the JIT specializes them at GPT-2's widths: aligned pointers, strides and widths that are
+    # as the JIT specializes them at these widths: aligned pointers, strides and widths that are
     # multiples of 16 (rows M and rows_per_program can be anything)
     def aligned(base):
         return {"divisible_by_16": [k for k in base if k not in ("M", "rows_per_program", "eps")]}
 
+    def configs(pick):  # config -> the widths that use it, e.g. "768,1024"
+        seen = {}
+        for n in WIDTHS:
+            key = tuple(pick(n).items())
+            seen[key] = f"{seen[key]},{n}" if key in seen else str(n)
+        return seen
+
+    widest = next_pow2(max(WIDTHS))
     cases = []
-    widest = next_pow2(max(GPT2_WIDTHS))
-    fwd_seen, bwd_seen = {}, {}  # config -> the widths that use it, e.g. "768,1024"
-    for n in GPT2_WIDTHS:
-        key = tuple(fwd_config(n).items())
-        fwd_seen[key] = f"{fwd_seen[key]},{n}" if key in fwd_seen else str(n)
-        key = tuple(bwd_config(n).items())
-        bwd_seen[key] = f"{bwd_seen[key]},{n}" if key in bwd_seen else str(n)
-    for cfg_items, n in fwd_seen.items():
+    for cfg_items, n in configs(fwd_config).items():
         cfg = dict(cfg_items)
         warps = cfg.pop("num_warps")
-        for ty in ("bf16", "fp32") if cfg["BLOCK_N"] == widest else ("bf16",):
-            for residual in (False, True):
-                cases.append(CompileCase(
-                    "kernels.norm", "_layer_norm_fwd_kernel", sig(fwd_sig, ty),
-                    {**cfg, "HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True},
-                    num_warps=warps, label=f"N={n} {ty}{' +res' if residual else ''}", extra=aligned(fwd_sig)))
-    for cfg_items, n in bwd_seen.items():
+        variants = [("bf16", False), ("bf16", True), ("amp", True)]
+        if cfg["BLOCK_N"] == widest:
+            variants += [("fp32", False), ("fp32", True)]
+        for ty, residual in variants:
+            cases.append(CompileCase(
+                "kernels.norm", "_layer_norm_fwd_kernel", sig(fwd_sig, ty, "fwd"),
+                {**cfg, "HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True},
+                num_warps=warps, label=f"N={n} {ty}{' +res' if residual else ''}", extra=aligned(fwd_sig)))
+    for cfg_items, n in configs(bwd_config).items():
         cfg = dict(cfg_items)
         warps = cfg.pop("num_warps")
-        for ty in ("bf16", "fp32") if cfg["BLOCK_N"] == widest else ("bf16",):
-            for has_ds in (False, True):
-                cases.append(CompileCase(
-                    "kernels.norm", "_layer_norm_bwd_kernel", sig(bwd_sig, ty),
-                    {**cfg, "HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_DS": has_ds},
-                    num_warps=warps, label=f"N={n} {ty}{' +ds' if has_ds else ''}", extra=aligned(bwd_sig)))
+        variants = [("bf16", False), ("bf16", True), ("amp", True)]
+        if cfg["BLOCK_N"] == widest:
+            variants += [("fp32", False), ("fp32", True)]
+        for ty, has_ds in variants:
+            cases.append(CompileCase(
+                "kernels.norm", "_layer_norm_bwd_kernel", sig(bwd_sig, ty, "bwd"),
+                {**cfg, "HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_DS": has_ds, "HAS_DR": ty == "amp"},
+                num_warps=warps, label=f"N={n} {ty}{' +ds' if has_ds else ''}", extra=aligned(bwd_sig)))
     return cases

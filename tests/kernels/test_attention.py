@@ -216,7 +216,7 @@ def test_public_dropout_draws_the_seed_from_torch(device):
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
     torch.manual_seed(11)
-    mask = fa.attention_dropout_mask(fa._draw_seed(), B, H, T, T, p, device)
+    mask = fa.attention_dropout_mask(fa._draw_seed(device), B, H, T, T, p, device)
     exact = _reference(q, k, v, do, True, p, None, mask, torch.float64)
     for name, g, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), exact):
         assert_close_to_ref(name, g, ref)

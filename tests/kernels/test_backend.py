@@ -1,6 +1,6 @@
 """Backend selection: $GPT_KERNELS, set_backend, nested use_backend, and the dispatch each op makes.
 
-The choice is made once per call by the functional entry point, before ``autograd.Function.apply``:
+The choice is made once per call by the functional entry point, before any custom op runs:
 these tests check which implementation ran by the autograd node a result carries (or by stand-ins that
 record the call), and that asking for Triton on CPU tensors without the interpreter is a clear error.
 """
@@ -99,8 +99,8 @@ _OPS = {
     "gelu": lambda x: kernels.gelu(x, approximate="tanh"),
     "bias_gelu": lambda x: kernels.bias_gelu(x, torch.zeros(x.shape[-1])),
 }
-_TRITON_NODE = {"layer_norm": "_LayerNormFnBackward", "add_layer_norm": "_AddLayerNormFnBackward",
-                "gelu": "_GeluFnBackward", "bias_gelu": "_BiasGeluFnBackward"}
+# the autograd node torch.library makes for each custom op (kernels registers them as gpt_triton::<op>)
+_TRITON_NODE = {op: f"GeneratedBackwardFor_gpt_triton_{op}_defaultBackward" for op in _OPS}
 _TORCH_NODE = {"layer_norm": "NativeLayerNormBackward0", "add_layer_norm": "NativeLayerNormBackward0",
                "gelu": "GeluBackward0", "bias_gelu": "GeluBackward0"}
 
@@ -131,7 +131,7 @@ def test_backend_is_read_per_call_not_per_autograd_pass():
         y = kernels.gelu(x, approximate="tanh")
     with use_backend("torch"):
         (dx,) = torch.autograd.grad(y.sum(), x)
-    assert type(y.grad_fn).__name__ == "_GeluFnBackward"
+    assert type(y.grad_fn).__name__ == _TRITON_NODE["gelu"]
     torch.testing.assert_close(dx, torch.autograd.grad(torch.nn.functional.gelu(x, approximate="tanh").sum(), x)[0])
 
 

@@ -154,10 +154,7 @@ def test_input_untouched_gradient_in_own_buffer(device, reduction):
     loss.backward(torch.ones_like(loss))
     assert torch.equal(x.detach(), before), "the forward or backward wrote into the logits"
     assert x.grad.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
-    # the saved buffer itself is a fresh allocation, not a view of the logits
-    _, grad = fce._cross_entropy_forward(x.detach(), t, -100, reduction, 0.1, need_grad=True)
-    assert grad.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
-    # a second backward through a retained graph gives the same gradient (the buffer is not consumed)
+    # a second backward through a retained graph gives the same gradient (nothing saved is consumed)
     x.grad = None
     with kernels.use_backend("triton"):
         loss = kernels.cross_entropy(x, t, reduction=reduction)
@@ -166,35 +163,70 @@ def test_input_untouched_gradient_in_own_buffer(device, reduction):
     assert torch.equal(g1, g2)
 
 
-def test_no_gradient_buffer_without_grad(device):
-    x = torch.randn(5, 100, device=device)  # (5, 100), requires_grad False
-    t = _targets(5, 100, device)
-    loss, grad = fce._cross_entropy_forward(x, t, -100, "mean", 0.0, need_grad=False)
-    assert grad is None
-    ref = reference.cross_entropy(x.double(), t)
-    assert_close_to_ref("loss-only", loss, ref, atol=1e-6)
-    xg = x.clone().requires_grad_()
+def test_forward_op_gives_loss_rows_and_logsumexp(device):
+    """The forward pass alone: each row's loss and its log-sum-exp (what the backward reuses), no gradient."""
+    x = torch.randn(5, 4100, device=device) * 3  # (5, 4100): a full 4096 chunk and a ragged tail
+    t = _targets(5, 4100, device, n_ignored=1)
+    loss_rows, lse = fce._cross_entropy_op(x, t, -100, 0.0)
+    assert loss_rows.dtype == lse.dtype == torch.float32 and loss_rows.shape == lse.shape == (5,)
+    assert_close_to_ref("lse", lse, torch.logsumexp(x.double(), dim=1), atol=1e-5)
+    ref = reference.cross_entropy(x.double(), t, reduction="none")
+    assert_close_to_ref("loss rows", loss_rows, ref, atol=1e-5)
     with kernels.use_backend("triton"), torch.no_grad():
-        loss2 = kernels.cross_entropy(xg, t)
-    assert not loss2.requires_grad and torch.equal(loss, loss2)
+        loss = kernels.cross_entropy(x.clone().requires_grad_(), t)
+    assert not loss.requires_grad
+    assert_close_to_ref("no_grad loss", loss, reference.cross_entropy(x.double(), t), atol=1e-5)
 
 
 def test_kernel_writes_every_element(device):
-    """Launch on NaN-poisoned loss and gradient buffers: every element must be written."""
-    x = torch.randn(7, 4100, device=device)  # (7, 4100): one full 4096 chunk and a 4-wide tail
-    t = _targets(7, 4100, device, n_ignored=2)
-    grad = poison_(torch.empty_like(x))
-    loss = poison_(torch.empty(7, device=device))
-    fce._cross_entropy_rows(x, t, -100, 0.1, 1.0, grad=grad, loss=loss)
-    assert not loss.isnan().any() and not grad.isnan().any()
+    """Launch on NaN-poisoned loss, lse and gradient buffers: every element must be written."""
+    V = 4100
+    x = torch.randn(7, V, device=device)  # (7, 4100): one full 4096 chunk and a 4-wide tail
+    t = _targets(7, V, device, n_ignored=2)
+    loss, lse, grad = (poison_(torch.empty(7, device=device)), poison_(torch.empty(7, device=device)),
+                       poison_(torch.empty_like(x)))
+    fce._cross_entropy_rows(x, t, V, -100, 0.1, loss=loss, lse=lse, grad=grad)
+    assert not loss.isnan().any() and not lse.isnan().any() and not grad.isnan().any()
     ignored = t == -100
     assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored]))
     assert torch.equal(loss[ignored], torch.zeros_like(loss[ignored]))
-    # per-row scales (the chunked 'none' backward) scale each row's gradient
+    # the gradient-only pass (cross_entropy's backward) from the saved lse, each row scaled by its factor
     scale = torch.randn(7, device=device)
     grad2 = poison_(torch.empty_like(x))
-    fce._cross_entropy_rows(x, t, -100, 0.1, 1.0, grad=grad2, row_scale=scale)
+    fce._cross_entropy_rows(x, t, V, -100, 0.1, lse=lse, grad=grad2, row_scale=scale, forward=False)
     torch.testing.assert_close(grad2, grad * scale[:, None], rtol=1e-6, atol=1e-9)
+    # one factor for every row: a stride-0 view of a scalar
+    grad3 = poison_(torch.empty_like(x))
+    fce._cross_entropy_rows(x, t, V, -100, 0.1, lse=lse, grad=grad3, row_scale=scale[:1].expand(7), forward=False)
+    torch.testing.assert_close(grad3, grad * scale[0], rtol=1e-6, atol=1e-9)
+
+
+def test_padding_classes_are_left_out(device):
+    """Rows wider than V (a padded vocabulary): columns past V are not classes and get a zero gradient."""
+    V, Vp = 1000, 1088
+    x = torch.randn(5, Vp, device=device) * 2  # (5, Vp); the padding columns hold large values
+    x[:, V:] = 50.0
+    t = _targets(5, V, device)
+    loss, lse, grad = (poison_(torch.empty(5, device=device)), poison_(torch.empty(5, device=device)),
+                       poison_(torch.empty(5, Vp, device=device)))
+    fce._cross_entropy_rows(x, t, V, -100, 0.1, loss=loss, lse=lse, grad=grad)
+    want = x[:, :V].detach().double().requires_grad_()
+    ref = reference.cross_entropy(want, t, reduction="none", label_smoothing=0.1)
+    (ref_g,) = torch.autograd.grad(ref.sum(), want)
+    assert_close_to_ref("padded loss", loss, ref, atol=1e-5)
+    assert_close_to_ref("padded grad", grad[:, :V], ref_g, atol=1e-6)
+    assert torch.equal(grad[:, V:], torch.zeros_like(grad[:, V:]))
+
+
+def test_target_out_of_range_gives_nan_in_the_kernel(device):
+    """Under torch.compile the host-side range check is skipped: the kernel marks the row NaN instead of
+    reading outside the row, and its gradient too; other rows are unaffected."""
+    x = torch.randn(3, 20, device=device)
+    t = torch.tensor([3, 20, -100], device=device)
+    loss_rows, lse = fce._cross_entropy_op(x, t, -100, 0.0)
+    assert loss_rows[1].isnan() and loss_rows[0].isfinite() and loss_rows[2] == 0
+    g = fce._cross_entropy_backward_op(torch.ones(3, device=device), x, t, lse, -100, 0.0)
+    assert g[1].isnan().all() and g[0].isfinite().all() and torch.equal(g[2], torch.zeros_like(g[2]))
 
 
 def test_launch_config():
@@ -320,9 +352,9 @@ def test_linear_requires_grad_awareness(device):
     h, w, b = _linear_inputs(N, C, V, torch.float32, device, bias=True)
     t = _targets(N, V, device)
     loss_rows = torch.empty(N, device=device)
-    d_h, d_w, d_b = fce._chunked_linear_ce(h, w, b, t, -100, 0.0, 4, 1.0, False, True, False, loss_rows)
+    d_h, d_w, d_b = fce._chunked_linear_ce(h, w, b, t, V, -100, 0.0, 4, False, True, False, loss_rows)
     assert d_h is None and d_b is None and d_w is not None
-    d_h, d_w, d_b = fce._chunked_linear_ce(h, w, None, t, -100, 0.0, 4, 1.0, True, False, False, loss_rows)
+    d_h, d_w, d_b = fce._chunked_linear_ce(h, w, None, t, V, -100, 0.0, 4, True, False, False, loss_rows)
     assert d_w is None and d_b is None and d_h is not None
     # frozen weight (a fine-tune of everything but the head): only d_hidden flows
     _, _, go = _run_linear(h, w, b, t)
@@ -347,6 +379,28 @@ def test_linear_inputs_untouched(device):
     with kernels.use_backend("triton"):
         kernels.linear_cross_entropy(hh, ww, _targets(10, 40, device), bb, chunk_size=3).backward()
     assert torch.equal(hh.detach(), h0) and torch.equal(ww.detach(), w0) and torch.equal(bb.detach(), b0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_linear_num_classes_ignores_padding_rows(device, backend, reduction):
+    """A weight padded past the classes (a vocabulary padded for speed): the same loss and gradients as the
+    unpadded weight, and zero gradient on the padding rows, whatever they hold."""
+    N, C, V, Vp = 11, 8, 37, 48
+    h, w, b = _linear_inputs(N, C, Vp, torch.float32, device, bias=True)
+    w.data[V:] *= 20.0  # padding rows that would dominate the softmax if they took part
+    t = _targets(N, V, device, n_ignored=2)
+    loss, grads, go = _run_linear(h, w, b, t, backend=backend, reduction=reduction, chunk_size=4, num_classes=V,
+                                  label_smoothing=0.1)
+    ref_loss, ref_grads = _ref_linear(h, w[:V], b[:V], t, go, reduction=reduction, label_smoothing=0.1)
+    assert_close_to_ref("loss", loss, ref_loss, atol=1e-5)
+    d_h, d_w, d_b = grads
+    assert_close_to_ref("d_hidden", d_h, ref_grads[0], atol=1e-5)
+    assert_close_to_ref("d_weight classes", d_w[:V], ref_grads[1], atol=1e-5)
+    assert_close_to_ref("d_bias classes", d_b[:V], ref_grads[2], atol=1e-5)
+    assert torch.equal(d_w[V:], torch.zeros_like(d_w[V:])) and torch.equal(d_b[V:], torch.zeros_like(d_b[V:]))
+    with kernels.use_backend(backend), pytest.raises(ValueError, match="num_classes"):
+        kernels.linear_cross_entropy(h, w, t, num_classes=Vp + 1)
 
 
 def test_linear_default_chunk():

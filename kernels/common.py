@@ -1,0 +1,115 @@
+"""What the op modules share: output buffers, row views, input checks, block sizes, how many programs fit.
+
+Nothing here launches a kernel or knows a model: it is the plumbing every launcher needs, written once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what every Triton kernel here reads and writes
+
+# constexprs, so kernels can use them (a kernel may read a module global only if it is a tl.constexpr)
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E), the form MUFU.EX2 computes
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): back from the log2 domain, log(x) = log2(x) * LN2
+
+# True under Triton's CPU interpreter. A constexpr, so kernels can branch on it at no cost on a GPU (the
+# branch is compiled away). Read when this module is imported, as TRITON_INTERPRET itself is.
+INTERPRETER = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"))
+
+# Tests set this to fill every buffer the launchers allocate with NaN, so an element a kernel forgets to
+# write fails the comparison instead of passing on leftover memory.
+POISON_OUTPUTS = False
+
+
+def new_buffer(shape, dtype, device) -> torch.Tensor:
+    """An output buffer: ``torch.empty``, or filled with NaN when the tests set ``POISON_OUTPUTS``."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if POISON_OUTPUTS and t.is_floating_point() else t
+
+
+def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` as (M, n) rows with unit column stride: a view when the layout allows, else a copy."""
+    t2 = t.reshape(math.prod(t.shape[:-1]), n)  # (M, N); not -1, which is ambiguous when N == 0
+    return t2 if t2.stride(1) == 1 or t2.numel() == 0 else t2.contiguous()
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def check_tensor(op: str, name: str, t, dtypes=FLOAT_DTYPES, like: torch.Tensor | None = None) -> None:
+    """Raise a clear error unless ``t`` is a tensor of one of ``dtypes`` (on ``like``'s device if given)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = [str(d).replace("torch.", "") for d in dtypes]
+        names = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        raise TypeError(f"{op}: {name} must be {names} for the Triton kernel, got {t.dtype}; cast it, or "
+                        "use kernels.use_backend('torch') for other dtypes")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the input is on {like.device}; move them to one device")
+
+
+def check_vector(op: str, name: str, p, n: int, like: torch.Tensor) -> None:
+    """A per-column parameter (weight or bias): None, or an (n,) float tensor on ``like``'s device."""
+    if p is None:
+        return
+    check_tensor(op, name, p, like=like)
+    if tuple(p.shape) != (n,):
+        raise ValueError(f"{op}: {name} must have shape ({n},) to match the input's last dimension, "
+                         f"got {tuple(p.shape)}")
+
+
+# ------------------------------------------------------------------------------- grids of row groups
+
+
+_RESIDENT: dict = {}  # (kernel, device, config key) -> how many of its programs the GPU holds at once
+
+
+def resident_programs(kernel, args, meta: dict, device: torch.device, key) -> int:
+    """How many programs of ``kernel`` (launched with ``args`` and ``meta``) the whole GPU runs at once.
+
+    Per SM: the fewest of what its registers, threads and shared memory allow, read from the compiled
+    kernel (``kernel.warmup`` compiles without launching) and cached per ``key``. A grid of exactly this
+    many programs finishes in one wave; a few more would leave most SMs idle for a second one. Under the
+    CPU interpreter: 4, so the tests run several programs with several loop steps each.
+    """
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    num_warps = meta["num_warps"]
+    cache_key = (getattr(kernel, "__name__", id(kernel)), index, key)
+    if cache_key not in _RESIDENT:
+        props = torch.cuda.get_device_properties(index)
+        threads = getattr(props, "max_threads_per_multi_processor", 2048)
+        try:
+            compiled = kernel.warmup(*args, grid=(1,), **meta)
+            compiled._init_handles()  # loads the binary, which fills in n_regs
+            regs_per_warp = -(-max(int(compiled.n_regs), 1) * 32 // 256) * 256  # allocated in 256s per warp
+            by_regs = getattr(props, "regs_per_multiprocessor", 65536) // regs_per_warp // num_warps
+            smem = int(compiled.metadata.shared)
+            by_smem = getattr(props, "shared_memory_per_multiprocessor", 0) // smem if smem else 32
+            fit = min(by_regs, by_smem or 32, threads // (32 * num_warps), 32)
+        except Exception:  # an older/newer Triton without these fields: assume ~64 registers a thread
+            fit = threads // (64 * num_warps)
+        _RESIDENT[cache_key] = props.multi_processor_count * max(1, fit)
+    return _RESIDENT[cache_key]
+
+
+def split_rows(m: int, block_m: int, programs: int) -> tuple[int, int]:
+    """(G, rows per group) for a backward whose programs each walk a contiguous group of rows.
+
+    At most ``programs`` groups (one wave), and at least 4 row tiles per group so the (G, N) float32
+    partial sums stay small next to the rows themselves. Rows per group is a multiple of ``block_m``, so
+    only the last group's last tile is ragged.
+    """
+    tiles = triton.cdiv(m, block_m)
+    g = max(1, min(tiles, programs, triton.cdiv(tiles, 4)))
+    rows_per_program = triton.cdiv(tiles, g) * block_m
+    return triton.cdiv(m, rows_per_program), rows_per_program
