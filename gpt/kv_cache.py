@@ -6,7 +6,8 @@ With a cache, a *prefill* pass over the prompt stores each layer's keys and valu
 feeds only the newest token: its query attends to the cached keys and values, and its own key and value
 are appended. A step then costs one token's worth of matmuls instead of n tokens' worth.
 
-Layout, per layer: ``k`` and ``v`` of shape (B, H, max_len, D), allocated once in the model's dtype;
+Layout, per layer: ``k`` and ``v`` of shape (B, H, max_len, D), allocated once in the dtype the attention
+reads (the model's, or autocast's when the cache is made under autocast);
 slots ``[0, length)`` are filled, the same number in every row.
 
 Prompts of different lengths are *left-padded* (right-aligned): row b's first ``pad[b]`` slots hold
@@ -20,6 +21,8 @@ rows all start at slot 0 stays on ``kernels.attention`` (and its Triton decode p
 from __future__ import annotations
 
 import torch
+
+from kernels.autocast import matmul_dtype
 
 
 class LayerKVCache:
@@ -64,13 +67,19 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int | None = None) -> KVCache:
-        """A cache shaped for ``model`` (its layers, heads, dtype, device); ``max_len`` defaults to its context."""
+        """A cache shaped for ``model`` (its layers, heads, device); ``max_len`` defaults to its context.
+
+        Its dtype is what the attention will read: autocast's dtype when autocast is on for the model's
+        device as the cache is made (the keys and values then come out of the projection in it), else the
+        model's own.
+        """
         cfg = model.config
         max_len = cfg.context_length if max_len is None else max_len
         if not 1 <= max_len <= cfg.context_length:
             raise ValueError(f"max_len must be in [1, {cfg.context_length}] (the context length), got {max_len}")
         w = model.tok_emb.weight
-        return cls(cfg.n_layers, batch_size, cfg.n_heads, cfg.head_dim, max_len, dtype=w.dtype, device=w.device)
+        dtype = matmul_dtype(w)
+        return cls(cfg.n_layers, batch_size, cfg.n_heads, cfg.head_dim, max_len, dtype=dtype, device=w.device)
 
     def reset(self, pad: torch.Tensor | None = None) -> None:
         """Empty the cache (the buffers stay allocated). ``pad`` (B,): padding slots at the start of each row."""

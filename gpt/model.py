@@ -206,15 +206,22 @@ class GPT(nn.Module):
             if last_only:
                 h = h[:, -1:]  # (B, 1, C): only the next token is wanted
             V = self.config.vocab_size
-            head_w = self.head.weight[:V] if self.head.weight.shape[0] != V else self.head.weight  # (V, C)
             if targets is None:
-                return F.linear(h, head_w)  # (B, T, V)
+                return self._logits(h)  # (B, T, V)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} must match the input's {tuple(idx.shape)}")
             if return_logits is None:
                 return_logits = not self.training
             flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # (B*T, C), (B*T,)
             if return_logits:
-                logits = F.linear(h, head_w)  # (B, T, V)
+                logits = self._logits(h)  # (B, T, V)
                 return logits, kernels.cross_entropy(logits.reshape(-1, V), flat_t)
-            return None, kernels.linear_cross_entropy(flat_h, head_w, flat_t)
+            # the whole (padded) head: its GEMMs and the loss kernel's rows stay aligned; padding is no class
+            return None, kernels.linear_cross_entropy(flat_h, self.head.weight, flat_t, num_classes=V)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) logits of the hidden states h (B, T, C): the padded head's GEMM, padding columns sliced
+        off as a view (rows stay padded_vocab_size apart, 16-byte aligned for the loss kernel)."""
+        logits = F.linear(h, self.head.weight)  # (B, T, padded V)
+        V = self.config.vocab_size
+        return logits if logits.shape[-1] == V else logits[..., :V]  # (B, T, V)

@@ -9,7 +9,13 @@ Nothing here knows what a GPT is. The functional API mirrors ``torch.nn.function
     loss = kernels.cross_entropy(logits, targets)
 
 Which implementation runs is chosen per call by :mod:`kernels.backend` (``GPT_KERNELS=auto|triton|torch|
-reference``, :func:`use_backend`, :func:`set_backend`).
+reference``, :func:`use_backend`, :func:`set_backend`). Under ``torch.autocast`` every backend returns the
+same dtypes, by the policy in :mod:`kernels.autocast` (the fp32 residual stream stays fp32, norms feed the
+next matmul in autocast's dtype, losses are fp32).
+
+The Triton kernels are registered as ``torch.library`` custom ops (``torch.ops.gpt_triton.*``) with fake
+implementations and autograd formulas, so ``torch.compile(model, fullgraph=True)`` traces a model built
+on them, forward and backward, without graph breaks or host syncs inside an op.
 """
 
 from . import reference
