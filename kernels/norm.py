@@ -466,28 +466,23 @@ def compile_cases():
             seen[key] = f"{seen[key]},{n}" if key in seen else str(n)
         return seen
 
+    def flags(which, ty, extra):  # extra: the residual (forward) or the sum's gradient (backward)
+        if which == "fwd":
+            return {"HAS_RESIDUAL": extra, "HAS_WEIGHT": True, "HAS_BIAS": True}, " +res" if extra else ""
+        return {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_DS": extra, "HAS_DR": ty == "amp"}, " +ds" if extra else ""
+
     widest = next_pow2(max(WIDTHS))
     cases = []
-    for cfg_items, n in configs(fwd_config).items():
-        cfg = dict(cfg_items)
-        warps = cfg.pop("num_warps")
-        variants = [("bf16", False), ("bf16", True), ("amp", True)]
-        if cfg["BLOCK_N"] == widest:
-            variants += [("fp32", False), ("fp32", True)]
-        for ty, residual in variants:
-            cases.append(CompileCase(
-                "kernels.norm", "_layer_norm_fwd_kernel", sig(fwd_sig, ty, "fwd"),
-                {**cfg, "HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True},
-                num_warps=warps, label=f"N={n} {ty}{' +res' if residual else ''}", extra=aligned(fwd_sig)))
-    for cfg_items, n in configs(bwd_config).items():
-        cfg = dict(cfg_items)
-        warps = cfg.pop("num_warps")
-        variants = [("bf16", False), ("bf16", True), ("amp", True)]
-        if cfg["BLOCK_N"] == widest:
-            variants += [("fp32", False), ("fp32", True)]
-        for ty, has_ds in variants:
-            cases.append(CompileCase(
-                "kernels.norm", "_layer_norm_bwd_kernel", sig(bwd_sig, ty, "bwd"),
-                {**cfg, "HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_DS": has_ds, "HAS_DR": ty == "amp"},
-                num_warps=warps, label=f"N={n} {ty}{' +ds' if has_ds else ''}", extra=aligned(bwd_sig)))
+    for which, kernel, base, pick in (("fwd", "_layer_norm_fwd_kernel", fwd_sig, fwd_config),
+                                      ("bwd", "_layer_norm_bwd_kernel", bwd_sig, bwd_config)):
+        for cfg_items, n in configs(pick).items():
+            cfg = dict(cfg_items)
+            warps = cfg.pop("num_warps")
+            variants = [("bf16", False), ("bf16", True), ("amp", True)]
+            if cfg["BLOCK_N"] == widest:
+                variants += [("fp32", False), ("fp32", True)]
+            for ty, extra in variants:
+                consts, tag = flags(which, ty, extra)
+                cases.append(CompileCase("kernels.norm", kernel, sig(base, ty, which), {**cfg, **consts},
+                                         num_warps=warps, label=f"N={n} {ty}{tag}", extra=aligned(base)))
     return cases
