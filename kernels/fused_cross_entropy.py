@@ -88,7 +88,7 @@ _CHUNK_BYTES = 128 * 2**20
 def _cross_entropy_kernel(
     X,  # logits, (N, >= V) rows, row stride stride_x, unit column stride; fp32 / fp16 / bf16
     stride_x,  # elements between consecutive rows of X
-    G,  # gradient out, (N, V_G), row stride stride_g, G's dtype; may BE X (linear CE's own temporary)
+    G,  # gradient out, (N, V_PAD), row stride stride_g, G's dtype; may BE X (linear CE's own temporary)
     stride_g,  # elements between consecutive rows of G
     T,  # targets, (N,), int32 / int64 class ids in [0, V) or ignore_index
     LOSS,  # loss out, (N,), fp32: the row's loss, 0 on ignored rows, NaN for a target outside [0, V)
@@ -96,7 +96,8 @@ def _cross_entropy_kernel(
     ROW_SCALE,  # each row's gradient factor, (N,) fp32 at stride stride_rs (0: one factor for all rows)
     stride_rs,  # elements between consecutive entries of ROW_SCALE
     V,  # number of classes: the softmax runs over columns [0, V)
-    V_G,  # columns of G to write, >= V: columns [V, V_G) (padding classes) get a zero gradient
+    V_PAD,  # row width present in X and written in G, >= V: V, or the padded width of our own buffer, whose
+    # columns [V, V_PAD) (padding classes) are read, left out in registers, and get a zero gradient
     ignore_index,  # target value whose row counts zero and gets a zero gradient
     smoothing,  # fp32 label smoothing eps in [0, 1]
     BLOCK_V: tl.constexpr,  # columns per chunk (power of two); V need not be a multiple
@@ -112,6 +113,8 @@ def _cross_entropy_kernel(
     t_safe = tl.where(valid & in_range, t, 0)  # an ignored or bad row still reads a real column
     cols = tl.arange(0, BLOCK_V)  # (BLOCK_V,)
     v_full = (V // BLOCK_V) * BLOCK_V  # chunks below this need no mask: plain (vector) loads
+    # the last chunks are masked at V_PAD (a multiple of 16 for padded rows, so the loads stay vectorized)
+    # and the columns past V are left out in registers
 
     if FORWARD:
         # online log-sum-exp over the row: m = running max, s = sum exp(x - m); unmasked body, masked tail
@@ -127,7 +130,8 @@ def _cross_entropy_kernel(
                 sum_x += tl.sum(x, axis=0)
         if v_full < V:
             offs = v_full + cols
-            x = tl.load(x_row + offs, mask=offs < V, other=-float("inf")).to(tl.float32)  # (BLOCK_V,)
+            x = tl.load(x_row + offs, mask=offs < V_PAD, other=-float("inf")).to(tl.float32)  # (BLOCK_V,)
+            x = tl.where(offs < V, x, -float("inf"))
             m_new = tl.maximum(m, tl.max(x, axis=0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
             m = m_new
@@ -160,12 +164,12 @@ def _cross_entropy_kernel(
             x = tl.load(x_row + offs).to(tl.float32)  # (BLOCK_V,)
             g = (tl.exp(x - lse) - tl.where(offs == t_safe, hit, 0.0) - uniform) * scale
             tl.store(g_row + offs, g.to(G.dtype.element_ty))
-        for start in range(v_full, V_G, BLOCK_V):  # the ragged last chunk, and any padding columns
+        for start in range(v_full, V_PAD, BLOCK_V):  # the ragged last chunk, and any padding columns
             offs = start + cols
-            x = tl.load(x_row + offs, mask=offs < V, other=0.0).to(tl.float32)  # (BLOCK_V,)
+            x = tl.load(x_row + offs, mask=offs < V_PAD, other=0.0).to(tl.float32)  # (BLOCK_V,)
             g = (tl.exp(x - lse) - tl.where(offs == t_safe, hit, 0.0) - uniform) * scale
             g = tl.where(offs < V, g, 0.0)
-            tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=offs < V_G)
+            tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=offs < V_PAD)
 
 
 # -------------------------------------------------------------------------------------------- launcher
@@ -183,10 +187,11 @@ def _cross_entropy_rows(x, target, V, ignore_index, label_smoothing, loss=None, 
     """Launch the kernel on (n, >= V) rows ``x`` with unit column stride.
 
     ``forward``: compute each row's loss and log-sum-exp into ``loss`` and ``lse`` ((n,) fp32, allocated
-    when None). ``grad`` (n, V_G >= V), optional: also write the gradient there, each row scaled by
+    when None). ``grad`` (n, V_PAD >= V), optional: also write the gradient there, each row scaled by
     ``row_scale`` ((n,) fp32, any stride; 1 when None); without ``forward`` ``lse`` must hold the rows'
     log-sum-exp. ``grad`` may be ``x`` itself (overwriting the logits with their gradient) only for
-    buffers we own. Returns ``(loss, lse)``.
+    buffers we own; with a wider ``grad`` (padding classes) x must have as many columns. Returns
+    ``(loss, lse)``.
     """
     n = x.shape[0]
     if loss is None:
@@ -591,7 +596,7 @@ def compile_cases() -> list[CompileCase]:
         block_v, num_warps = _launch_config(V)
         t = tl_dtype[dtype]
         sig = {"X": f"*{t}", "stride_x": "i32", "G": f"*{t}", "stride_g": "i32", "T": target, "LOSS": "*fp32",
-               "LSE": "*fp32", "ROW_SCALE": "*fp32", "stride_rs": "i32", "V": "i32", "V_G": "i32",
+               "LSE": "*fp32", "ROW_SCALE": "*fp32", "stride_rs": "i32", "V": "i32", "V_PAD": "i32",
                "ignore_index": "i32", "smoothing": "fp32"}
         forward, write_grad = roles[role]
         consts = {"BLOCK_V": block_v, "HAS_SMOOTHING": smoothing, "FORWARD": forward, "WRITE_GRAD": write_grad}
@@ -600,7 +605,7 @@ def compile_cases() -> list[CompileCase]:
         divisible = ["X", "G", "T", "LOSS", "LSE", "ROW_SCALE"]
         row_stride = V if row_stride is None else row_stride
         if row_stride % 16 == 0:
-            divisible += ["stride_x", "stride_g", "V_G"]
+            divisible += ["stride_x", "stride_g"] + (["V_PAD"] if role == "fused" else [])
         label = f"V={V} {t} {role}{' smooth' if smoothing else ''}{' i32' if target == '*i32' else ''}"
         if row_stride != V:
             label += f" rows={row_stride}"
