@@ -13,12 +13,21 @@ Figures: tokens/s, model FLOPs utilisation and peak memory. FLOPs per token foll
 the attention score and value products, counted once for the causal half), over the card's bf16 peak
 *measured in the same run* with a large matmul (the datasheet's 989 TFLOP/s is quoted beside it).
 
+A variant that fails (out of memory, a compile error, a kernel that does not launch) becomes a row with
+its ``error``; the other variants still run. ``smoke`` runs the same loop on the CPU with the tiny preset
+(bf16 autocast, the Triton interpreter for ``ours``, ``torch.compile`` with the ``aot_eager`` backend, so
+no C++ toolchain is needed): it checks the code paths and measures nothing.
+
     python -m bench e2e_train            # needs a CUDA GPU
+    python -m bench.e2e_train --quick --variants ours compile-torch
+    python -m bench.e2e_train --smoke    # tiny model on the CPU: code paths only
 """
 
 from __future__ import annotations
 
+import os
 import time
+import traceback
 
 import torch
 
@@ -27,6 +36,10 @@ from bench.common import format_table, save_results
 METRIC = "tokens_per_s"
 REQUIRES_GPU = True
 VARIANTS = ("eager-reference", "eager-torch", "compile-torch", "ours", "ours+compile")
+# --quick: ours against both baselines the goals name; compile-torch last, as it compiles the longest
+QUICK_VARIANTS = ("eager-torch", "ours", "compile-torch")
+# --smoke: the tiny preset on the CPU, one timed step
+SMOKE = {"preset": "tiny", "T": 32, "batch": 2, "steps": 1, "warmup": 1}
 
 
 def measured_bf16_peak_tflops(n: int = 8192) -> float:
@@ -45,21 +58,24 @@ def flops_per_token(model, T: int) -> float:
     return 6 * n + 6 * cfg.n_layers * cfg.emb_dim * T
 
 
-def _step_fn(variant: str, batch: int, T: int, preset: str):
+def _step_fn(variant: str, batch: int, T: int, preset: str, device: str):
     from gpt import GPT
 
     backend = {"eager-reference": "reference", "eager-torch": "torch", "compile-torch": "torch",
                "ours": "triton", "ours+compile": "triton"}[variant]
     torch.manual_seed(0)
-    model = GPT.from_preset(preset, kernel_backend=backend, context_length=T, pad_vocab_multiple=64).cuda()
+    model = GPT.from_preset(preset, kernel_backend=backend, context_length=T, pad_vocab_multiple=64).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
-    fwd = torch.compile(model) if variant.endswith("compile") or variant == "compile-torch" else model
-    x = torch.randint(0, 50257, (batch, T), device="cuda")
-    y = torch.randint(0, 50257, (batch, T), device="cuda")
+    fwd = model
+    if variant.endswith("compile") or variant == "compile-torch":
+        # on the CPU (smoke) no code generation: aot_eager traces forward and backward like inductor does
+        fwd = torch.compile(model) if device == "cuda" else torch.compile(model, backend="aot_eager")
+    x = torch.randint(0, 50257, (batch, T), device=device)
+    y = torch.randint(0, 50257, (batch, T), device=device)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             _, loss = fwd(x, y)
         loss.backward()
         opt.step()
@@ -68,42 +84,76 @@ def _step_fn(variant: str, batch: int, T: int, preset: str):
     return model, step
 
 
-def measure(variant: str, batch: int, T: int = 1024, preset: str = "gpt2-small", steps: int = 10) -> dict:
-    torch.cuda.empty_cache()
-    model, step = _step_fn(variant, batch, T, preset)
-    for _ in range(3):  # warm-up: compilation, autotuning, allocator
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(variant: str, batch: int, T: int = 1024, preset: str = "gpt2-small", steps: int = 10,
+            warmup: int = 3, device: str = "cuda") -> dict:
+    model, step = _step_fn(variant, batch, T, preset, device)
+    for _ in range(warmup):  # compilation, autotuning, allocator
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    _sync(device)
     dt = (time.perf_counter() - t0) / steps
     tokens = batch * T
-    row = {"case": f"{preset} B{batch}xT{T}", "impl": variant, "ms_per_step": dt * 1e3,
-           "tokens_per_s": tokens / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-           "tflops": flops_per_token(model, T) * tokens / dt / 1e12}
-    del model, step
-    return row
+    return {"case": f"{preset} B{batch}xT{T}", "impl": variant, "ms_per_step": dt * 1e3,
+            "tokens_per_s": tokens / dt,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+            "tflops": flops_per_token(model, T) * tokens / dt / 1e12}
 
 
-def run(quick: bool = False, batch: int = 16) -> list[dict]:
-    if not torch.cuda.is_available():
+def _error(e: BaseException) -> str:
+    """One line for a failed variant's row: the exception's type and the first line of its message."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return "out of memory"
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
+
+
+def _release(device: str) -> None:
+    """Free what a variant left behind; after a CUDA error this can fail too, and must not hide it."""
+    try:
+        torch._dynamo.reset()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    except Exception as e:  # the variant's own error is already in its row
+        print(f"e2e_train: cleaning up after a variant failed: {_error(e)}")
+
+
+def run(quick: bool = False, batch: int = 16, variants=None, smoke: bool = False) -> list[dict]:
+    """One row per variant: tokens/s, TFLOP/s, MFU and peak memory, or the ``error`` that stopped it."""
+    if smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `kernels` is not imported yet
+        device, preset, T, batch = "cpu", SMOKE["preset"], SMOKE["T"], SMOKE["batch"]
+        steps, warmup = SMOKE["steps"], SMOKE["warmup"]
+    elif not torch.cuda.is_available():
         print("e2e_train: needs a CUDA GPU; skipped")
         return []
-    torch.backends.cuda.matmul.allow_tf32 = True
-    peak = measured_bf16_peak_tflops()
-    variants = ("eager-torch", "ours") if quick else VARIANTS
+    else:
+        device, preset, T, steps, warmup = "cuda", "gpt2-small", 1024, 5 if quick else 10, 3
+        torch.backends.cuda.matmul.allow_tf32 = True
+    variants = tuple(variants or (QUICK_VARIANTS if quick else VARIANTS))
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown e2e_train variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
+    peak = measured_bf16_peak_tflops() if device == "cuda" else None
     rows = []
     for v in variants:
         try:
-            rows.append(measure(v, batch, steps=5 if quick else 10))
-        except torch.OutOfMemoryError:
-            rows.append({"case": f"gpt2-small B{batch}xT1024", "impl": v, "error": "out of memory"})
-        torch.cuda.empty_cache()
+            rows.append(measure(v, batch, T, preset, steps=steps, warmup=warmup, device=device))
+        except Exception as e:  # one variant's failure must not lose the others' numbers
+            traceback.print_exc()
+            rows.append({"case": f"{preset} B{batch}xT{T}", "impl": v, "error": _error(e)})
+        _release(device)
     for r in rows:
-        if "tflops" in r:
+        if "tflops" in r and peak:
             r["mfu"] = r["tflops"] / peak
             r["measured_peak_tflops"] = peak
     return rows
@@ -113,13 +163,17 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help=f"variants {', '.join(QUICK_VARIANTS)}; 5 timed steps")
     p.add_argument("--batch", type=int, default=16, help="sequences of 1024 tokens per step (default 16)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, help="which variants (default: all, or --quick's)")
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the code, times nothing real")
     args = p.parse_args(argv)
-    rows = run(args.quick, args.batch)
+    rows = run(args.quick, args.batch, args.variants, args.smoke)
     if rows:
-        print(format_table(rows, ["case", "impl", "ms_per_step", "tokens_per_s", "tflops", "mfu", "peak_gib"]))
-        print(f"saved {save_results('e2e_train', rows)}")
+        print(format_table(rows, ["case", "impl", "ms_per_step", "tokens_per_s", "tflops", "mfu", "peak_gib",
+                                  "error"]))
+        if not args.smoke:
+            print(f"saved {save_results('e2e_train', rows)}")
     return 0
 
 
