@@ -55,6 +55,7 @@ a ``seed`` for tests) and the public ``attention``, which applies the autocast p
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -565,6 +566,17 @@ INTERPRET_CONFIGS = {
 }
 # Set to {"fwd": _Config, ...} to bypass the autotuner on a GPU (the GPU tests run every config this way).
 FORCE_CONFIGS: dict | None = None
+# GPT_KERNELS_AUTOTUNE=first: each autotuned launch takes the first config its pruning leaves: one compile
+# per kernel variant instead of one per candidate. `python -m bench.gpu_check` sets it for the GPU
+# tests on a cold cache (test_gpu_every_autotune_config still runs every config); "all" (default) times them.
+AUTOTUNE_ENV = "GPT_KERNELS_AUTOTUNE"
+
+
+def _autotune_first() -> bool:
+    mode = os.environ.get(AUTOTUNE_ENV, "all").strip().lower() or "all"
+    if mode not in ("all", "first"):
+        raise ValueError(f"${AUTOTUNE_ENV}={mode!r}: use 'all' (time every config) or 'first' (take the first)")
+    return mode == "first"
 
 
 def _bucket(n: int) -> int:
@@ -591,7 +603,8 @@ def _prune_for(configs: tuple, per_program: str):
         length = args[per_program]
         # tiles no longer than the length, and not the tiny ones when the length allows a 64+ tile
         fits = [tc for tc in mine if min(64, length) <= tc.kwargs[tile] <= length]
-        return fits or [min(mine, key=lambda tc: tc.kwargs[tile])]
+        fits = fits or [min(mine, key=lambda tc: tc.kwargs[tile])]
+        return fits[:1] if _autotune_first() else fits
 
     return prune
 
