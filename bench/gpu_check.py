@@ -3,6 +3,7 @@
     python -m bench.gpu_check --out DIR              # on the GPU machine: ends by itself (budget 530 s)
     python -m bench.gpu_check --out DIR --dry-run    # the same pipeline on the CPU: tiny shapes, interpreter
     python -m bench.gpu_check --out DIR --only tests e2e_train --budget 300
+    python -m bench.gpu_check --out DIR --tune 150   # within the same budget: its last 150 s run bench.tune
 
 Stages, in priority order. Every step runs in its own subprocess with a time limit, so a hang, a crash or
 a CUDA error in one loses nothing else; a stage gets at most its cap (``CAPS_S``, scaled with
@@ -26,7 +27,9 @@ Files in DIR, flat, at most 8, named as bench/results/ names them so that they c
                                       ``bench.common.save_results``; rewritten after each of its steps
 
 The check JSON is rewritten after every step too, so a kill loses at most the step in flight. A summary
-table is printed last. The exit status is 0 only when every stage ran clean.
+table is printed last. The exit status is 0 only when every stage ran clean. With ``--tune S`` the
+stages above end S seconds early and ``python -m bench.tune`` runs in the rest; its rows and summary go
+into the check JSON under "tune" (still 8 files), its tables into the log.
 
 ``--dry-run`` runs every stage on the CPU: the suites' ``smoke`` shapes with TRITON_INTERPRET=1 and
 GPT_KERNELS=triton (the path CUDA tensors take), and pytest collecting the GPU tests (which skip there).
@@ -65,6 +68,7 @@ SUITES = STAGES[2:]  # the benchmark suites, in priority order
 MIN_STEP_S = 15  # less than this left: a step could not even import torch and start CUDA
 SUMMARY_RESERVE_S = 5
 INTERRUPT_GRACE_S = 30  # pytest's time between SIGINT and its report
+TUNE_MARGIN_S = 40  # bench.tune's budget only stops new shapes: the one in flight and the summary need this
 MAX_TEST_WORKERS = 16
 PACKAGES = ("torch", "triton", "numpy", "transformers", "tiktoken", "safetensors", "matplotlib", "pytest",
             "pytest-xdist")
@@ -342,10 +346,11 @@ _HEADLINES = {"attention": _attention_headline, "e2e_train": _e2e_headline, "cro
 class Check:
     """Runs the stages in order within the budget, writing the results files as each step ends."""
 
-    def __init__(self, out: Path, dry_run: bool, budget_s: float, workers: int | None = None):
-        self.out, self.dry_run, self.budget_s = out, dry_run, budget_s
+    def __init__(self, out: Path, dry_run: bool, budget_s: float, workers: int | None = None, tune_s: float = 0):
+        self.out, self.dry_run, self.budget_s, self.tune_s = out, dry_run, budget_s, tune_s
         self.t0 = time.monotonic()
-        self.deadline = self.t0 + budget_s - SUMMARY_RESERVE_S
+        self.deadline = self.t0 + budget_s - SUMMARY_RESERVE_S - tune_s  # the last tune_s are the tuning's
+        self.tune: dict = {}
         self.scale = budget_s / DEFAULT_BUDGET_S  # a dry run's caps are 1.7x: a busy CI machine must not cut it
         self.workers = workers
         self.n_steps = 0
@@ -395,7 +400,7 @@ class Check:
         self._write_json(self.out / f"{self.stem}-gpu-check.json", {
             "check": "bench.gpu_check" + (" --dry-run" if self.dry_run else ""),
             "budget_s": self.budget_s, "elapsed_s": round(time.monotonic() - self.t0, 1),
-            "env": self.env_info,
+            "env": self.env_info, **({"tune": self.tune} if self.tune else {}),
             "stages": {k: {"status": o.status, "seconds": round(o.seconds, 1), "error": o.error, **o.detail}
                        for k, o in self.outcomes.items()}})
 
@@ -449,9 +454,9 @@ class Check:
             1 if self.dry_run else min(os.cpu_count() or 1, MAX_TEST_WORKERS))
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
                f"--junitxml={junit}", "--durations=10"]
-        if workers > 1:
+        xdist = _version("pytest-xdist")
+        if workers > 1 and xdist:  # without pytest-xdist: one process, and the cap decides how far it gets
             cmd += ["-n", str(workers)]
-            xdist = _version("pytest-xdist") or "0"
             if tuple(int(x) for x in re.findall(r"\d+", xdist)[:2]) >= (3, 2):
                 cmd += ["--dist", "worksteal"]  # compile-heavy tests vary a lot in length
         return cmd
@@ -521,6 +526,35 @@ class Check:
             "source": "bench.gpu_check" + (" --dry-run (CPU smoke shapes: not a measurement)" if self.dry_run
                                            else " (each suite's --quick form)")})
 
+    def run_tune(self, extra_args: tuple[str, ...] = ()) -> None:
+        """``python -m bench.tune`` in the time left, its results kept in the check JSON (no ninth file)."""
+        self.deadline += self.tune_s
+        timeout = self.left()
+        if timeout < MIN_STEP_S + TUNE_MARGIN_S:
+            self.outcomes["tune"] = Outcome("skipped", 0.0, "no time left")
+            return
+        out = self.tmp / "tune"
+        cmd = [sys.executable, "-m", "bench.tune", "--out", str(out), "--budget", f"{timeout - TUNE_MARGIN_S:.0f}",
+               *(["--dry-run"] if self.dry_run else []), *extra_args]
+        self._header(f"tune: {' '.join(cmd[1:])} (limit {timeout:.0f} s)")
+        rc, seconds, timed_out = run_subprocess(cmd, self.log, timeout, self.env())
+        saved = next(out.glob("*-tune.json"), None)
+        self.tune = json.loads(saved.read_text()) if saved else {}
+        keep = [f"{s['kernel']} {s['config']}" for s in self.tune.get("summary", []) if s["within 3%"]]
+        detail = {"headline": f"{len(self.tune.get('rows', []))} configs timed at {len(self.tune.get('done', []))} "
+                              f"shapes; within 3% somewhere: {', '.join(keep) or '-'}"}
+        if timed_out:
+            outcome = Outcome("timeout", seconds, f"ran past its {timeout:.0f} s limit: results so far", detail)
+        elif rc != 0 or not saved:
+            outcome = Outcome("failed", seconds, f"bench.tune exit code {rc}", detail)
+        else:
+            errors = [r for r in self.tune.get("rows", []) if r.get("error")]
+            outcome = Outcome("errors" if errors else "ok", seconds,
+                              f"{len(errors)} configs failed, e.g. {errors[0]['error']}" if errors else None, detail)
+        self.outcomes["tune"] = outcome
+        self.write_check()
+        self.say(f"tune {outcome.status} ({seconds:.0f} s) {detail['headline']}")
+
     # -- the summary
 
     def summary(self) -> str:
@@ -548,6 +582,8 @@ class Check:
         for suite in SUITES:
             if suite in only:
                 self.run_suite(suite, suite_steps(suite, self.dry_run))
+        if self.tune_s:
+            self.run_tune()
         self.write_check()
         shutil.rmtree(self.tmp, ignore_errors=True)
         print("\n" + self.summary(), flush=True)
@@ -564,6 +600,8 @@ def main(argv=None) -> int:
                                                 f"dry run {DRY_RUN_BUDGET_S}); stage caps scale with it")
     p.add_argument("--only", nargs="+", choices=STAGES[1:], help="run only these stages (env always runs)")
     p.add_argument("--test-workers", type=int, help="pytest-xdist workers (default: the cores, at most 16)")
+    p.add_argument("--tune", type=float, default=0, metavar="S",
+                   help="spend the budget's last S seconds on python -m bench.tune (results in the check JSON)")
     p.add_argument("--step", help=argparse.SUPPRESS)  # internal: run one step in this (sub)process
     p.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -581,7 +619,9 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     budget = args.budget or (DRY_RUN_BUDGET_S if args.dry_run else DEFAULT_BUDGET_S)
-    check = Check(Path(args.out), args.dry_run, budget, args.test_workers)
+    if args.tune and args.tune > budget / 2:
+        p.error(f"--tune {args.tune:.0f} would take more than half of the {budget:.0f} s budget")
+    check = Check(Path(args.out), args.dry_run, budget, args.test_workers, args.tune)
     return check.run(tuple(args.only) if args.only else STAGES)
 
 

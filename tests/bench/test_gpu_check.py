@@ -113,6 +113,17 @@ def test_a_failing_step_is_recorded_and_the_next_still_runs(tmp_path):
     assert json.loads(next(tmp_path.glob("*-gpu-check.json")).read_text())["stages"]["norm"]["status"] == "failed"
 
 
+def test_tune_runs_in_the_budgets_last_seconds_and_lands_in_the_check_json(tmp_path):
+    check = Check(tmp_path, dry_run=True, budget_s=300, tune_s=120)
+    assert check.left() < 300 - 120
+    check.run_tune(("--head-dims", "16", "--dropouts", "0", "--no-ce", "--jobs", "1"))
+    assert check.outcomes["tune"].status == "ok", check.outcomes["tune"].error
+    saved = json.loads(next(tmp_path.glob("*-gpu-check.json")).read_text())
+    assert {r["kernel"] for r in saved["tune"]["rows"]} == {"fwd", "dkdv", "dq"}
+    assert saved["stages"]["tune"]["status"] == "ok"
+    assert len(list(tmp_path.iterdir())) == 2, "the check JSON and the log: no file of its own"
+
+
 def test_a_step_past_its_limit_is_killed_with_its_children(tmp_path):
     log = tmp_path / "log"
     pid_file = tmp_path / "child.pid"
