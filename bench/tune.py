@@ -21,8 +21,8 @@ heads (``bench_attention.HIDDEN``), T = 1K..8K, D = 64 and 128, attention dropou
 - Cross-entropy (N = TOKENS rows, V = 50,257 and the padded 50,304, bf16): the kernel has no autotuner;
   its launcher picks (BLOCK_V, num_warps) from V (``fused_cross_entropy._launch_config``). Timed: that pick
   and its neighbours (BLOCK_V / 2 and x 2, warps / 2 and x 2), each forced by patching the pick, forward
-  with the gradient written (the training call); and ``linear_cross_entropy`` (C = 768) at 1/4..4 times
-  its default chunk (``_default_chunk``), forward + backward, with peak memory.
+  + backward (the training call; the kernel serves both); and ``linear_cross_entropy`` (C = 768) at 1/4..4
+  times its default chunk (``_default_chunk``), forward + backward, with peak memory.
 
 A cold Triton cache costs more than the timing: first ``--jobs`` subprocesses compile every config (one
 (D, dropout, kernel) group each) at T = 256, which has the same specialisation, so the timing loop finds
@@ -201,7 +201,7 @@ class Tuner:
         return rows
 
     def _loss_rows(self, n: int, V: int) -> list[dict]:
-        """kernels.cross_entropy's forward (it writes the gradient too) at each (BLOCK_V, num_warps)."""
+        """kernels.cross_entropy's forward + backward (the training call) at each (BLOCK_V, num_warps)."""
         import kernels
         from kernels import fused_cross_entropy as fce
 
@@ -215,7 +215,7 @@ class Tuner:
                    "launcher's pick": (bv, nw) == pick}
             try:
                 with mock.patch.object(fce, "_launch_config", lambda V, c=(bv, nw): c), kernels.use_backend("triton"):
-                    ms = self.time(lambda: kernels.cross_entropy(x, t))
+                    ms = self.time(lambda: torch.autograd.grad(kernels.cross_entropy(x, t), x))
                 row.update(ms=ms, **{"GB/s (2NV*e)": 2 * n * V * e / (ms * 1e-3) / 1e9})
             except Exception as err:
                 row["error"] = _error(err)
@@ -285,7 +285,7 @@ class Tuner:
             for c in self.ce_candidates(V):
                 try:
                     with mock.patch.object(fce, "_launch_config", lambda V, c=c: c), kernels.use_backend("triton"):
-                        kernels.cross_entropy(x, t)
+                        torch.autograd.grad(kernels.cross_entropy(x, t), x)
                 except Exception as e:
                     print(f"warm ce {c}: {_error(e)}", flush=True)
         print("warm: cross-entropy candidates", flush=True)

@@ -90,8 +90,6 @@ def test_dry_run_suites_have_rows_from_every_step(dry_run):
         assert data["machine"]["ceilings"], "each suite file carries the machine and its ceilings"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 part 1: bf16 autocast on the Triton backend raises in "
-                                       "add_layer_norm (residual fp32, input bf16); remove when that lands")
 def test_dry_run_every_suite_clean(dry_run):
     _, proc, check, seconds = dry_run
     bad = {k: v["error"] for k, v in check["stages"].items() if v["status"] != "ok"}
