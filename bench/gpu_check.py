@@ -14,7 +14,7 @@ a CUDA error in one loses nothing else; a stage gets at most its cap (``CAPS_S``
 2. ``tests``: ``pytest -m gpu`` over the host's cores (pytest-xdist) with ``GPT_KERNELS_AUTOTUNE=first``:
    each autotuned attention launch compiles the first config its pruning leaves instead of every
    candidate, which on a cold Triton cache is most of the tests' time (test_gpu_every_autotune_config
-   still runs every config, forced). At its cap pytest gets SIGINT and reports what ran.
+   still runs every config, forced). 30 s before its cap pytest gets SIGINT and reports what ran.
 3. each benchmark suite's quick form (``python -m bench <suite> --quick``) in this order: attention;
    e2e_train (eager PyTorch, ours, torch.compile + SDPA); cross_entropy; norm; activation; generate.
    A suite runs in steps of one shape or one variant each, so a cap or a crash keeps the steps before it.
@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_BUDGET_S = 530  # a 570 s device call, less start-up and the summary
+DEFAULT_BUDGET_S = 530  # within 9 minutes, with 40 s to spare for start-up and the summary
 DRY_RUN_BUDGET_S = 900  # the CPU dry run takes ~1-2 min; a slow CI machine must not cut it
 # The most each stage may take at the default budget (scaled with --budget): caps, not reservations, so
 # they add up to more than the budget and a stage that finishes early leaves its time to the next.
