@@ -1,9 +1,9 @@
 """Finetuning for classification (chapter 6 of "Build a Large Language Model (From Scratch)").
 
 The recipe: take a pretrained GPT, put a new small output layer (emb_dim -> number of classes) on the
-final-normed state of each text's *last* token (the only position that has attended to the whole text),
-freeze all but the last transformer block, the final LayerNorm and the new layer, and train with
-cross-entropy on the class labels.
+final-normed state of each text's *last* token (the only position that has attended to the whole text;
+:class:`gpt.model.GPTClassifier`), freeze all but the last transformer block, the final LayerNorm and the
+new layer, and train with cross-entropy on the class labels.
 
 The bundled data is the SMS Spam Collection (``ham``/``spam``, tab-separated). As in the book, the classes
 are balanced by undersampling ``ham`` to the number of ``spam`` messages, and the messages are split
@@ -11,47 +11,32 @@ are balanced by undersampling ``ham`` to the number of ``spam`` messages, and th
 longest in their batch; the classifier reads the last *real* token of each row, so the padding changes
 nothing (a causal model's earlier positions never see later ones).
 
-    gpt finetune-classifier --hf gpt2/ --out runs/spam
-    gpt classify --checkpoint runs/spam "You are a winner! Claim your prize now"
+    from gpt.classify import finetune_classifier
+    from gpt.finetune import FinetuneConfig
+    result = finetune_classifier(FinetuneConfig(hf="gpt2/", out="runs/spam"))   # gpt finetune-classifier
+    result.metrics["test_accuracy"]
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import random
-import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
-from kernels.backend import use_backend
-
-from .cli import pick_device
-from .finetune import (
-    add_finetune_args,
-    check_training_args,
-    describe_parameters,
-    fmt_loss,
-    load_base_model,
-    load_finetuned,
-    load_train_state,
-    make_optimizer,
-    merge_finetuned,
-    resolve_trainable,
-    run_dir,
-    save_finetuned,
-    save_train_state,
-    set_trainable,
-    task_name,
-    train_epochs,
-    write_log,
-)
+from .engine import RunResult, Trainer
+from .finetune import FinetuneConfig, FinetuneTask, fmt_loss, prepare_config
+from .job import run
+from .model import GPTClassifier
 from .tokenizer import EOT_ID, asset_path, encode
-from .weights import save_checkpoint
+
+DEFAULT_EPOCHS = 5  # chapter 6
+DEFAULT_TRAINABLE = "last-block"
+SPLITS = ("train", "val", "test")
 
 # ---------------------------------------------------------------------------------------------------- data
 
@@ -195,42 +180,14 @@ def collate_classification(batch, pad_id: int = EOT_ID):
     return ids, lengths, labels
 
 
-# --------------------------------------------------------------------------------------------------- model
+# ------------------------------------------------------------------------------------------ loss and use
 
 
-class GPTClassifier(nn.Module):
-    """A GPT and a new output layer that maps the last real token's final-normed state to class logits.
-
-    The GPT's own language-model head stays in place (it is tied to the token embedding) but is not used.
-    """
-
-    def __init__(self, gpt: nn.Module, num_classes: int):
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
-        self.gpt = gpt
-        self.head = nn.Linear(gpt.config.emb_dim, num_classes).to(gpt.device)
-
-    @property
-    def config(self):
-        return self.gpt.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.gpt.device
-
-    def forward(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Class logits (B, num_classes) for token ids (B, T); ``lengths`` (B,) marks where each row's
-        real tokens end (the rest is padding); without it the last position is used."""
-        with use_backend(self.gpt.kernel_backend):
-            h = self.gpt.hidden_states(idx)  # (B, T, C)
-        if lengths is None:
-            last = h[:, -1, :]  # (B, C)
-        else:
-            if int(lengths.min()) < 1 or int(lengths.max()) > idx.shape[1]:
-                raise ValueError(f"lengths must be in [1, {idx.shape[1]}], got {lengths.tolist()}")
-            last = h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]  # (B, C)
-        return self.head(last)  # (B, num_classes)
+def classification_loss(model, batch) -> torch.Tensor:
+    """The mean cross-entropy of a batch (ids (B, T), lengths (B,), labels (B,)) on the model's device."""
+    ids, lengths, labels = batch
+    logits = model(ids, lengths)  # (B, K)
+    return F.cross_entropy(logits, labels)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -240,30 +197,11 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(dim=-1) == labels).float().mean().item()
 
 
-@torch.no_grad()
-def evaluate_classifier(model: GPTClassifier, loader, max_batches: int | None = None,
-                        desc: str = "evaluating") -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over a loader's examples (the first ``max_batches`` batches)."""
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
-    total = len(loader) if max_batches is None else min(max_batches, len(loader))
-    for i, (ids, lengths, labels) in enumerate(tqdm(loader, total=total, desc=desc, leave=False)):
-        if max_batches is not None and i >= max_batches:
-            break
-        labels = labels.to(model.device)
-        logits = model(ids.to(model.device), lengths)  # (B, K)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(dim=-1) == labels).sum().item()
-        n += labels.numel()
-    model.train(was_training)
-    return (loss_sum / n, correct / n) if n else (float("nan"), float("nan"))
-
-
-def classification_loss(model: GPTClassifier, batch) -> torch.Tensor:
+def _eval_sums(model, batch):
+    """Summed cross-entropy, correct predictions and examples of a batch."""
     ids, lengths, labels = batch
-    logits = model(ids.to(model.device), lengths)  # (B, K)
-    return F.cross_entropy(logits, labels.to(model.device))
+    logits = model(ids, lengths).float()  # (B, K)
+    return F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(dim=-1) == labels).sum(), labels.numel()
 
 
 @torch.no_grad()
@@ -285,122 +223,74 @@ def predict(model: GPTClassifier, texts: list[str], max_length: int | None = Non
     return torch.cat(out)  # (N, K)
 
 
-# ------------------------------------------------------------------------------------------------ commands
+# ------------------------------------------------------------------------------------------ the job
 
 
-def load_examples(args) -> tuple[list[str], list[str], str]:
-    if args.data:
-        texts, labels = read_table(args.data, args.text_column, args.label_column)
-        return texts, labels, args.data
-    return *read_sms_spam(), "the bundled SMS Spam Collection"
+def finetune_classifier(cfg: FinetuneConfig | None = None, *, on_step=None, **settings) -> RunResult:
+    """Finetune a GPT as a text classifier as ``cfg`` says (``gpt finetune-classifier``); the result's
+    ``metrics`` hold the last evaluation's loss and accuracy on the train, validation and test splits."""
+    return run(prepare_config(cfg, settings), ClassifierTask, defaults={"epochs": DEFAULT_EPOCHS},
+               on_step=on_step)
 
 
-def cmd_finetune_classifier(args) -> int:
-    check_training_args(args)
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    texts, labels, source = load_examples(args)
-    names = class_names(labels, source)
-    examples = balance_classes(texts, labels, seed=args.seed, limit=args.limit)
-    train, val, test = split_examples(examples, seed=args.seed)
-    counts = {name: sum(1 for _, label in examples if label == name) for name in names}
-    print(f"data: {source}, {len(texts):,} examples, balanced to {counts}; "
-          f"train/val/test {len(train)}/{len(val)}/{len(test)}")
+class ClassifierTask(FinetuneTask):
+    name = "classifier finetuning"
+    kind = "classifier"
+    default_trainable = DEFAULT_TRAINABLE
 
-    out = run_dir(args, "classifier")
-    if args.resume:
-        model, meta = load_finetuned(out, device)
-        if meta.get("task") != "classifier":
-            raise ValueError(f"--resume {out}: that run made {task_name(meta)}, not a classifier")
-        if meta["labels"] != names:
-            raise ValueError(f"--resume {out}: that run's labels {meta['labels']} differ from the data's {names}")
-        mode, lora, max_length = meta["trainable"], meta["lora"], meta["max_length"]
-        state = load_train_state(out)
-        start_epoch, step, history = state["epoch"] + 1, state["step"], meta.get("history", [])
-        model.gpt.set_dropout(args.dropout)
-        print(f"resuming {out} after epoch {start_epoch} (step {step})")
-    else:
-        mode, lora = resolve_trainable(args)
-        gpt, what, base = load_base_model(args, device)
-        print(f"model: {what}")
-        ctx = gpt.config.context_length
-        if args.max_length is not None and not 1 <= args.max_length <= ctx:
-            raise ValueError(f"--max-length {args.max_length} must be between 1 and the model's context length "
+    def load_data(self, cfg: FinetuneConfig) -> None:
+        if cfg.data:
+            texts, labels = read_table(cfg.data, cfg.text_column, cfg.label_column)
+            self.source = cfg.data
+        else:
+            (texts, labels), self.source = read_sms_spam(), "the bundled SMS Spam Collection"
+        self.labels = class_names(labels, self.source)
+        examples = balance_classes(texts, labels, seed=cfg.seed, limit=cfg.limit)
+        self.splits = split_examples(examples, seed=cfg.seed)
+        counts = {name: sum(1 for _, label in examples if label == name) for name in self.labels}
+        self.lines.append(f"data: {self.source}, {len(texts):,} examples, balanced to {counts}; train/val/test "
+                          + "/".join(str(len(s)) for s in self.splits))
+
+    def wrap(self, gpt) -> GPTClassifier:
+        return GPTClassifier(gpt, len(self.labels))
+
+    def setup(self, cfg: FinetuneConfig) -> None:
+        if self.meta.get("labels", self.labels) != self.labels:
+            raise ValueError(f"--resume {cfg.resume}: that run's labels {self.meta['labels']} differ from the "
+                             f"data's {self.labels}")
+        ctx = self.gpt.config.context_length
+        if cfg.max_length is not None and not 1 <= cfg.max_length <= ctx:
+            raise ValueError(f"--max-length {cfg.max_length} must be between 1 and the model's context length "
                              f"{ctx}")
-        max_length = args.max_length or min(ClassificationDataset(train, names).longest(), ctx)
-        if lora and "preset" in base:  # a fresh model exists nowhere else: keep it beside the adapters
-            save_checkpoint(gpt, out / "base")
-            base = {"checkpoint": "base"}
-        model = GPTClassifier(gpt, len(names)).to(device)
-        meta = {"task": "classifier", "labels": names, "max_length": max_length, "trainable": mode,
-                "lora": lora, "base": base, "data": source, "seed": args.seed}
-        start_epoch, step, history, state = 0, 0, [], None
-    set_trainable(model.gpt, mode, new_modules=[model.head], lora=lora)
-    print(f"finetuning: --trainable {mode}" + (f" (LoRA rank {lora['rank']}, alpha {lora['alpha']:g})"
-                                               if lora else "") + f"; {describe_parameters(model)}")
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        max_length = cfg.max_length or min(ClassificationDataset(self.splits[0], self.labels).longest(), ctx)
+        self.config = dataclasses.replace(cfg, max_length=max_length)
+        self.meta.update(labels=self.labels, max_length=max_length)
+        self.datasets = [ClassificationDataset(part, self.labels, max_length) for part in self.splits]
+        self.train_set = self.datasets[0]
+        self.lines.append(f"texts truncated to {max_length} tokens and padded with <|endoftext|> to the longest "
+                          f"in each batch")
 
-    datasets = [ClassificationDataset(part, names, max_length) for part in (train, val, test)]
-    print(f"texts truncated to {max_length} tokens and padded with <|endoftext|> to the longest in each batch")
-    train_loader = DataLoader(datasets[0], batch_size=args.batch_size, shuffle=True, generator=torch.Generator(),
-                              collate_fn=collate_classification)
-    eval_loaders = [DataLoader(ds, batch_size=args.batch_size, collate_fn=collate_classification)
-                    for ds in datasets]
+    def collate(self, items):
+        return collate_classification(items)
 
-    def on_epoch_end(epoch, step, running_loss):
-        metrics = {"epoch": epoch + 1, "step": step, "running_train_loss": running_loss}
-        for split, loader in zip(("train", "val", "test"), eval_loaders):
-            loss, acc = evaluate_classifier(model, loader, args.eval_batches, desc=f"evaluating {split}")
-            metrics[f"{split}_loss"], metrics[f"{split}_accuracy"] = loss, acc
-        print(f"epoch {epoch + 1}/{args.epochs} (step {step}): " + " | ".join(
-            f"{s} loss {fmt_loss(metrics[f'{s}_loss'])} acc {100 * metrics[f'{s}_accuracy']:.1f}%"
-            for s in ("train", "val", "test")))
-        history.append(metrics)
-        write_log(out, metrics)
-        save_finetuned(out, model, {**meta, "history": history})
-        save_train_state(out, optimizer, epoch, step)
+    def count(self, batch) -> int:
+        return batch[2].numel()
 
-    out.mkdir(parents=True, exist_ok=True)
-    if start_epoch >= args.epochs or (args.max_steps is not None and step >= args.max_steps):
-        print(f"{out} has already trained {start_epoch} epochs ({step} steps): raise --epochs or --max-steps "
-              f"to train more")
-        return 0
-    train_epochs(model, train_loader, classification_loss, optimizer, epochs=args.epochs, seed=args.seed,
-                 start_epoch=start_epoch, step=step, max_steps=args.max_steps, on_epoch_end=on_epoch_end)
-    print(f"saved the classifier to {out}; try: gpt classify --checkpoint {out} \"some text\"")
-    if lora and args.merge:
-        print(f"merged the LoRA adapters into the base weights: {merge_finetuned(out, out / 'merged')}")
-    return 0
+    def loss(self, model, batch):
+        return classification_loss(model, batch)
 
+    def evaluate(self, run: Trainer) -> dict:
+        record = {"running_train_loss": run.running_loss()}
+        for split, ds in zip(SPLITS, self.datasets):
+            loss_sum, correct, n = run.eval_sums(ds, _eval_sums, 3)
+            record[f"{split}_loss"] = loss_sum / n if n else float("nan")
+            record[f"{split}_accuracy"] = correct / n if n else float("nan")
+        return record
 
-def cmd_classify(args) -> int:
-    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not texts:
-        raise ValueError("no text to classify: give it as an argument (gpt classify --checkpoint DIR \"text\") "
-                         "or one per line on stdin")
-    device = pick_device(args.device)
-    model, meta = load_finetuned(args.checkpoint, device)
-    if meta.get("task") != "classifier":
-        raise ValueError(f"{args.checkpoint} holds {task_name(meta)}, not a classifier: finetune one "
-                         f"with `gpt finetune-classifier`")
-    probs = predict(model, texts, meta.get("max_length"))  # (N, K)
-    for text, p in zip(texts, probs):
-        k = int(p.argmax())
-        print(f"{meta['labels'][k]}\t{p[k].item():.3f}" + (f"\t{text}" if len(texts) > 1 else ""))
-    return 0
+    def report(self, r: dict) -> str:
+        return f"{self.epoch_label(r)}: " + " | ".join(
+            f"{s} loss {fmt_loss(r[f'{s}_loss'])} acc {100 * r[f'{s}_accuracy']:.1f}%" for s in SPLITS)
 
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("finetune-classifier", help="finetune a GPT as a text classifier (default: SMS spam)")
-    add_finetune_args(p, trainable="last-block", epochs=5, lr=5e-5)
-    p.add_argument("--text-column", default="text", help="with --data: the column holding the text")
-    p.add_argument("--label-column", default="label", help="with --data: the column holding the label")
-    p.set_defaults(func=cmd_finetune_classifier)
-
-    c = sub.add_parser("classify", help="label texts with a classifier from gpt finetune-classifier")
-    c.add_argument("text", nargs="*", help="the texts to classify (default: one per line from stdin)")
-    c.add_argument("--checkpoint", required=True, metavar="DIR", help="the classifier's directory")
-    c.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    c.set_defaults(func=cmd_classify)
+    def finish(self, run: Trainer) -> dict:
+        run.say(f"saved the classifier to {run.run_dir}; try: gpt classify --checkpoint {run.run_dir} \"some text\"")
+        return super().finish(run)

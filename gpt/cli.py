@@ -1,79 +1,193 @@
-"""The ``gpt`` command line (also ``python -m gpt``).
+"""The ``gpt`` command line (also ``python -m gpt``): a thin layer over the Python jobs.
 
-Each subcommand lives beside the code it drives; a module in ``COMMAND_MODULES`` registers its own
-subcommands through ``add_commands(subparsers)``. A user's mistake (a bad path, a bad setting) prints one
-line on stderr and exits non-zero; set ``GPT_DEBUG=1`` to see the traceback.
+Every argparse detail lives here and nowhere else. A training command turns its options into the job's
+config dataclass (:class:`gpt.pretrain.TrainConfig`, :class:`gpt.finetune.FinetuneConfig`) and calls the job
+(``train``, ``finetune_classifier``, ``finetune_instruct``); the options' defaults and choices come from
+those configs, :data:`kernels.backend.BACKENDS` and :data:`gpt.runtime.DTYPES`. A user's mistake (a bad
+path, a bad setting) prints one line on stderr and exits non-zero; set ``GPT_DEBUG=1`` to see the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
+import itertools
 import os
 import sys
+import time
 
-# modules that add subcommands (each has add_commands(subparsers)); gpt.cli itself adds generate and info
-COMMAND_MODULES: list[str] = ["gpt.train", "gpt.finetune"]  # gpt.finetune adds finetune-classifier, classify,
-# finetune-instruct, chat (from gpt.classify and gpt.instruct) and lora-merge
+import torch
+
+from kernels.backend import BACKENDS
+
+from . import classify, instruct
+from .config import PRESETS
+from .engine import RunConfig
+from .finetune import (
+    DEFAULT_LORA_ALPHA,
+    DEFAULT_LORA_RANK,
+    TRAINABLE_CHOICES,
+    FinetuneConfig,
+    load_finetuned,
+    merge_finetuned,
+    task_name,
+)
+from .generate import check_sampling_args, decode_stream, generate_stream
+from .model import GPT
+from .pretrain import DEFAULT_PRESET, TrainConfig, train
+from .runtime import DTYPES, pick_device
+from .tokenizer import EOT_ID, encode
+from .weights import describe_source, load_model, model_source
+
+DEVICE_HELP = "auto, cpu, cuda, cuda:1, ..."
+MODEL_DROPOUT = "the model's own, 0.1 for the presets"
 
 
-def pick_device(name: str = "auto"):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-    return torch.device(name)
+def _default(value, when_none: str) -> str:
+    return when_none if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def add_model_source_args(p: argparse.ArgumentParser, default_preset: str | None = "gpt2-small") -> None:
+def add_model_source_args(p: argparse.ArgumentParser, default_preset: str, what: str = "a checkpoint directory "
+                          "of this project") -> None:
     """--checkpoint / --hf / --preset: where a command's model comes from."""
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory of this project (gpt train)")
+    g.add_argument("--checkpoint", metavar="DIR", help=what)
     g.add_argument("--hf", metavar="DIR", help="a Hugging Face GPT-2 directory (config.json + weights)")
-    p.add_argument("--preset", default=default_preset,
-                   help=f"architecture for a freshly initialised model (default: {default_preset})")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help=f"architecture of a freshly initialised model: {', '.join(PRESETS)} "
+                        f"(default: {default_preset})")
 
 
-def add_common_training_args(p: argparse.ArgumentParser, default_preset: str = "mini", epochs: int = 10,
-                             batch_size: int = 8, lr: float = 4e-4) -> None:
-    """The options every training command shares (gpt train, gpt finetune-*), one definition for all."""
-    add_model_source_args(p, default_preset)
+def add_run_args(p: argparse.ArgumentParser, d: RunConfig, epochs: int) -> None:
+    """The options every training command shares (the fields of RunConfig), with ``d``'s defaults."""
+    add_model_source_args(p, DEFAULT_PRESET, "start from a checkpoint directory of this project")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="run directory for checkpoints, log and plot (default: a new folder under runs/)")
+                   help="run directory for checkpoints and log; a new or empty one (default: a new folder under runs/)")
     p.add_argument("--resume", metavar="DIR", default=None, help="continue the run saved in DIR")
-    p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training data (default {epochs})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training data (default {epochs})")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"sequences per batch (default {batch_size})")
-    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
-    p.add_argument("--seed", type=int, default=123, help="random seed (default 123)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"examples per batch, per process (default {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    p.add_argument("--device", default=d.device, help=DEVICE_HELP)
+    o = p.add_argument_group("optimisation")
+    warmup = f"{d.WARMUP_SHARE:.0%} of the run" if d.WARMUP_SHARE else "none"
+    min_lr = f"lr x {d.MIN_LR_SHARE:g}" if d.MIN_LR_SHARE != 1 else "--lr: a constant rate"
+    o.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"linear warm-up steps (default: {warmup})")
+    o.add_argument("--min-lr", type=float, default=d.min_lr,
+                   help=f"learning rate at the end of the cosine (default: {min_lr})")
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"AdamW weight decay on weights of 2+ dimensions (default {d.weight_decay:g})")
+    o.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                   help=f"max gradient norm; 0 = off (default {_default(d.grad_clip, 'off')})")
+    o.add_argument("--dropout", type=float, default=d.dropout,
+                   help=f"dropout rate (default {_default(d.dropout, MODEL_DROPOUT)})")
+    r = p.add_argument_group("evaluation and checkpoints")
+    r.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help=f"steps between evaluations (default {_default(d.eval_every, 'after each epoch')})")
+    r.add_argument("--eval-batches", type=int, default=d.eval_batches, metavar="N",
+                   help=f"batches per evaluated split (default {_default(d.eval_batches, 'all')})")
+    r.add_argument("--save-every", type=int, default=d.save_every,
+                   help=f"steps between checkpoints (default {_default(d.save_every, 'after each epoch')}; "
+                        f"always at the end and on Ctrl-C)")
+    s = p.add_argument_group("speed")
+    s.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="auto: bf16 autocast on CUDA, float32 on the CPU")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--kernels", default=d.kernels, choices=BACKENDS,
+                   help="implementation of the fused ops (auto: Triton on CUDA, PyTorch on the CPU)")
 
 
-def load_model_from_args(args, device="cpu", **overrides):
-    """The model named by --checkpoint, --hf or --preset; returns (model, description)."""
-    from .model import GPT
-    from .weights import load_checkpoint, load_hf
+def config_from_args(cls, args: argparse.Namespace):
+    """The config dataclass ``cls`` with every field an option set."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
-    if getattr(args, "checkpoint", None):
-        return load_checkpoint(args.checkpoint, map_location=device), f"checkpoint {args.checkpoint}"
-    if getattr(args, "hf", None):
-        return load_hf(args.hf, map_location=device, **overrides), f"GPT-2 weights from {args.hf}"
-    return GPT.from_preset(args.preset, **overrides).to(device), f"UNTRAINED {args.preset} (random weights)"
+
+# ------------------------------------------------------------------------------------------ training commands
+
+
+def add_train_command(sub) -> None:
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train", help="pretrain a GPT on text (default: the mini model on The Verdict, as in chapter 5)",
+        description="Pretrain a GPT on text. With no options: the 'mini' preset on The Verdict for 10 epochs, "
+                    "as chapter 5 of the book does. Under torchrun: DistributedDataParallel, with --batch-size "
+                    "windows per process.")
+    add_run_args(p, d, d.epochs)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="FILE_OR_DIR", default=None,
+                   help="a text file or a directory of .txt files (big ones are tokenized once into a memory-mapped "
+                        "token file); default: The Verdict")
+    g.add_argument("--val-ratio", type=float, default=d.val_ratio,
+                   help=f"share of the tokens (the last ones) kept for validation (default {d.val_ratio:g})")
+    g.add_argument("--context-length", type=int, default=None, help="tokens per window (default: the model's)")
+    g.add_argument("--stride", type=int, default=None, help="tokens between windows (default: the context length)")
+    g.add_argument("--tokens-per-step", type=int, default=None,
+                   help="tokens per optimizer step, reached by gradient accumulation (default: one batch)")
+    g.add_argument("--book-init", action="store_true",
+                   help="a fresh model initialised as the book's chapter 5 (PyTorch defaults, untied head)")
+    g.add_argument("--sample-prompt", default=d.sample_prompt, help="text continued after each epoch")
+    g.add_argument("--sample-tokens", type=int, default=d.sample_tokens,
+                   help=f"tokens generated for the sample (default {d.sample_tokens})")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    train(config_from_args(TrainConfig, args))
+    return 0
+
+
+def add_finetune_command(sub, name: str, job, help: str, epochs: int, trainable: str):
+    """A finetuning command: the shared training options plus what both finetuning tasks add."""
+    d = FinetuneConfig()
+    p = sub.add_parser(name, help=help)
+    add_run_args(p, d, epochs)
+    g = p.add_argument_group("finetuning")
+    g.add_argument("--data", metavar="FILE", default=None, help="training data (default: the bundled data set)")
+    g.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="use only N examples (a quick run on a slice of the data)")
+    g.add_argument("--max-length", type=int, default=None, metavar="L",
+                   help="truncate every example to L tokens (default: the longest, up to the context length)")
+    g.add_argument("--examples-per-step", type=int, default=None, metavar="N",
+                   help="examples per optimizer step, reached by gradient accumulation (default: one batch)")
+    g.add_argument("--trainable", choices=TRAINABLE_CHOICES, default=None,
+                   help=f"which weights train (default: {trainable}; 'lora' when --lora-rank is given)")
+    g.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help=f"LoRA rank (implies --trainable lora; default with lora: {DEFAULT_LORA_RANK})")
+    g.add_argument("--lora-alpha", type=float, default=None, metavar="A",
+                   help=f"LoRA alpha; the update is scaled by alpha / rank (default: {DEFAULT_LORA_ALPHA:g})")
+    g.add_argument("--merge", action="store_true",
+                   help="with LoRA: also write the model with the adapters merged in, to OUT/merged")
+    p.set_defaults(func=cmd_finetune, job=job)
+    return g
+
+
+def cmd_finetune(args) -> int:
+    args.job(config_from_args(FinetuneConfig, args))
+    return 0
+
+
+def add_finetune_commands(sub) -> None:
+    d = FinetuneConfig()
+    g = add_finetune_command(sub, "finetune-classifier", classify.finetune_classifier,
+                             "finetune a GPT as a text classifier (default: SMS spam)", classify.DEFAULT_EPOCHS,
+                             classify.DEFAULT_TRAINABLE)
+    g.add_argument("--text-column", default=d.text_column, help="with --data: the column holding the text")
+    g.add_argument("--label-column", default=d.label_column, help="with --data: the column holding the label")
+    g = add_finetune_command(sub, "finetune-instruct", instruct.finetune_instruct,
+                             "finetune a GPT to follow instructions (chapter 7)", instruct.DEFAULT_EPOCHS,
+                             instruct.DEFAULT_TRAINABLE)
+    g.add_argument("--mask-prompt", action="store_true",
+                   help="compute the loss on the response tokens only (mask the prompt's targets)")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help=f"longest generated response for the test set (default {d.max_new_tokens})")
+
+
+# ------------------------------------------------------------------------------------------ using models
 
 
 def cmd_generate(args) -> int:
     """Print the prompt, then each new piece of text as soon as its token is chosen; tokens/s on stderr."""
-    import itertools
-    import time
-
-    import torch
-
-    from .generate import check_sampling_args, decode_stream, generate_stream
-    from .tokenizer import EOT_ID, encode
-
     if not args.prompt:
         raise ValueError("the prompt is empty: give some text with --prompt \"...\"")
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
@@ -83,11 +197,11 @@ def cmd_generate(args) -> int:
         dtype = torch.bfloat16 if bf16 else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
-    model, what = load_model_from_args(args, device)
-    model = model.to(dtype=dtype)
-    if what.startswith("UNTRAINED"):
-        print(f"note: running an {what}; its text is noise. Train one with `gpt train` and pass "
-              f"--checkpoint DIR, or load GPT-2 with --hf DIR.", file=sys.stderr)
+    kind, source = model_source(args.checkpoint, args.hf, args.preset, "gpt2-small")
+    model = load_model(source, device, kind=kind).to(dtype=dtype)
+    if kind == "preset":
+        print(f"note: running an {describe_source(kind, source)}; its text is noise. Train one with `gpt train` "
+              f"and pass --checkpoint DIR, or load GPT-2 with --hf DIR.", file=sys.stderr)
     ids = encode(args.prompt)
     stream = generate_stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, eos_id=EOT_ID if args.stop_at_eos else None, seed=args.seed,
@@ -114,13 +228,54 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_classify(args) -> int:
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise ValueError("no text to classify: give it as an argument (gpt classify --checkpoint DIR \"text\") "
+                         "or one per line on stdin")
+    model, meta = load_finetuned(args.checkpoint, pick_device(args.device))
+    if meta.get("task") != "classifier":
+        raise ValueError(f"{args.checkpoint} holds {task_name(meta)}, not a classifier: finetune one "
+                         f"with `gpt finetune-classifier`")
+    probs = classify.predict(model, texts, meta.get("max_length"))  # (N, K)
+    for text, p in zip(texts, probs):
+        k = int(p.argmax())
+        print(f"{meta['labels'][k]}\t{p[k].item():.3f}" + (f"\t{text}" if len(texts) > 1 else ""))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, None)
+    model = instruct.load_chat_model(args.checkpoint, pick_device(args.device))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("type an instruction and press Enter; Ctrl-D quits", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        try:
+            response = instruct.generate_response(model, {"instruction": line.strip(), "input": ""},
+                                                  args.max_new_tokens, args.temperature, args.top_k, args.seed)
+        except ValueError as e:  # e.g. an instruction longer than the model's context: say so, take the next
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        print(response, flush=True)
+    return 0
+
+
+def cmd_lora_merge(args) -> int:
+    out = merge_finetuned(args.checkpoint, args.out)
+    print(f"merged the LoRA adapters of {args.checkpoint} into the base weights: {out}")
+    return 0
+
+
 def cmd_info(args) -> int:
-    import torch
-
     import kernels.backend as kb
-
-    from .config import PRESETS
-    from .model import GPT
 
     print(f"kernels: {kb.describe()}")
     print(f"torch {torch.__version__}", end="")
@@ -135,25 +290,17 @@ def cmd_info(args) -> int:
     for name, cfg in PRESETS.items():
         with torch.device("meta"):
             tied = GPT(cfg).num_parameters()
-            untied = GPT(_replace_config(cfg, tie_weights=False)).num_parameters()
+            untied = GPT(dataclasses.replace(cfg, tie_weights=False)).num_parameters()
         print(f"{name:<12} {cfg.n_layers:>6} {cfg.emb_dim:>6} {cfg.n_heads:>6} {cfg.context_length:>8} "
               f"{tied:>15,} {untied:>16,}")
     return 0
 
 
-def _replace_config(cfg, **kw):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **kw)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpt", description="A GPT-2 language model on handwritten Triton kernels.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
+def add_use_commands(sub) -> None:
+    """generate, classify, chat, lora-merge, info."""
     g = sub.add_parser("generate", help="continue a prompt with a model")
     g.add_argument("--prompt", required=True, help="the text to continue")
-    add_model_source_args(g)
+    add_model_source_args(g, "gpt2-small")
     g.add_argument("--max-new-tokens", type=int, default=50)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy decoding")
     g.add_argument("--top-k", type=int, default=50)
@@ -161,18 +308,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="stop at <|endoftext|> (default: yes)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weights and KV cache (default: bfloat16 on a GPU, float32 on the CPU)")
     g.add_argument("--no-cache", action="store_true",
                    help="rerun the model over the whole text every step (no KV cache; slow, for comparison)")
     g.set_defaults(func=cmd_generate)
 
+    c = sub.add_parser("classify", help="label texts with a classifier from gpt finetune-classifier")
+    c.add_argument("text", nargs="*", help="the texts to classify (default: one per line from stdin)")
+    c.add_argument("--checkpoint", required=True, metavar="DIR", help="the classifier's directory")
+    c.add_argument("--device", default="auto", help=DEVICE_HELP)
+    c.set_defaults(func=cmd_classify)
+
+    c = sub.add_parser("chat", help="answer instructions (one per line on stdin) with a finetuned model")
+    c.add_argument("--checkpoint", required=True, metavar="DIR", help="a run of gpt finetune-instruct")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding (default)")
+    c.add_argument("--top-k", type=int, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--device", default="auto", help=DEVICE_HELP)
+    c.set_defaults(func=cmd_chat)
+
+    m = sub.add_parser("lora-merge", help="merge a run's LoRA adapters into its base model's weights")
+    m.add_argument("--checkpoint", required=True, metavar="DIR", help="a finetuning run trained with LoRA")
+    m.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model (a new directory)")
+    m.set_defaults(func=cmd_lora_merge)
+
     i = sub.add_parser("info", help="presets, parameter counts and the active kernel backend")
     i.set_defaults(func=cmd_info)
 
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_commands(sub)
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpt", description="A GPT-2 language model on handwritten Triton kernels.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    add_train_command(sub)
+    add_finetune_commands(sub)
+    add_use_commands(sub)
     return p
 
 
@@ -192,7 +364,3 @@ def main(argv=None) -> int:
             raise
         print(f"gpt {args.command}: error: {e}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .rundir import atomic_write
 from .tokenizer import EOT_ID, VOCAB_SIZE, asset_path, encode
 
 TOKEN_FILE_SUFFIX = ".tokens.u16"
@@ -122,10 +123,17 @@ def tokenize_to_file(source: str | os.PathLike | Sequence, out_path, chunk_chars
     files = list_text_files(source)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    atomic_write(out_path, lambda tmp: _write_tokens(files, tmp, chunk_chars))
+    n_tokens = out_path.stat().st_size // 2  # two bytes a token
+    meta = {"sources": [str(f) for f in files], "tokens": n_tokens, "dtype": "uint16", "vocab_size": VOCAB_SIZE}
+    out_path.with_name(out_path.name + ".json").write_text(json.dumps(meta, indent=1))
+    return out_path
+
+
+def _write_tokens(files: list[Path], path: Path, chunk_chars: int) -> None:
+    """Tokenize ``files`` into ``path`` (uint16 ids, each file ending in <|endoftext|>)."""
     total = sum(f.stat().st_size for f in files)
-    n_tokens = 0
-    with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing") as bar:
+    with open(path, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing") as bar:
         for f in files:
             with open(f, encoding="utf-8", errors="replace") as fin:
                 carry = ""
@@ -142,14 +150,8 @@ def tokenize_to_file(source: str | os.PathLike | Sequence, out_path, chunk_chars
                     text, carry = text[:cut + 1], text[cut + 1:]
                     ids = np.asarray(encode(text, allow_special=False), dtype=np.uint16)
                     out.write(ids.tobytes())
-                    n_tokens += len(ids)
                 ids = np.asarray(encode(carry, allow_special=False) + [EOT_ID], dtype=np.uint16)
                 out.write(ids.tobytes())
-                n_tokens += len(ids)
-    os.replace(tmp, out_path)
-    meta = {"sources": [str(f) for f in files], "tokens": n_tokens, "dtype": "uint16", "vocab_size": VOCAB_SIZE}
-    out_path.with_name(out_path.name + ".json").write_text(json.dumps(meta, indent=1))
-    return out_path
 
 
 def load_token_file(path) -> np.memmap:

@@ -1,140 +1,141 @@
-"""What the finetuning commands share: which weights train, the epoch loop, and saving finetuned models.
+"""What the finetuning jobs share: their settings, which weights train, and finetuned models on disk.
 
 The two tasks live beside it: :mod:`gpt.classify` (chapter 6 of "Build a Large Language Model (From
 Scratch)": spam classification) and :mod:`gpt.instruct` (chapter 7: instruction following); LoRA
-(appendix E) is in :mod:`gpt.lora`. This module also adds ``gpt lora-merge``.
+(appendix E) is in :mod:`gpt.lora`. Both train through the one engine (:mod:`gpt.engine`), so finetuning
+has what pretraining has: mixed precision, clipping, accumulation, DDP, exact resume at any step, Ctrl-C.
 
 A finetuned model is a directory with ``finetune.json`` (the task, the base model's config, the labels,
-the LoRA settings, the per-epoch history) and its weights:
+the LoRA settings, the evaluations so far) and its weights:
 
 - full finetuning: ``config.json`` + ``model.safetensors``, a normal checkpoint of the (finetuned) GPT,
   which ``gpt generate --checkpoint DIR`` and ``load_checkpoint`` read as they read any other;
 - LoRA: only ``adapters.safetensors``; ``finetune.json`` names the base model they go on (a checkpoint or
-  Hugging Face directory, or ``base/`` inside the run when the base was a fresh ``--preset``);
+  Hugging Face directory, or ``base/`` inside the run when the base was a fresh preset);
 - a classifier adds ``classifier_head.safetensors`` (its new output layer) to either.
 
-``train_state.pt`` (optimizer state, epoch, step) lets ``--resume DIR`` go on after the last saved epoch.
+A finetuning run directory also holds the engine's ``trainer_state.pt`` (for ``--resume``) and
+``log.jsonl``.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
+import dataclasses
 import json
 import math
-from collections.abc import Callable
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-import torch
 import torch.nn as nn
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from .cli import add_common_training_args, load_model_from_args
-from .lora import DEFAULT_TARGETS, apply_lora, count_parameters, has_lora, load_lora_state, lora_state_dict
-from .lora import merge_lora as _merge_lora
-from .weights import CheckpointError, _atomic_write, _load_safetensors, load_checkpoint, load_hf, save_checkpoint
+from .engine import RunConfig, Task, Trainer, check_positive
+from .lora import (
+    DEFAULT_TARGETS,
+    apply_lora,
+    check_lora_settings,
+    count_parameters,
+    has_lora,
+    load_lora_state,
+    lora_state_dict,
+    merge_lora,
+    strip_lora,
+)
+from .model import GPT, GPTClassifier
+from .rundir import atomic_write, check_new_run_dir
+from .runtime import Processes
+from .weights import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    describe_source,
+    load_checkpoint,
+    load_model,
+    load_safetensors,
+    model_source,
+    save_checkpoint,
+)
 
 FINETUNE_FILE = "finetune.json"
 ADAPTERS_FILE = "adapters.safetensors"
 HEAD_FILE = "classifier_head.safetensors"
-TRAIN_STATE_FILE = "train_state.pt"
+BASE_DIR = "base"  # inside a LoRA run: the fresh preset model the adapters were trained on
 TRAINABLE_CHOICES = ("last-block", "all", "lora")
 TASK_NAMES = {"classifier": "a classifier", "instruct": "an instruction-following model"}
 DEFAULT_LORA_RANK = 16  # appendix E's rank and alpha
 DEFAULT_LORA_ALPHA = 16.0
 
 
-# ------------------------------------------------------------------------------------------ command options
+@dataclass
+class FinetuneConfig(RunConfig):
+    """Everything a finetuning run depends on: the shared settings of :class:`gpt.engine.RunConfig`, with
+    the defaults of the book's chapters 6 and 7 (AdamW at a constant 5e-5, batch 8, no dropout, no
+    clipping, an evaluation and a checkpoint after each epoch), and these. One config serves both tasks;
+    a few settings belong to one of them (marked)."""
+
+    dropout: float | None = 0.0  # the book finetunes without dropout
+    epochs: int | None = None  # None: the task's (5 for a classifier, 2 for instructions, as the book)
+    batch_size: int = 8
+    lr: float = 5e-5
+    grad_clip: float | None = None  # the book does not clip
+    eval_every: int | None = None  # None: after each epoch
+    eval_batches: int | None = None  # None: every example of each split
+    save_every: int | None = None  # None: after each epoch
+    # the data
+    data: str | None = None  # None: the bundled data set (SMS Spam Collection; the book's instruction data)
+    limit: int | None = None  # use only this many examples (a quick run on a slice of the data)
+    max_length: int | None = None  # truncate every example to this many tokens (None: up to the context)
+    examples_per_step: int | None = None  # examples per optimizer step, reached by gradient accumulation;
+    # None: one batch per process
+    # which weights train
+    trainable: str | None = None  # last-block, all or lora; None: the task's ("lora" with lora_rank/alpha)
+    lora_rank: int | None = None  # None with LoRA: 16
+    lora_alpha: float | None = None  # the update is scaled by alpha / rank; None with LoRA: 16
+    merge: bool = False  # with LoRA: also write the model with the adapters merged in, to OUT/merged
+    # the classifier's
+    text_column: str = "text"  # with a CSV/TSV data file: the column holding the text...
+    label_column: str = "label"  # ... and the one holding the label
+    # the instruction model's
+    mask_prompt: bool = False  # the loss on the response tokens only
+    max_new_tokens: int = 256  # longest generated response for the test set
+
+    RESUME_MAY_CHANGE: ClassVar[frozenset] = RunConfig.RESUME_MAY_CHANGE | {"merge", "max_new_tokens"}
+    WARMUP_SHARE: ClassVar[float] = 0.0  # a constant learning rate unless told otherwise, as the book
+    MIN_LR_SHARE: ClassVar[float] = 1.0
+
+    def check(self) -> None:
+        super().check()
+        for name in ("limit", "max_length", "examples_per_step"):
+            check_positive(self, name, allow_none=True)
+        if self.trainable is not None and self.trainable not in TRAINABLE_CHOICES:
+            raise ValueError(f"unknown trainable {self.trainable!r}: choose one of {', '.join(TRAINABLE_CHOICES)}")
+        if self.lora_rank is not None or self.lora_alpha is not None:
+            check_lora_settings(self.lora_rank or DEFAULT_LORA_RANK, self.lora_alpha or DEFAULT_LORA_ALPHA)
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max-new-tokens must be >= 0, got {self.max_new_tokens!r}")
 
 
-def add_finetune_args(p: argparse.ArgumentParser, *, trainable: str, epochs: int, lr: float) -> None:
-    """The shared training options plus what both finetuning commands add."""
-    add_common_training_args(p, default_preset="mini", epochs=epochs, batch_size=8, lr=lr)
-    p.add_argument("--data", metavar="FILE", default=None, help="training data (default: the bundled data set)")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="use only N examples (a quick run on a slice of the data)")
-    p.add_argument("--max-length", type=int, default=None, metavar="L",
-                   help="truncate every example to L tokens (default: the longest, up to the context length)")
-    p.add_argument("--trainable", choices=TRAINABLE_CHOICES, default=None,
-                   help=f"which weights train (default: {trainable}; 'lora' when --lora-rank is given)")
-    p.add_argument("--lora-rank", type=int, default=None, metavar="R",
-                   help=f"LoRA rank (implies --trainable lora; default with lora: {DEFAULT_LORA_RANK})")
-    p.add_argument("--lora-alpha", type=float, default=None, metavar="A",
-                   help=f"LoRA alpha; the update is scaled by alpha / rank (default: {DEFAULT_LORA_ALPHA:g})")
-    p.add_argument("--merge", action="store_true",
-                   help="with LoRA: also write the model with the adapters merged in, to OUT/merged")
-    p.add_argument("--eval-batches", type=int, default=None, metavar="N",
-                   help="after each epoch, evaluate on the first N batches of each split only (default: all)")
-    p.add_argument("--dropout", type=float, default=0.0,
-                   help="dropout while finetuning (default 0.0, as the book's chapters 6 and 7)")
-    p.set_defaults(default_trainable=trainable)
+def prepare_config(cfg: FinetuneConfig | None, settings: dict) -> FinetuneConfig:
+    """``cfg`` (default: all defaults) with ``settings`` applied and the data path made absolute (so that a
+    resume from another working directory finds the same data)."""
+    cfg = dataclasses.replace(cfg or FinetuneConfig(), **settings)
+    return dataclasses.replace(cfg, data=str(Path(cfg.data).resolve())) if cfg.data else cfg
 
 
-def resolve_trainable(args) -> tuple[str, dict | None]:
-    """The --trainable mode and, for LoRA, {"rank", "alpha", "targets"}."""
-    mode = args.trainable
-    lora_given = args.lora_rank is not None or args.lora_alpha is not None
-    if mode is None:
-        mode = "lora" if lora_given else args.default_trainable
+def resolve_trainable(cfg: FinetuneConfig, default: str) -> tuple[str, dict | None]:
+    """The trainable mode and, for LoRA, {"rank", "alpha", "targets"}."""
+    lora_given = cfg.lora_rank is not None or cfg.lora_alpha is not None
+    mode = cfg.trainable or ("lora" if lora_given else default)
     if lora_given and mode != "lora":
         raise ValueError(f"--lora-rank/--lora-alpha go with --trainable lora, not --trainable {mode}")
     if mode != "lora":
-        if args.merge:
+        if cfg.merge:
             raise ValueError("--merge merges LoRA adapters: it needs --trainable lora (or --lora-rank R)")
         return mode, None
-    rank = DEFAULT_LORA_RANK if args.lora_rank is None else args.lora_rank
-    alpha = DEFAULT_LORA_ALPHA if args.lora_alpha is None else args.lora_alpha
+    rank = DEFAULT_LORA_RANK if cfg.lora_rank is None else cfg.lora_rank
+    alpha = DEFAULT_LORA_ALPHA if cfg.lora_alpha is None else cfg.lora_alpha
     return mode, {"rank": rank, "alpha": float(alpha), "targets": list(DEFAULT_TARGETS)}
-
-
-def check_training_args(args) -> None:
-    if args.resume and (args.checkpoint or args.hf):
-        raise ValueError("--resume DIR continues a run with the model saved in DIR: leave out --checkpoint/--hf")
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {args.limit}")
-    if args.eval_batches is not None and args.eval_batches < 1:
-        raise ValueError(f"--eval-batches must be at least 1, got {args.eval_batches}")
-    if not 0.0 <= args.dropout < 1.0:
-        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
-
-
-def run_dir(args, task: str) -> Path:
-    """--resume DIR, else --out DIR, else a new runs/<task>-<time> folder."""
-    if args.resume:
-        return Path(args.resume)
-    if args.out:
-        return Path(args.out)
-    return Path("runs") / f"{task}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-
-
-# ------------------------------------------------------------------------------------- the base model
-
-
-def load_base_model(args, device) -> tuple[nn.Module, str, dict]:
-    """The GPT to finetune (from --checkpoint, --hf or a fresh --preset), a description, and where it came
-    from (recorded so that LoRA adapters can be put back on the same base later)."""
-    if args.checkpoint:
-        ck = Path(args.checkpoint)
-        if (ck / FINETUNE_FILE).exists() and not (ck / "model.safetensors").exists():
-            raise ValueError(f"{ck} holds LoRA adapters, not a whole model: merge them first with "
-                             f"`gpt lora-merge --checkpoint {ck} --out DIR` and finetune from DIR")
-    model, what = load_model_from_args(args, device)
-    if args.checkpoint:
-        source = {"checkpoint": str(Path(args.checkpoint).resolve())}
-    elif args.hf:
-        source = {"hf": str(Path(args.hf).resolve())}
-    else:
-        source = {"preset": args.preset}
-    model.set_dropout(args.dropout)
-    return model, what, source
 
 
 def set_trainable(gpt: nn.Module, mode: str, new_modules=(), lora: dict | None = None) -> None:
@@ -165,52 +166,96 @@ def describe_parameters(model: nn.Module) -> str:
     return f"trainable parameters: {trainable:,} of {total:,} ({100.0 * trainable / total:.2f}%)"
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (the book's optimizer for chapters 6 and 7)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("nothing to train: every parameter is frozen")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+def fmt_loss(x: float | None) -> str:
+    return "nan" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
-# ------------------------------------------------------------------------------------------ the epoch loop
+# ------------------------------------------------------------------------------------------ the task
 
 
-def train_epochs(model: nn.Module, loader, loss_fn: Callable, optimizer: torch.optim.Optimizer, *, epochs: int,
-                 seed: int, start_epoch: int = 0, step: int = 0, max_steps: int | None = None,
-                 on_epoch_end: Callable | None = None) -> int:
-    """The plain loop of chapters 5-7: for each epoch, for each batch, loss -> backward -> step.
+class FinetuneTask(Task):
+    """What both finetuning tasks do alike: the model (a base, or the run being resumed), which weights
+    train, the checkpoint's files, the merge at the end. A subclass adds the data, the loss and the
+    evaluation, and sets ``name``, ``kind`` (the task in finetune.json) and ``default_trainable``."""
 
-    ``loss_fn(model, batch)`` returns the batch's mean loss. The shuffle order of epoch ``e`` depends only
-    on ``seed`` and ``e``, so a resumed run sees the same batches. After each epoch (or when ``max_steps``
-    is reached) ``on_epoch_end(epoch, step, mean_train_loss)`` evaluates, reports and saves. Returns the
-    number of optimizer steps taken so far.
-    """
-    gen = getattr(loader, "generator", None)
-    for epoch in range(start_epoch, epochs):
-        if max_steps is not None and step >= max_steps:
-            break
-        if gen is not None:
-            gen.manual_seed(seed + epoch)
-        model.train()
-        total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
-        for batch in bar:
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"the loss became {loss.item()} at step {step}: lower --lr")
-            loss.backward()
-            optimizer.step()
-            step += 1
-            total, n = total + loss.item(), n + 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", step=step)
-            if max_steps is not None and step >= max_steps:
-                break
-        bar.close()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, step, total / max(n, 1))
-    return step
+    kind: str
+    default_trainable: str
+
+    def __init__(self, cfg: FinetuneConfig, env: Processes, state: dict | None):
+        self.env, self.lines = env, []
+        self.load_data(cfg)  # the data first: its errors come before a model is loaded
+        mode, lora = resolve_trainable(cfg, self.default_trainable)
+        if state is not None:
+            model, meta = load_finetuned(cfg.resume, env.device)
+            self.meta = {k: v for k, v in meta.items() if k not in ("format", "config", "history", "step")}
+            self.lines.append(f"model: the {self.kind} run {cfg.resume}")
+        else:
+            gpt, base = self._base_model(cfg, lora, env)
+            model = self.wrap(gpt)
+            self.meta = {"task": self.kind, "trainable": mode, "lora": lora, "base": base,
+                         "data": self.source, "seed": cfg.seed}
+        gpt = model.gpt if isinstance(model, GPTClassifier) else model
+        gpt.kernel_backend = cfg.kernels
+        gpt.set_dropout(cfg.dropout)
+        set_trainable(gpt, mode, new_modules=[model.head] if isinstance(model, GPTClassifier) else [], lora=lora)
+        self.model, self.gpt = model.to(env.device), gpt
+        self.config = dataclasses.replace(cfg, trainable=mode, lora_rank=lora and lora["rank"],
+                                          lora_alpha=lora and lora["alpha"])
+        self.examples_per_step = cfg.examples_per_step
+        self.setup(self.config)  # the datasets, now that the model's context length is known
+        self.lines.append(f"finetuning: --trainable {mode}" + (f" (LoRA rank {lora['rank']}, alpha "
+                                                               f"{lora['alpha']:g})" if lora else "")
+                          + f"; {describe_parameters(self.model)}; dropout {cfg.dropout:g}")
+
+    def _base_model(self, cfg: FinetuneConfig, lora: dict | None, env: Processes) -> tuple[GPT, dict]:
+        """The GPT to finetune and where it came from (recorded so that LoRA adapters find it again)."""
+        kind, source = model_source(cfg.checkpoint, cfg.hf, cfg.preset)
+        if kind == "checkpoint":
+            ck = Path(source)
+            if (ck / FINETUNE_FILE).exists() and not (ck / WEIGHTS_FILE).exists():
+                raise ValueError(f"{ck} holds LoRA adapters, not a whole model: merge them first with "
+                                 f"`gpt lora-merge --checkpoint {ck} --out DIR` and finetune from DIR")
+        gpt = load_model(source, env.device, kind=kind)
+        self.lines.append(f"model: {describe_source(kind, source)}")
+        if kind == "preset":  # a fresh model exists nowhere else: a LoRA run keeps it beside the adapters
+            return gpt, {"checkpoint": BASE_DIR} if lora else {"preset": source}
+        return gpt, {kind: str(Path(source).resolve())}
+
+    def wrap(self, gpt: GPT) -> nn.Module:
+        """The model to train around the GPT (a classifier adds its head)."""
+        return gpt
+
+    def load_data(self, cfg: FinetuneConfig) -> None:
+        """Read and split the data; set ``source`` (what to record as the data) and add a line to ``lines``."""
+        raise NotImplementedError
+
+    def setup(self, cfg: FinetuneConfig) -> None:
+        """Make the datasets (``train_set``...), now that the model is known; resolve ``self.config``."""
+        raise NotImplementedError
+
+    def describe(self) -> list[str]:
+        return self.lines
+
+    def epoch_label(self, record: dict) -> str:
+        return f"epoch {max(1, math.ceil(record['epoch']))}/{self.config.epochs} (step {record['step']})"
+
+    def begin(self, run_dir: Path) -> None:
+        """A LoRA run on a fresh preset keeps that base model in ``base/``, once."""
+        if self.meta.get("base") != {"checkpoint": BASE_DIR} or (run_dir / BASE_DIR).exists():
+            return
+        if self.config.resume:
+            shutil.copytree(Path(self.config.resume) / BASE_DIR, run_dir / BASE_DIR)
+        else:
+            save_checkpoint(strip_lora(self.gpt), run_dir / BASE_DIR)
+
+    def save(self, run: Trainer, directory: Path) -> None:
+        save_finetuned(directory, self.model, {**self.meta, "step": run.step, "history": run.evals})
+
+    def finish(self, run: Trainer) -> dict:
+        if self.config.merge and self.env.main:
+            merged = merge_finetuned(run.run_dir, run.run_dir / "merged", replace=True)
+            run.say(f"merged the LoRA adapters into the base weights: {merged}")
+        return {}
 
 
 # ----------------------------------------------------------------------------- saving and loading runs
@@ -218,7 +263,7 @@ def train_epochs(model: nn.Module, loader, loss_fn: Callable, optimizer: torch.o
 
 def _split(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     """(the GPT, the classifier head or None)."""
-    if hasattr(model, "gpt"):
+    if isinstance(model, GPTClassifier):
         return model.gpt, model.head
     return model, None
 
@@ -233,14 +278,14 @@ def save_finetuned(directory, model: nn.Module, meta: dict) -> Path:
     gpt, head = _split(model)
     if meta.get("lora"):
         state = lora_state_dict(gpt)
-        _atomic_write(directory / ADAPTERS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        atomic_write(directory / ADAPTERS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     else:
         save_checkpoint(gpt, directory, extra_config={"finetune": meta["task"]})
     if head is not None:
         hstate = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
-        _atomic_write(directory / HEAD_FILE, lambda p: save_file(hstate, str(p), metadata={"format": "pt"}))
+        atomic_write(directory / HEAD_FILE, lambda p: save_file(hstate, str(p), metadata={"format": "pt"}))
     full = {"format": "gpt-triton-finetune", "config": gpt.config.to_dict(), **meta}
-    _atomic_write(directory / FINETUNE_FILE, lambda p: p.write_text(json.dumps(full, indent=2)))
+    atomic_write(directory / FINETUNE_FILE, lambda p: p.write_text(json.dumps(full, indent=2)))
     return directory
 
 
@@ -262,14 +307,20 @@ def read_finetune_meta(directory) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e}): the run directory is corrupt") from None
 
 
-def _load_base(meta: dict, directory: Path) -> nn.Module:
+def update_finetune_meta(directory, updates: dict) -> None:
+    """Add entries (final metrics) to a saved run's ``finetune.json``."""
+    meta = {**read_finetune_meta(directory), **updates}
+    atomic_write(Path(directory) / FINETUNE_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
+
+
+def _load_base(meta: dict, directory: Path) -> GPT:
     """The base model LoRA adapters were trained on, checked against the config recorded with them."""
     base = meta.get("base") or {}
     if "checkpoint" in base:
         path = Path(base["checkpoint"])
         gpt = load_checkpoint(path if path.is_absolute() else directory / path)
     elif "hf" in base:
-        gpt = load_hf(base["hf"])
+        gpt = load_model(base["hf"], kind="hf")
     else:
         raise CheckpointError(f"{directory / FINETUNE_FILE} does not say where the adapters' base model is")
     want = {k: v for k, v in meta["config"].items() if k != "dropout"}
@@ -289,82 +340,28 @@ def load_finetuned(directory, device="cpu") -> tuple[nn.Module, dict]:
         gpt = _load_base(meta, directory)
         lora = meta["lora"]
         apply_lora(gpt, lora["rank"], lora["alpha"], lora.get("targets", DEFAULT_TARGETS))
-        load_lora_state(gpt, _load_safetensors(directory / ADAPTERS_FILE), str(directory / ADAPTERS_FILE))
+        load_lora_state(gpt, load_safetensors(directory / ADAPTERS_FILE), str(directory / ADAPTERS_FILE))
     else:
         gpt = load_checkpoint(directory)
     model = gpt
     if meta["task"] == "classifier":
-        from .classify import GPTClassifier  # here, not at the top: gpt.classify imports this module
-
         model = GPTClassifier(gpt, len(meta["labels"]))
-        model.head.load_state_dict(_load_safetensors(directory / HEAD_FILE))
+        model.head.load_state_dict(load_safetensors(directory / HEAD_FILE))
     return model.to(device).eval(), meta
 
 
-def merge_finetuned(src, out) -> Path:
-    """Load LoRA adapters with their base, merge them into the weights and save a full model to ``out``."""
+def merge_finetuned(src, out, replace: bool = False) -> Path:
+    """Load LoRA adapters with their base, merge them into the weights and save a full model to ``out``,
+    which must be a new or empty directory (``replace``: a run's own ``merged/`` is rewritten)."""
+    if not replace:
+        check_new_run_dir(out)
     model, meta = load_finetuned(src)
     gpt, _ = _split(model)
     if not has_lora(gpt):
         raise ValueError(f"{src} holds a full model, not LoRA adapters: there is nothing to merge")
-    _merge_lora(gpt)
-    merged = {**{k: v for k, v in meta.items() if k not in ("format", "config")}, "lora": None,
+    merge_lora(gpt)
+    merged = {**{k: v for k, v in meta.items() if k not in ("format", "config", "base")}, "lora": None,
               "merged_from": {"adapters": str(Path(src).resolve()), "lora": meta["lora"], "base": meta["base"]}}
-    merged.pop("base", None)
     return save_finetuned(out, model, merged)
 
 
-def update_finetune_meta(directory, updates: dict) -> None:
-    """Add entries (final metrics) to a saved run's ``finetune.json``."""
-    path = Path(directory) / FINETUNE_FILE
-    meta = {**read_finetune_meta(directory), **updates}
-    _atomic_write(path, lambda p: p.write_text(json.dumps(meta, indent=2)))
-
-
-def save_train_state(directory, optimizer, epoch: int, step: int) -> None:
-    state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step}
-    _atomic_write(Path(directory) / TRAIN_STATE_FILE, lambda p: torch.save(state, p))
-
-
-def load_train_state(directory) -> dict:
-    path = Path(directory) / TRAIN_STATE_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: {directory} is not a finetuning run that can resume")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file
-        raise CheckpointError(f"could not read {path} ({type(e).__name__}: {e}): start a new run") from None
-
-
-def write_log(directory, record: dict) -> None:
-    """Append one JSON line to ``log.jsonl`` in the run directory."""
-    with open(Path(directory) / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def fmt_loss(x: float) -> str:
-    return "nan" if math.isnan(x) else f"{x:.3f}"
-
-
-# -------------------------------------------------------------------------------------------- commands
-
-
-def cmd_lora_merge(args) -> int:
-    out = merge_finetuned(args.checkpoint, args.out)
-    print(f"merged the LoRA adapters of {args.checkpoint} into the base weights: {out}")
-    return 0
-
-
-def add_commands(sub) -> None:
-    from . import classify, instruct  # each adds its own commands; imported here to avoid an import cycle
-
-    classify.add_commands(sub)
-    instruct.add_commands(sub)
-    m = sub.add_parser("lora-merge", help="merge a run's LoRA adapters into its base model's weights")
-    m.add_argument("--checkpoint", required=True, metavar="DIR", help="a finetuning run trained with LoRA")
-    m.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model")
-    m.set_defaults(func=cmd_lora_merge)
-
-
-__all__ = ["add_finetune_args", "load_finetuned", "merge_finetuned", "save_finetuned", "set_trainable",
-           "train_epochs"]

@@ -13,54 +13,51 @@ format and trained with the ordinary next-token loss::
 
 The collate function pads a batch with <|endoftext|> (50256) but keeps only the *first* one as a target
 (the model must learn to stop); the rest of the padding gets the target -100, which the loss ignores.
-``--mask-prompt`` also sets the prompt's targets to -100, so the loss is on the response alone.
+``mask_prompt`` also sets the prompt's targets to -100, so the loss is on the response alone. A loss is
+the mean over the targets that count, however the examples are batched.
 
 After training, the test set's responses are generated (greedy) and written to ``test-responses.json``
 beside the checkpoint, scored against the reference outputs with ROUGE-L F1 (see :func:`rouge_l_f1`):
 an automatic, offline stand-in for chapter 7's scoring by a larger model (Llama 3 through Ollama).
 
-    gpt finetune-instruct --hf gpt2-medium/ --out runs/instruct
-    echo "Name a color." | gpt chat --checkpoint runs/instruct
+    from gpt.finetune import FinetuneConfig
+    from gpt.instruct import finetune_instruct
+    result = finetune_instruct(FinetuneConfig(hf="gpt2-medium/", out="runs/instruct"))   # gpt finetune-instruct
+    result.metrics["test_rouge_l_f1"]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
-import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .cli import pick_device
+from .engine import RunResult, Trainer
 from .finetune import (
     FINETUNE_FILE,
-    add_finetune_args,
-    check_training_args,
-    describe_parameters,
+    FinetuneConfig,
+    FinetuneTask,
     fmt_loss,
-    load_base_model,
     load_finetuned,
-    load_train_state,
-    make_optimizer,
-    merge_finetuned,
-    resolve_trainable,
-    run_dir,
-    save_finetuned,
-    save_train_state,
-    set_trainable,
+    prepare_config,
     task_name,
-    train_epochs,
     update_finetune_meta,
-    write_log,
 )
-from .generate import check_sampling_args, generate
+from .generate import generate
+from .job import run
+from .rundir import atomic_write
+from .runtime import rng_preserved
 from .tokenizer import EOT_ID, asset_path, decode, encode
-from .weights import _atomic_write, load_checkpoint, save_checkpoint
+from .weights import load_checkpoint
 
+DEFAULT_EPOCHS = 2  # chapter 7
+DEFAULT_TRAINABLE = "all"
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (PyTorch's cross-entropy default)
 PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
             "request.")
@@ -176,28 +173,7 @@ def collate_instructions(batch, pad_id: int = EOT_ID, ignore_index: int = IGNORE
     return inputs, targets
 
 
-# ------------------------------------------------------------------------------- training and evaluation
-
-
-def instruction_loss(model, batch) -> torch.Tensor:
-    inputs, targets = batch
-    _, loss = model(inputs.to(model.device), targets.to(model.device))
-    return loss
-
-
-@torch.no_grad()
-def evaluate_loss(model, loader, max_batches: int | None = None, desc: str = "evaluating") -> float:
-    """The mean of the batches' losses (the book's ``calc_loss_loader``), over the first ``max_batches``."""
-    was_training = model.training
-    model.eval()
-    losses = []
-    total = len(loader) if max_batches is None else min(max_batches, len(loader))
-    for i, batch in enumerate(tqdm(loader, total=total, desc=desc, leave=False)):
-        if max_batches is not None and i >= max_batches:
-            break
-        losses.append(instruction_loss(model, batch).item())
-    model.train(was_training)
-    return sum(losses) / len(losses) if losses else float("nan")
+# ------------------------------------------------------------------------------- responses and their score
 
 
 def generate_response(model, entry: dict, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -241,101 +217,16 @@ def rouge_l_f1(candidate: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def score_test_set(model, test: list[dict], max_new_tokens: int, path) -> float:
-    """Generate every test record's response, write them with their scores to ``path``; mean ROUGE-L F1."""
+def score_responses(model, records: list[dict], max_new_tokens: int, desc: str = "answering the test set"):
+    """Each record with the model's (greedy) response and its ROUGE-L F1 against the reference output."""
     results = []
-    for entry in tqdm(test, desc="answering the test set", leave=False):
+    for entry in tqdm(records, desc=desc, leave=False):
         response = generate_response(model, entry, max_new_tokens)
         results.append({**entry, "model_response": response, "rouge_l_f1": rouge_l_f1(response, entry["output"])})
-    _atomic_write(Path(path), lambda p: p.write_text(json.dumps(results, indent=2)))
-    return sum(r["rouge_l_f1"] for r in results) / len(results)
+    return results
 
 
-# ------------------------------------------------------------------------------------------------ commands
-
-
-def cmd_finetune_instruct(args) -> int:
-    check_training_args(args)
-    check_sampling_args(args.max_new_tokens, 0.0, None, None)
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    data = load_instruction_data(args.data)
-    if args.limit is not None:
-        data = data[:args.limit]
-    train, val, test = split_instruction_data(data)
-    print(f"data: {args.data or 'the bundled instruction-data.json'}, {len(data):,} records; "
-          f"train/val/test {len(train)}/{len(val)}/{len(test)}")
-
-    out = run_dir(args, "instruct")
-    if args.resume:
-        model, meta = load_finetuned(out, device)
-        if meta.get("task") != "instruct":
-            raise ValueError(f"--resume {out}: that run made {task_name(meta)}, not an instruction-following model")
-        mode, lora, max_length, mask_prompt = meta["trainable"], meta["lora"], meta["max_length"], meta["mask_prompt"]
-        state = load_train_state(out)
-        start_epoch, step, history = state["epoch"] + 1, state["step"], meta.get("history", [])
-        model.set_dropout(args.dropout)
-        print(f"resuming {out} after epoch {start_epoch} (step {step})")
-    else:
-        mode, lora = resolve_trainable(args)
-        model, what, base = load_base_model(args, device)
-        print(f"model: {what}")
-        ctx = model.config.context_length
-        if args.max_length is not None and not 1 <= args.max_length <= ctx:
-            raise ValueError(f"--max-length {args.max_length} must be between 1 and the model's context length "
-                             f"{ctx}")
-        max_length, mask_prompt = args.max_length or ctx, args.mask_prompt
-        if lora and "preset" in base:  # a fresh model exists nowhere else: keep it beside the adapters
-            save_checkpoint(model, out / "base")
-            base = {"checkpoint": "base"}
-        meta = {"task": "instruct", "max_length": max_length, "mask_prompt": mask_prompt, "trainable": mode,
-                "lora": lora, "base": base, "data": args.data or "instruction-data.json", "seed": args.seed}
-        start_epoch, step, history, state = 0, 0, [], None
-    set_trainable(model, mode, lora=lora)
-    print(f"finetuning: --trainable {mode}" + (f" (LoRA rank {lora['rank']}, alpha {lora['alpha']:g})"
-                                               if lora else "") + f"; {describe_parameters(model)}")
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-
-    datasets = [InstructionDataset(part, max_length) for part in (train, val, test)]
-    collate = functools.partial(collate_instructions, max_length=max_length, mask_prompt=mask_prompt)
-    train_loader = DataLoader(datasets[0], batch_size=args.batch_size, shuffle=True, generator=torch.Generator(),
-                              collate_fn=collate)
-    val_loader, test_loader = (DataLoader(ds, batch_size=args.batch_size, collate_fn=collate) for ds in datasets[1:])
-    print(f"examples cut to {max_length} tokens" + (", loss on the responses only (--mask-prompt)" if mask_prompt
-                                                     else ""))
-
-    def on_epoch_end(epoch, step, train_loss):
-        val_loss = evaluate_loss(model, val_loader, args.eval_batches, desc="evaluating val")
-        metrics = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "val_loss": val_loss}
-        print(f"epoch {epoch + 1}/{args.epochs} (step {step}): train loss {fmt_loss(train_loss)} | "
-              f"val loss {fmt_loss(val_loss)}")
-        history.append(metrics)
-        write_log(out, metrics)
-        save_finetuned(out, model, {**meta, "history": history})
-        save_train_state(out, optimizer, epoch, step)
-
-    out.mkdir(parents=True, exist_ok=True)
-    if start_epoch >= args.epochs or (args.max_steps is not None and step >= args.max_steps):
-        print(f"{out} has already trained {start_epoch} epochs ({step} steps): raise --epochs or --max-steps "
-              f"to train more")
-        return 0
-    train_epochs(model, train_loader, instruction_loss, optimizer, epochs=args.epochs, seed=args.seed,
-                 start_epoch=start_epoch, step=step, max_steps=args.max_steps, on_epoch_end=on_epoch_end)
-
-    test_loss = evaluate_loss(model, test_loader, desc="evaluating test")
-    score = score_test_set(model, test, args.max_new_tokens, out / RESPONSES_FILE)
-    update_finetune_meta(out, {"test_loss": test_loss, "test_rouge_l_f1": score})
-    print(f"test loss {fmt_loss(test_loss)} | test responses: mean ROUGE-L F1 {score:.3f} against the reference "
-          f"outputs ({len(test)} responses in {out / RESPONSES_FILE})")
-    print(f"saved the model to {out}; try: echo \"Name a color.\" | gpt chat --checkpoint {out}")
-    if lora and args.merge:
-        print(f"merged the LoRA adapters into the base weights: {merge_finetuned(out, out / 'merged')}")
-    return 0
-
-
-def load_chat_model(directory, device):
+def load_chat_model(directory, device="cpu"):
     """An instruction-finetuned model (or any checkpoint of this project, which will answer poorly)."""
     directory = Path(directory)
     if (directory / FINETUNE_FILE).exists():
@@ -347,44 +238,93 @@ def load_chat_model(directory, device):
     return load_checkpoint(directory, map_location=device).eval()
 
 
-def cmd_chat(args) -> int:
-    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, None)
-    model = load_chat_model(args.checkpoint, pick_device(args.device))
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("type an instruction and press Enter; Ctrl-D quits", file=sys.stderr)
-    while True:
-        if interactive:
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        if not line.strip():
-            continue
-        try:
-            response = generate_response(model, {"instruction": line.strip(), "input": ""}, args.max_new_tokens,
-                                         args.temperature, args.top_k, args.seed)
-        except ValueError as e:  # e.g. an instruction longer than the model's context: say so, take the next
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        print(response, flush=True)
-    return 0
+# ------------------------------------------------------------------------------------------ the job
 
 
-def add_commands(sub) -> None:
-    p = sub.add_parser("finetune-instruct", help="finetune a GPT to follow instructions (chapter 7)")
-    add_finetune_args(p, trainable="all", epochs=2, lr=5e-5)
-    p.add_argument("--mask-prompt", action="store_true",
-                   help="compute the loss on the response tokens only (mask the prompt's targets)")
-    p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="longest generated response for the test set (default 256)")
-    p.set_defaults(func=cmd_finetune_instruct)
+def finetune_instruct(cfg: FinetuneConfig | None = None, *, on_step=None, **settings) -> RunResult:
+    """Finetune a GPT to follow instructions as ``cfg`` says (``gpt finetune-instruct``); the result's
+    ``metrics`` hold the last validation loss and the test set's loss and mean ROUGE-L F1."""
+    return run(prepare_config(cfg, settings), InstructTask, defaults={"epochs": DEFAULT_EPOCHS}, on_step=on_step)
 
-    c = sub.add_parser("chat", help="answer instructions (one per line on stdin) with a finetuned model")
-    c.add_argument("--checkpoint", required=True, metavar="DIR", help="a run of gpt finetune-instruct")
-    c.add_argument("--max-new-tokens", type=int, default=256)
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding (default)")
-    c.add_argument("--top-k", type=int, default=None)
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    c.set_defaults(func=cmd_chat)
+
+def instruction_loss(model, batch) -> torch.Tensor:
+    """The mean next-token loss over a batch's targets that count (inputs, targets: (B, T) each)."""
+    inputs, targets = batch
+    _, loss = model(inputs, targets)
+    return loss
+
+
+def _eval_sums(model, batch):
+    """The summed loss and the number of targets that count."""
+    inputs, targets = batch
+    _, loss = model(inputs, targets, return_logits=False)
+    n = (targets != IGNORE_INDEX).sum()
+    return loss * n, n
+
+
+class InstructTask(FinetuneTask):
+    name = "instruction finetuning"
+    kind = "instruct"
+    default_trainable = DEFAULT_TRAINABLE
+
+    def load_data(self, cfg: FinetuneConfig) -> None:
+        data = load_instruction_data(cfg.data)
+        if cfg.limit is not None:
+            data = data[:cfg.limit]
+        self.splits = split_instruction_data(data)
+        self.source = cfg.data or "instruction-data.json"
+        self.lines.append(f"data: {cfg.data or 'the bundled instruction-data.json'}, {len(data):,} records; "
+                          f"train/val/test " + "/".join(str(len(s)) for s in self.splits))
+
+    def setup(self, cfg: FinetuneConfig) -> None:
+        ctx = self.gpt.config.context_length
+        if cfg.max_length is not None and not 1 <= cfg.max_length <= ctx:
+            raise ValueError(f"--max-length {cfg.max_length} must be between 1 and the model's context length "
+                             f"{ctx}")
+        max_length = cfg.max_length or ctx
+        self.config = dataclasses.replace(cfg, max_length=max_length)
+        self.meta.update(max_length=max_length, mask_prompt=cfg.mask_prompt)
+        self.datasets = [InstructionDataset(part, max_length) for part in self.splits]
+        self.train_set = self.datasets[0]
+        self._collate = functools.partial(collate_instructions, max_length=max_length, mask_prompt=cfg.mask_prompt)
+        self.lines.append(f"examples cut to {max_length} tokens" + (", loss on the responses only (--mask-prompt)"
+                                                                    if cfg.mask_prompt else ""))
+
+    def collate(self, items):
+        return self._collate(items)
+
+    def count(self, batch) -> int:
+        return int((batch[1] != IGNORE_INDEX).sum())
+
+    def loss(self, model, batch):
+        return instruction_loss(model, batch)
+
+    @staticmethod
+    def _mean_loss(run: Trainer, ds, whole: bool = False) -> float:
+        total, n = run.eval_sums(ds, _eval_sums, 2, whole=whole)
+        return total / n if n else float("nan")
+
+    def evaluate(self, run: Trainer) -> dict:
+        # the training loss is the mean of the steps since the last evaluation (as the book's running loss)
+        return {"train_loss": run.running_loss(), "val_loss": self._mean_loss(run, self.datasets[1])}
+
+    def report(self, r: dict) -> str:
+        return f"{self.epoch_label(r)}: train loss {fmt_loss(r['train_loss'])} | val loss {fmt_loss(r['val_loss'])}"
+
+    def finish(self, run: Trainer) -> dict:
+        """The test set: its loss, and every record answered and scored (shared out among the processes)."""
+        test_loss = self._mean_loss(run, self.datasets[2], whole=True)
+        test = self.splits[2]
+        mine = list(range(self.env.rank, len(test), self.env.world))
+        with rng_preserved():
+            answered = score_responses(self.model, [test[i] for i in mine], self.config.max_new_tokens)
+        results = [r for _, r in sorted(p for part in self.env.gather(list(zip(mine, answered))) for p in part)]
+        score = sum(r["rouge_l_f1"] for r in results) / len(results)
+        if self.env.main:
+            path = run.run_dir / RESPONSES_FILE
+            atomic_write(path, lambda p: p.write_text(json.dumps(results, indent=2)))
+            update_finetune_meta(run.run_dir, {"test_loss": test_loss, "test_rouge_l_f1": score})
+        run.say(f"test loss {fmt_loss(test_loss)} | test responses: mean ROUGE-L F1 {score:.3f} against the "
+                f"reference outputs ({len(test)} responses in {run.run_dir / RESPONSES_FILE})")
+        run.say(f"saved the model to {run.run_dir}; try: echo \"Name a color.\" | gpt chat --checkpoint {run.run_dir}")
+        return {"test_loss": test_loss, "test_rouge_l_f1": score, **super().finish(run)}

@@ -20,6 +20,7 @@ layers back: the exported model has the base model's shape and speed.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -34,8 +35,8 @@ DEFAULT_TARGETS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank update ``(alpha / rank) * B A``.
 
-    ``weight`` and ``bias`` are the wrapped layer's, so code that reads them keeps working; such code must
-    add :meth:`lora_delta` itself (``MLP.forward`` in gpt/model.py does, to keep its fused bias + GELU).
+    ``weight`` and ``bias`` are the wrapped layer's, so code that reads them keeps working; code that adds
+    the bias itself calls :meth:`matmul`, which includes the adapter's term.
     """
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float):
@@ -60,6 +61,11 @@ class LoRALinear(nn.Module):
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The low-rank term alone: (..., in) -> (..., out). Zero while B is zero."""
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale  # (..., r) -> (..., out)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The product without the bias, adapter included: for a caller that fuses the bias into its next
+        op (``MLP`` in gpt/model.py, through ``PreBiasLinear.matmul``)."""
+        return F.linear(x, self.weight) + self.lora_delta(x)  # (..., out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + self.lora_delta(x)  # (..., out)
@@ -137,6 +143,15 @@ def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor], source: st
     model.load_state_dict(state, strict=False)
 
 
+def _unwrap(model: nn.Module, replacement) -> nn.Module:
+    """Put ``replacement(adapter)`` in place of every :class:`LoRALinear` of ``model`` (in place)."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, child_name, replacement(child))
+    return model
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain ``nn.Linear`` back (in place).
@@ -144,11 +159,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     The merged model computes the same function (up to float rounding) with the base model's parameter
     count and speed; its state dict has the base model's keys again, so it saves as a normal checkpoint.
     """
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(parent, child_name, child.merged())
-    return model
+    return _unwrap(model, LoRALinear.merged)
+
+
+def strip_lora(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its adapters taken off, not merged: the base model they were put on."""
+    return _unwrap(copy.deepcopy(model), lambda adapter: adapter.linear)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -55,17 +55,24 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y)
 
 
+class PreBiasLinear(nn.Linear):
+    """An ``nn.Linear`` whose bias the caller adds later, fused into the next op: :meth:`matmul` is the
+    product alone. A module that wraps this layer (a LoRA adapter) keeps the fusion by offering a
+    ``matmul`` of its own."""
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)  # (..., out), no bias
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.fc = PreBiasLinear(cfg.emb_dim, 4 * cfg.emb_dim)
         self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
         self.proj.residual_scaled = True
 
     def forward(self, x):
-        h = F.linear(x, self.fc.weight)  # (B, T, 4C); the bias is added in the fused bias + GELU below
-        if hasattr(self.fc, "lora_delta"):  # fc wrapped by a LoRA adapter (gpt/lora.py): add its low-rank term
-            h = h + self.fc.lora_delta(x)  # (B, T, 4C)
+        h = self.fc.matmul(x)  # (B, T, 4C); the bias is added in the fused bias + GELU below
         h = kernels.bias_gelu(h, self.fc.bias, approximate="tanh")  # (B, T, 4C)
         return self.proj(h)  # (B, T, C)
 
@@ -167,11 +174,15 @@ class GPT(nn.Module):
         return KVCache.for_model(self, batch_size, max_len)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """The final-normed residual stream (B, T, C), before the output head.
+        """The final-normed residual stream (B, T, C), before the output head, on this model's kernel backend.
 
         With a ``cache``, ``idx`` holds only the new tokens: they follow the cached ones (positions and
         attention continue from there) and their keys and values are added to the cache.
         """
+        with use_backend(self.kernel_backend):
+            return self._hidden_states(idx, cache)  # (B, T, C)
+
+    def _hidden_states(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         self.check_input(idx)
         B, T = idx.shape
         if cache is None:
@@ -202,7 +213,7 @@ class GPT(nn.Module):
         if last_only and targets is not None:
             raise ValueError("last_only is for generation: it cannot be combined with targets")
         with use_backend(self.kernel_backend):
-            h = self.hidden_states(idx, cache)  # (B, T, C)
+            h = self._hidden_states(idx, cache)  # (B, T, C)
             if last_only:
                 h = h[:, -1:]  # (B, 1, C): only the next token is wanted
             V = self.config.vocab_size
@@ -225,3 +236,38 @@ class GPT(nn.Module):
         logits = F.linear(h, self.head.weight)  # (B, T, padded V)
         V = self.config.vocab_size
         return logits if logits.shape[-1] == V else logits[..., :V]  # (B, T, V)
+
+
+class GPTClassifier(nn.Module):
+    """A GPT and a new output layer that maps the last real token's final-normed state to class logits
+    (chapter 6: the last token is the only one that has attended to the whole text).
+
+    The GPT's own language-model head stays in place (it is tied to the token embedding) but is not used.
+    """
+
+    def __init__(self, gpt: GPT, num_classes: int):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+        self.gpt = gpt
+        self.head = nn.Linear(gpt.config.emb_dim, num_classes).to(gpt.device)
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.gpt.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.gpt.device
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits (B, num_classes) for token ids (B, T); ``lengths`` (B,) marks where each row's
+        real tokens end (the rest is padding); without it the last position is used."""
+        h = self.gpt.hidden_states(idx)  # (B, T, C)
+        if lengths is None:
+            last = h[:, -1, :]  # (B, C)
+        else:
+            if int(lengths.min()) < 1 or int(lengths.max()) > idx.shape[1]:
+                raise ValueError(f"lengths must be in [1, {idx.shape[1]}], got {lengths.tolist()}")
+            last = h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]  # (B, C)
+        return self.head(last)  # (B, num_classes)

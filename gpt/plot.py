@@ -6,8 +6,9 @@ pyplot's global state (safe inside a training loop, a test, or a process without
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from .rundir import atomic_write
 
 
 def plot_losses(evals: list[dict], path, title: str | None = None) -> Path | None:
@@ -45,12 +46,4 @@ def plot_losses(evals: list[dict], path, title: str | None = None) -> Path | Non
                                                        lambda e: tokens[0] + (e - ep[0]) / scale))
             top.set_xlabel("epochs")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

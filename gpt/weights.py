@@ -1,5 +1,8 @@
 """Saving and loading weights: the project's own checkpoints and Hugging Face GPT-2 checkpoints.
 
+:func:`load_model` is the one entry for "the model a job starts from": a preset (fresh weights), one of
+our checkpoint directories or a Hugging Face GPT-2 directory.
+
 Our checkpoint is a directory with ``config.json`` (the :class:`GPTConfig`) and ``model.safetensors``.
 A Hugging Face GPT-2 directory has ``config.json`` plus ``model.safetensors`` or ``pytorch_model.bin``;
 its ``Conv1D`` layers store weights as (in, out), so they are transposed into our ``nn.Linear`` (out, in).
@@ -9,15 +12,15 @@ its ``Conv1D`` layers store weights as (in, out), so they are transposed into ou
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import GPTConfig
+from .config import PRESETS, GPTConfig
 from .model import GPT
+from .rundir import atomic_write
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -44,23 +47,13 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e}): the checkpoint is corrupt") from None
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, with a clear error for a truncated or foreign file."""
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"could not read {path}: {e}. The file is truncated or not a safetensors "
                               f"file: save the checkpoint again") from None
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
@@ -77,8 +70,8 @@ def save_checkpoint(model: GPT, directory, extra_config: dict | None = None) -> 
     directory.mkdir(parents=True, exist_ok=True)
     state = model_state_for_saving(model)
     meta = {"format": "gpt-triton", "config": model.config.to_dict(), **(extra_config or {})}
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
     return directory
 
 
@@ -116,7 +109,7 @@ def load_checkpoint(directory, map_location="cpu", kernel_backend: str | None = 
                               + (" (it looks like a Hugging Face config: use load_hf / --hf)"
                                  if "n_embd" in meta else ""))
     model = GPT(GPTConfig.from_dict(meta["config"]), kernel_backend=kernel_backend)
-    state = _load_safetensors(w_path)
+    state = load_safetensors(w_path)
     load_state_into(model, state, str(w_path))
     return model.to(map_location)
 
@@ -193,7 +186,7 @@ def load_hf(directory, map_location="cpu", kernel_backend: str | None = None, **
         cfg = GPTConfig.from_dict({**cfg.to_dict(), **overrides})
     st, binf = directory / WEIGHTS_FILE, directory / "pytorch_model.bin"
     if st.exists():
-        hf_state = _load_safetensors(st)
+        hf_state = load_safetensors(st)
     elif binf.exists():
         try:
             hf_state = torch.load(binf, map_location="cpu", weights_only=True)
@@ -210,3 +203,50 @@ def load_hf(directory, map_location="cpu", kernel_backend: str | None = None, **
                 ours[k] = torch.cat([ours[k], ours[k].new_zeros(pad, ours[k].shape[1])])
     load_state_into(model, ours, str(directory))
     return model.to(map_location)
+
+
+# ------------------------------------------------------------------------------------- any of the three
+
+SOURCE_KINDS = ("checkpoint", "hf", "preset")
+
+
+def model_source(checkpoint=None, hf=None, preset=None, default_preset: str = "mini") -> tuple[str, str]:
+    """(kind, source) of the options --checkpoint, --hf and --preset: the first given, else the preset."""
+    if checkpoint and hf:
+        raise ValueError("give either a checkpoint or a Hugging Face directory to start from, not both")
+    if checkpoint:
+        return "checkpoint", str(checkpoint)
+    if hf:
+        return "hf", str(hf)
+    return "preset", preset or default_preset
+
+
+def describe_source(kind: str, source: str) -> str:
+    return {"checkpoint": f"checkpoint {source}", "hf": f"GPT-2 weights from {source}",
+            "preset": f"UNTRAINED {source} (random weights)"}[kind]
+
+
+def load_model(source, device="cpu", *, kind: str | None = None, kernel_backend: str | None = None,
+               **overrides) -> GPT:
+    """A GPT from ``source``: a preset name (``"tiny"``, ``"gpt2-small"``: freshly initialised), one of our
+    checkpoint directories, or a Hugging Face GPT-2 directory; ``kind`` (one of ``SOURCE_KINDS``) says
+    which, None tells it from the source. ``overrides`` change config fields: any for a preset; for loaded
+    weights only those that leave the tensors' shapes alone (``dropout``; ``pad_vocab_multiple`` for HF)."""
+    if kind is None:
+        path = Path(source)
+        kind = ("preset" if str(source) in PRESETS and not path.exists()
+                else "hf" if path.is_dir() and (path / CONFIG_FILE).exists() and _looks_like_hf(path)
+                else "checkpoint")
+    if kind == "preset":
+        return GPT.from_preset(str(source), kernel_backend=kernel_backend, **overrides).to(device)
+    if kind == "hf":
+        return load_hf(source, map_location=device, kernel_backend=kernel_backend, **overrides)
+    if kind != "checkpoint":
+        raise ValueError(f"unknown model source kind {kind!r}: choose one of {', '.join(SOURCE_KINDS)}")
+    model = load_checkpoint(source, map_location=device, kernel_backend=kernel_backend)
+    unknown = set(overrides) - {"dropout"}
+    if unknown:
+        raise ValueError(f"a checkpoint's {sorted(unknown)} cannot be changed when loading it")
+    if overrides.get("dropout") is not None:
+        model.set_dropout(overrides["dropout"])
+    return model

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from gpt.train import TrainConfig, train
+from gpt.pretrain import TrainConfig, train
 from gpt.weights import model_state_for_saving
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,10 +5,9 @@ import sys
 import pytest
 import torch
 
-from gpt import GPT, save_checkpoint
+from gpt import GPT, GPTClassifier, save_checkpoint
 from gpt.classify import (
     ClassificationDataset,
-    GPTClassifier,
     accuracy,
     balance_classes,
     class_names,
@@ -19,7 +18,7 @@ from gpt.classify import (
     split_examples,
 )
 from gpt.cli import main
-from gpt.finetune import load_finetuned, set_trainable, train_epochs
+from gpt.finetune import load_finetuned, set_trainable
 from gpt.instruct import (
     InstructionDataset,
     collate_instructions,
@@ -123,6 +122,15 @@ def test_last_block_mode_trains_the_last_block_final_norm_and_new_head():
     assert {"head.weight", "head.bias", "gpt.final_norm.weight", f"gpt.blocks.{last}.mlp.fc.weight"} <= trainable
 
 
+def take_steps(model, batch, loss_fn, steps: int, lr: float) -> None:
+    """Plain AdamW steps on one batch: the loss function alone, without the engine."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        loss_fn(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def test_classifier_loss_falls_over_a_few_steps():
     torch.manual_seed(0)
     model = GPTClassifier(GPT.from_preset("tiny", dropout=0.0, vocab_size=1000), 2)  # a small vocabulary: fast
@@ -130,8 +138,7 @@ def test_classifier_loss_falls_over_a_few_steps():
     batch = collate_classification([(torch.randint(0, 1000, (int(n),)).tolist(), i % 2)
                                     for i, n in enumerate(torch.randint(3, 12, (8,)))], pad_id=999)
     before = classification_loss(model, batch).item()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    train_epochs(model, [batch] * 15, classification_loss, opt, epochs=1, seed=0)
+    take_steps(model, batch, classification_loss, steps=15, lr=1e-3)
     after = classification_loss(model, batch).item()
     assert after < 0.5 * before
 
@@ -142,10 +149,9 @@ def test_instruction_loss_falls_over_a_few_steps():
     # two "records": (token ids of prompt + response, prompt length)
     records = [(torch.randint(0, 999, (20,)).tolist(), 12), (torch.randint(0, 999, (14,)).tolist(), 9)]
     batch = collate_instructions(records, pad_id=999, mask_prompt=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.eval()
     before = instruction_loss(model, batch).item()
-    train_epochs(model, [batch] * 12, instruction_loss, opt, epochs=1, seed=0)
+    take_steps(model.train(), batch, instruction_loss, steps=12, lr=3e-3)
     model.eval()
     after = instruction_loss(model, batch).item()
     assert after < before - 2.0

@@ -12,7 +12,9 @@ import torch
 
 from gpt import GPT, CheckpointError, load_checkpoint
 from gpt.cli import main
-from gpt.train import STATE_FILE, TrainConfig, lr_at, make_optimizer, train
+from gpt.optim import lr_at, make_optimizer
+from gpt.pretrain import TrainConfig, train
+from gpt.rundir import STATE_FILE
 
 
 def tiny(out, **kw) -> TrainConfig:
@@ -94,7 +96,8 @@ def test_gradient_accumulation_follows_the_same_curve_as_one_big_batch(tmp_path)
     acc = train(tiny(tmp_path / "b", batch_size=2, tokens_per_step=4 * 32, dropout=0.0, max_steps=3,
                      eval_every=100, sample_tokens=0, kernels="torch"))
     assert acc.model.kernel_backend == "torch" and one.model.kernel_backend == "auto"  # --kernels
-    assert acc.tokens_seen == one.tokens_seen == 3 * 4 * 32
+    assert acc.examples_seen == one.examples_seen == 3 * 4
+    assert acc.metrics["tokens_seen"] == one.metrics["tokens_seen"] == 3 * 4 * 32
     torch.testing.assert_close(torch.tensor(acc.losses), torch.tensor(one.losses), rtol=0, atol=1e-5)
     for (name, p), q in zip(one.model.named_parameters(), acc.model.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=name)

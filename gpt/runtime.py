@@ -1,0 +1,201 @@
+"""Where and how a job runs: the device, the precision, the process group, the kernel backend, the random
+generators, the signals that stop a run. Plain functions and small classes that any job (or a notebook)
+can use; no argparse here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import threading
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; or a name such as ``cpu``, ``cuda``, ``cuda:1``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+
+
+def check_backend(name: str | None, device: torch.device) -> None:
+    """Raise now, before anything is written, if kernel backend ``name`` cannot run on ``device``."""
+    from kernels.backend import select, use_backend
+
+    try:
+        with use_backend(name):
+            select(torch.empty(0, device=device))
+    except RuntimeError as e:
+        raise ValueError(f"--kernels {name} cannot run on {device}: {e}") from None
+
+
+class Precision:
+    """The training precision on a device: ``autocast()`` for the forward passes and, for float16, the
+    gradient scaler. ``auto`` is bf16 autocast on a CUDA GPU that has it (fp16 on one that has not) and
+    float32 on the CPU."""
+
+    def __init__(self, device: torch.device, dtype: str = "auto"):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        if dtype == "auto":
+            bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+            dtype = ("bfloat16" if bf16 else "float16") if device.type == "cuda" else "float32"
+        if dtype == "float16" and device.type != "cuda":
+            raise ValueError("float16 training needs a CUDA GPU (it relies on a gradient scaler there): use "
+                             "--dtype bfloat16 or float32 on the CPU")
+        if device.type == "cuda":  # TF32 tensor cores for the float32 matmuls
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.device, self.name = device, dtype
+        self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+        self.scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+class Processes:
+    """This process, alone or one of several started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK).
+
+    With several, each gets its own GPU (or shares the CPU) and the process group is started here (gloo on
+    the CPU, NCCL on GPUs) unless the caller started one already.
+    """
+
+    def __init__(self, device_name: str = "auto"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owns_group = False
+        device = pick_device(device_name)
+        if self.world > 1 and device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)  # one GPU per process
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.device = device
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            self.owns_group = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of ``values`` over all processes."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj) -> list:
+        """Every process's ``obj``, in rank order."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------- RNG
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch (CPU and every GPU), numpy and Python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def rng_state() -> dict:
+    """Every random generator a training step can draw from, as plain tensors and numbers (loadable with
+    ``torch.load(weights_only=True)``): torch's CPU generator and each GPU's (dropout masks; the attention
+    kernels draw their dropout seeds from these too), numpy's and Python's."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(s: dict) -> None:
+    """Put back what :func:`rng_state` returned."""
+    torch.set_rng_state(s["torch"])
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(s["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
+    n = s["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32),
+                                                              "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    random.setstate(s["python"])
+
+
+@contextlib.contextmanager
+def rng_preserved():
+    """Run a block (an evaluation, a sample) without moving any random generator that training uses, so
+    that the steps after it are the same whether or not it ran."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+
+
+def to_device(batch, device: torch.device):
+    """A batch's tensors on ``device`` (through pinned memory to a GPU, without waiting for the copy)."""
+    if device.type != "cuda":
+        return tuple(batch)
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+
+
+class StopOnSignal:
+    """Turn the first Ctrl-C (SIGINT) or SIGTERM into a request to stop after the current step; a second
+    one stops at once. Signal handlers can only be set in the main thread; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("\nstopping after this step to save a checkpoint (press Ctrl-C again to quit without saving)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
