@@ -34,7 +34,7 @@ from .finetune import (
 )
 from .generate import check_sampling_args, decode_stream, generate_stream
 from .model import GPT
-from .pretrain import DEFAULT_PRESET, TrainConfig, train
+from .pretrain import DEFAULT_EPOCHS, DEFAULT_PRESET, TrainConfig, train
 from .runtime import DTYPES, pick_device
 from .tokenizer import EOT_ID, encode
 from .weights import describe_source, load_model, model_source
@@ -113,7 +113,7 @@ def add_train_command(sub) -> None:
         description="Pretrain a GPT on text. With no options: the 'mini' preset on The Verdict for 10 epochs, "
                     "as chapter 5 of the book does. Under torchrun: DistributedDataParallel, with --batch-size "
                     "windows per process.")
-    add_run_args(p, d, d.epochs)
+    add_run_args(p, d, DEFAULT_EPOCHS)
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="FILE_OR_DIR", default=None,
                    help="a text file or a directory of .txt files (big ones are tokenized once into a memory-mapped "

@@ -69,8 +69,10 @@ class RunConfig:
     out: str | None = None  # None: a new folder under runs/ (or the --resume directory)
     resume: str | None = None  # a run directory to continue
     # the optimisation
-    epochs: int | None = 10  # passes over the training examples (None: the job's default)
-    max_steps: int | None = None  # stop after this many optimizer steps; takes precedence over epochs
+    epochs: int | None = None  # passes over the training examples; None: the job's (10 pretraining, 5 or 2
+    # finetuning, as the book's chapters)
+    max_steps: int | None = None  # the run's length in optimizer steps instead; takes precedence over epochs.
+    # The schedule spans the run's length: a resume that changes it (either setting) reshapes what is left
     batch_size: int = 2  # examples per forward pass per process
     lr: float = 4e-4  # peak learning rate
     min_lr: float | None = None  # where the cosine ends; None: lr * MIN_LR_SHARE

@@ -93,11 +93,17 @@ def resolve_resume(cfg: RunConfig, state: dict) -> RunConfig:
     contradicts the checkpoint is an error rather than silently ignored."""
     cls = type(cfg)
     defaults, saved = cls(), state["train_config"]
+    # the run's length is one choice: either setting given names it anew (--epochs 2 after --max-steps 3 runs
+    # the two epochs), neither keeps the checkpoint's
+    length = ("epochs", "max_steps")
+    new_length = any(getattr(cfg, name) != getattr(defaults, name) for name in length)
     merged = {}
     for f in dataclasses.fields(cls):
         mine, default = getattr(cfg, f.name), getattr(defaults, f.name)
         theirs = saved.get(f.name, default)
-        if f.name in cls.RESUME_MAY_CHANGE:
+        if f.name in length:
+            merged[f.name] = mine if new_length else theirs
+        elif f.name in cls.RESUME_MAY_CHANGE:
             merged[f.name] = mine if mine != default else theirs
         elif mine != default and mine != theirs:
             raise ValueError(f"cannot resume {cfg.resume} with {f.name}={mine!r}: that run was trained with "

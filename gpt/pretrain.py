@@ -40,6 +40,7 @@ from .tokenizer import decode, encode
 from .weights import load_checkpoint, load_model, model_source, save_checkpoint
 
 DEFAULT_PRESET = "mini"  # trains on The Verdict in minutes on a laptop CPU
+DEFAULT_EPOCHS = 10  # chapter 5
 PLOT_FILE = "loss.png"
 TrainResult = RunResult  # what train() returns (the name this module has always used)
 
@@ -68,8 +69,6 @@ class TrainConfig(RunConfig):
         super().check()
         for name in ("context_length", "stride", "tokens_per_step"):
             check_positive(self, name, allow_none=True)
-        if self.epochs is None:
-            raise ValueError("epochs must be a positive integer, got None")
         if not isinstance(self.sample_tokens, int) or self.sample_tokens < 0:
             raise ValueError(f"sample-tokens must be >= 0 (0: no samples), got {self.sample_tokens!r}")
         if not 0.0 <= self.val_ratio < 1.0:
@@ -87,7 +86,7 @@ def train(cfg: TrainConfig | None = None, *, on_step=None, **settings) -> RunRes
     cfg = dataclasses.replace(cfg or TrainConfig(), **settings)
     if cfg.data:  # absolute, so that a resume from another working directory finds the same data
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
-    return run(cfg, PretrainTask, on_step=on_step)
+    return run(cfg, PretrainTask, defaults={"epochs": DEFAULT_EPOCHS}, on_step=on_step)
 
 
 # ------------------------------------------------------------------------------------------ the task

@@ -1,5 +1,6 @@
 import io
 import json
+import math
 import sys
 
 import pytest
@@ -13,15 +14,17 @@ from gpt.classify import (
     class_names,
     classification_loss,
     collate_classification,
+    finetune_classifier,
     read_sms_spam,
     read_table,
     split_examples,
 )
 from gpt.cli import main
-from gpt.finetune import load_finetuned, set_trainable
+from gpt.finetune import FinetuneConfig, load_finetuned, set_trainable
 from gpt.instruct import (
     InstructionDataset,
     collate_instructions,
+    finetune_instruct,
     format_prompt,
     instruction_loss,
     lcs_length,
@@ -177,15 +180,63 @@ def test_classifier_command_end_to_end_then_classify(tmp_path, capsys):
     assert label in ("ham", "spam") and 0.5 <= float(prob) <= 1.0
 
 
-def test_classifier_resume_continues_like_an_uninterrupted_run(tmp_path, capsys):
-    args = ["finetune-classifier", *FAST, "--limit", "20", "--lr", "1e-3", "--eval-batches", "1"]
-    assert main([*args, "--epochs", "2", "--out", str(tmp_path / "whole")]) == 0
-    assert main([*args, "--epochs", "1", "--out", str(tmp_path / "part")]) == 0
-    assert main([*args, "--epochs", "2", "--resume", str(tmp_path / "part")]) == 0
-    whole = json.loads((tmp_path / "whole" / "finetune.json").read_text())["history"]
-    resumed = json.loads((tmp_path / "part" / "finetune.json").read_text())["history"]
-    assert len(resumed) == 2
-    assert resumed[-1]["val_loss"] == pytest.approx(whole[-1]["val_loss"], rel=1e-5)
+def test_classifier_stopped_by_max_steps_resumes_mid_epoch_like_an_uninterrupted_run(tmp_path, capsys):
+    # issue 14's case: a resume used to record the stopped epoch as done and skip the rest of it
+    args = ["finetune-classifier", "--preset", "tiny", "--limit", "20", "--batch-size", "2", "--lr", "1e-3",
+            "--eval-batches", "1", "--dropout", "0.1", "--device", "cpu", "--epochs", "2"]  # 7 steps an epoch
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--max-steps", "3", "--out", str(tmp_path / "part")]) == 0
+    capsys.readouterr()
+    assert main([*args, "--resume", str(tmp_path / "part"), "--out", str(tmp_path / "part")]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed at step 3" in printed and "epoch 1/2 (step 7)" in printed and "epoch 2/2 (step 14)" in printed
+    whole, meta = load_finetuned(tmp_path / "whole")
+    resumed, resumed_meta = load_finetuned(tmp_path / "part")
+    for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert [r["step"] for r in resumed_meta["history"]] == [3, 7, 14]  # the stop's evaluation, then as whole
+
+    def evaluated(r):  # the running loss covers the steps since the previous evaluation: here since step 3
+        return {k: v for k, v in r.items() if k not in ("time", "running_train_loss")}
+
+    assert list(map(evaluated, resumed_meta["history"][1:])) == list(map(evaluated, meta["history"]))
+
+
+def test_python_api_finetunes_without_argparse(tmp_path):
+    result = finetune_classifier(FinetuneConfig(preset="tiny", limit=20, batch_size=4, max_steps=2, device="cpu",
+                                                out=str(tmp_path / "cls")))
+    assert result.out_dir == tmp_path / "cls" and result.step == 2 and len(result.losses) == 2
+    assert {"train_accuracy", "val_accuracy", "test_accuracy", "val_loss"} <= set(result.metrics)
+    model, meta = load_finetuned(result.out_dir)
+    assert isinstance(model, GPTClassifier) and meta["labels"] == ["ham", "spam"]
+
+
+def test_finetuning_accumulates_clips_and_autocasts_through_the_engine(tmp_path, monkeypatch, capsys):
+    base = dict(preset="tiny", limit=20, max_steps=3, eval_batches=1, lr=1e-3, device="cpu", trainable="all")
+    big = finetune_classifier(FinetuneConfig(**base, batch_size=4, out=str(tmp_path / "big")))
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, m, *a, **k: clipped.append(m) or clip(p, m))
+    acc = finetune_classifier(FinetuneConfig(**base, batch_size=2, examples_per_step=4, grad_clip=50.0,
+                                             out=str(tmp_path / "acc")))
+    assert clipped == [50.0] * 3  # a norm this large clips nothing, so the curves below must agree
+    assert "4 examples per step = 2 per batch x 2 accumulation" in capsys.readouterr().out
+    torch.testing.assert_close(torch.tensor(acc.losses), torch.tensor(big.losses), rtol=0, atol=1e-5)
+    bf16 = finetune_classifier(FinetuneConfig(**base, batch_size=4, dtype="bfloat16", out=str(tmp_path / "bf16")))
+    assert "bfloat16 on cpu" in capsys.readouterr().out
+    assert all(math.isfinite(x) for x in bf16.losses) and bf16.losses != big.losses  # autocast changed the math
+    assert bf16.losses == pytest.approx(big.losses, abs=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("job", ["classifier", "instruct"])
+def test_finetuning_on_cuda_with_float16_and_a_grad_scaler(tmp_path, job):
+    fn = finetune_classifier if job == "classifier" else finetune_instruct
+    result = fn(FinetuneConfig(preset="tiny", limit=20, batch_size=4, max_steps=4, lr=1e-3, device="cuda",
+                               dtype="float16", max_new_tokens=2, out=str(tmp_path / "run")))
+    assert all(math.isfinite(x) for x in result.losses)
+    state = torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=True)
+    assert state["scaler"] is not None and all(g["fused"] for g in state["optimizer"]["param_groups"])
 
 
 def test_classifier_from_csv_with_lora_and_merge(tmp_path, capsys):

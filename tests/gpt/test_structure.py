@@ -1,0 +1,113 @@
+"""How the code is put together: imports flow one way, the command line is a layer on top, nothing is too long.
+
+Read from the source with ``ast`` (nothing is run), except the check that ``import gpt`` stays light.
+"""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("gpt", "kernels")
+MAX_FUNCTION_LINES = 80  # outside the Triton kernels
+MAX_MODULE_LINES = 500  # in gpt/
+
+
+def modules(package: str) -> dict[str, Path]:
+    """Module name -> file, e.g. "gpt.engine" -> gpt/engine.py ("gpt" for gpt/__init__.py)."""
+    out = {}
+    for path in sorted((REPO / package).rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imported(name: str, path: Path) -> set[str]:
+    """The modules of this repository that ``name`` imports anywhere (inside functions too)."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            names = {f"{base}.{a.name}" for a in node.names}
+            found |= names  # `from . import classify` imports the module gpt.classify...
+            if names - ALL_MODULES:
+                found.add(base)  # ... `from .engine import Task` the module gpt.engine
+    return {m for m in found if m.split(".")[0] in PACKAGES}
+
+
+ALL_MODULES = set(modules("gpt")) | set(modules("kernels")) | set(modules("bench"))
+
+
+def graph() -> dict[str, set[str]]:
+    mods = {**modules("gpt"), **modules("kernels")}
+    return {name: {m for m in imported(name, path) if m in mods and m != name} for name, path in mods.items()}
+
+
+def test_no_import_cycles_in_gpt_or_kernels():
+    g = graph()
+    done, path = set(), []
+
+    def visit(m):
+        if m in path:
+            cycle = path[path.index(m):] + [m]
+            pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+        if m in done:
+            return
+        path.append(m)
+        for n in sorted(g[m]):
+            visit(n)
+        path.pop()
+        done.add(m)
+
+    for m in sorted(g):
+        visit(m)
+
+
+def test_only_main_imports_the_command_line_and_kernels_never_import_gpt():
+    for package in ("gpt", "kernels", "bench"):
+        for name, path in modules(package).items():
+            deps = imported(name, path)
+            if name != "gpt.__main__":
+                assert "gpt.cli" not in deps, f"{path.relative_to(REPO)} imports gpt.cli"
+            if package == "kernels":
+                assert not any(d.split(".")[0] == "gpt" for d in deps), f"{path.relative_to(REPO)} imports gpt"
+
+
+def test_import_gpt_loads_no_training_code():
+    code = "import sys, gpt; print(sorted(m for m in sys.modules if m.startswith('gpt')))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    loaded = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            check=True).stdout
+    for name in ("gpt.engine", "gpt.job", "gpt.pretrain", "gpt.finetune", "gpt.classify", "gpt.instruct",
+                 "gpt.optim", "gpt.data", "gpt.cli"):
+        assert f"'{name}'" not in loaded, f"import gpt loaded {name}"
+    assert "'gpt.model'" in loaded  # the check sees what it should
+
+
+def _is_triton_kernel(node) -> bool:
+    return any("triton" in ast.unparse(d) for d in node.decorator_list)
+
+
+def test_no_function_longer_than_80_lines_and_no_gpt_module_longer_than_500():
+    long = []
+    for package in ("gpt", "kernels", "bench"):
+        for path in modules(package).values():
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not _is_triton_kernel(node):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > MAX_FUNCTION_LINES:
+                        long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {n} lines")
+            if package == "gpt" and len(path.read_text().splitlines()) > MAX_MODULE_LINES:
+                long.append(f"{path.relative_to(REPO)}: {len(path.read_text().splitlines())} lines")
+    assert not long, "\n".join(long)
