@@ -7,9 +7,11 @@
 
     from gpt import TrainConfig, train, FinetuneConfig, finetune_classifier, finetune_instruct
     run = train(TrainConfig(preset="tiny", max_steps=20))           # what `gpt train` runs
-    spam = finetune_classifier(FinetuneConfig(checkpoint=str(run.out_dir)))
+    spam = finetune_classifier(FinetuneConfig(checkpoint=str(run.out_dir), max_steps=20))
+    spam.metrics["test_accuracy"], spam.out_dir
 
-How the package is built, each layer calling only the ones below it:
+How the package is built; calls go one way, from the command line to the jobs to the engine to the model
+(and the job support) to ``kernels``:
 
 - the model: ``config`` (GPTConfig and presets), ``model`` (GPT and the classifier head, on the ``kernels``
   API), ``kv_cache``, ``lora``, ``tokenizer``, ``generate``, ``weights`` (checkpoints, Hugging Face GPT-2,

@@ -235,7 +235,7 @@ def finetune_classifier(cfg: FinetuneConfig | None = None, *, on_step=None, **se
 
 class ClassifierTask(FinetuneTask):
     name = "classifier finetuning"
-    kind = "classifier"
+    kind = run_prefix = "classifier"
     default_trainable = DEFAULT_TRAINABLE
 
     def load_data(self, cfg: FinetuneConfig) -> None:

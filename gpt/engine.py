@@ -97,7 +97,6 @@ class RunConfig:
         "eval_batches", "save_every"})
     WARMUP_SHARE: ClassVar[float] = 0.05  # warm-up steps when warmup_steps is None, as a share of the run
     MIN_LR_SHARE: ClassVar[float] = 0.1  # min_lr when None, as a share of lr
-    RUN_PREFIX: ClassVar[str] = ""  # new run directories are runs/<prefix>-<date-time>
 
     def check(self) -> None:
         """Clear errors for settings that make no sense (before anything is loaded or written)."""
@@ -150,6 +149,7 @@ class Task:
     """What a training job says; the engine does the rest. Set the attributes in ``__init__``."""
 
     name: str  # recorded in the checkpoint: a run resumes only as the task it was
+    run_prefix: str = ""  # a new run's default directory is runs/<prefix>-<date-time>
     config: RunConfig  # the job's settings with everything resolved (what a resume continues with)
     model: nn.Module  # on the device, with its trainable parameters marked (requires_grad)
     train_set: Sequence  # the training examples: the engine shuffles and deals them out

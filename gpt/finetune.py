@@ -202,10 +202,10 @@ class FinetuneTask(Task):
         self.config = dataclasses.replace(cfg, trainable=mode, lora_rank=lora and lora["rank"],
                                           lora_alpha=lora and lora["alpha"])
         self.examples_per_step = cfg.examples_per_step
-        self.setup(self.config)  # the datasets, now that the model's context length is known
         self.lines.append(f"finetuning: --trainable {mode}" + (f" (LoRA rank {lora['rank']}, alpha "
                                                                f"{lora['alpha']:g})" if lora else "")
                           + f"; {describe_parameters(self.model)}; dropout {cfg.dropout:g}")
+        self.setup(self.config)  # the datasets, now that the model's context length is known
 
     def _base_model(self, cfg: FinetuneConfig, lora: dict | None, env: Processes) -> tuple[GPT, dict]:
         """The GPT to finetune and where it came from (recorded so that LoRA adapters find it again)."""

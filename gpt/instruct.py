@@ -264,7 +264,7 @@ def _eval_sums(model, batch):
 
 class InstructTask(FinetuneTask):
     name = "instruction finetuning"
-    kind = "instruct"
+    kind = run_prefix = "instruct"
     default_trainable = DEFAULT_TRAINABLE
 
     def load_data(self, cfg: FinetuneConfig) -> None:

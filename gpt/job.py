@@ -44,7 +44,7 @@ def run(cfg: RunConfig, task_cls: type[Task], *, defaults: dict | None = None,
         cfg = dataclasses.replace(cfg, **{k: v for k, v in (defaults or {}).items() if getattr(cfg, k) is None})
         precision = Precision(env.device, cfg.dtype)
         check_backend(cfg.kernels, env.device)
-        run_dir = Path(cfg.out) if cfg.out else fresh_run_dir(cfg.RUN_PREFIX)
+        run_dir = Path(cfg.out) if cfg.out else fresh_run_dir(task_cls.run_prefix)
         in_place = bool(cfg.resume) and run_dir.resolve() == Path(cfg.resume).resolve()
         if env.main and not in_place:
             check_new_run_dir(run_dir)

@@ -2,6 +2,7 @@ import io
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,10 +203,11 @@ def test_classifier_stopped_by_max_steps_resumes_mid_epoch_like_an_uninterrupted
     assert list(map(evaluated, resumed_meta["history"][1:])) == list(map(evaluated, meta["history"]))
 
 
-def test_python_api_finetunes_without_argparse(tmp_path):
-    result = finetune_classifier(FinetuneConfig(preset="tiny", limit=20, batch_size=4, max_steps=2, device="cpu",
-                                                out=str(tmp_path / "cls")))
-    assert result.out_dir == tmp_path / "cls" and result.step == 2 and len(result.losses) == 2
+def test_python_api_finetunes_without_argparse(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = finetune_classifier(FinetuneConfig(preset="tiny", limit=20, batch_size=4, max_steps=2, device="cpu"))
+    assert result.out_dir.parent == Path("runs") and result.out_dir.name.startswith("classifier-")
+    assert result.step == 2 and len(result.losses) == 2
     assert {"train_accuracy", "val_accuracy", "test_accuracy", "val_loss"} <= set(result.metrics)
     model, meta = load_finetuned(result.out_dir)
     assert isinstance(model, GPTClassifier) and meta["labels"] == ["ham", "spam"]

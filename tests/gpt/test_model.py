@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from gpt import GPT, GPTConfig
+from gpt import GPT, GPTClassifier, GPTConfig
 from gpt.config import PRESETS
+from kernels.backend import get_backend
 
 
 def _count(cfg):
@@ -123,3 +124,14 @@ def test_book_init_keeps_pytorch_defaults():
     assert model.head.weight is not model.tok_emb.weight
     with pytest.raises(ValueError, match="init must be"):
         GPTConfig(init="xavier")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_hidden_states_and_the_classifier_run_on_the_models_kernel_backend(backend):
+    model = GPT.from_preset("tiny", kernel_backend=backend).eval()
+    seen = []
+    model.final_norm.register_forward_hook(lambda *_: seen.append(get_backend()))
+    idx = torch.randint(0, 50257, (2, 5))
+    model.hidden_states(idx)
+    GPTClassifier(model, 2)(idx)
+    assert seen == [backend, backend]

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,6 +215,27 @@ def test_a_failed_save_keeps_the_previous_checkpoint(finished_run, tmp_path, mon
     assert {n: (run / n).read_bytes() for n in before} == before
     assert not (run / ".saving").exists()
     assert train(TrainConfig(resume=str(run), max_steps=3)).step == 3  # and it still resumes
+
+
+def test_a_save_cut_short_after_its_commit_is_finished_when_the_run_resumes(finished_run, tmp_path, monkeypatch):
+    run = copy_run(finished_run, tmp_path)
+    moved, replace = [], os.replace
+
+    def crash_after_one_file(src, dst):  # the staged files are complete and committed; then the machine dies
+        if Path(src).parent.name == ".saving" and Path(dst).parent == run:
+            moved.append(Path(dst).name)
+            if len(moved) == 2:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_after_one_file)
+    with pytest.raises(OSError, match="put in place when the run is resumed"):
+        train(TrainConfig(resume=str(run), max_steps=3))
+    monkeypatch.undo()
+    assert (run / ".saving" / "COMMITTED").exists()  # half the files of step 3 in place, half still staged
+    result = train(TrainConfig(resume=str(run), max_steps=4))  # finishes the save first, then goes on
+    assert result.step == 4 and len(result.losses) == 1 and not (run / ".saving").exists()
+    assert json.loads((run / "config.json").read_text())["step"] == 4
 
 
 # ------------------------------------------------------------------------------------------ CUDA
