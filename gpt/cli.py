@@ -65,7 +65,9 @@ def add_run_args(p: argparse.ArgumentParser, d: RunConfig, epochs: int) -> None:
                    help="run directory for checkpoints and log; a new or empty one (default: a new folder under runs/)")
     p.add_argument("--resume", metavar="DIR", default=None, help="continue the run saved in DIR")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training data (default {epochs})")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="the run's length in optimizer steps, instead of --epochs (a resume that gives either one "
+                        "sets a new length)")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"examples per batch, per process (default {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")

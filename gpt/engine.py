@@ -208,8 +208,8 @@ class Trainer:
     """One run of a task: the schedule, the steps, the evaluations and checkpoints (see the module's doc).
 
     What a task may use: ``model`` (the raw model), ``step``, ``epoch`` (fractional), ``steps_per_epoch``,
-    ``total_steps``, ``env`` (rank, world size), ``run_dir``, ``evals``, ``say``, ``running_loss`` and
-    ``eval_sums``.
+    ``total_steps``, ``env`` (rank, world size), ``run_dir``, ``evals``, ``say``, ``log_record``,
+    ``elapsed``, ``running_loss`` and ``eval_sums``.
     """
 
     def __init__(self, task: Task, env: Processes, precision: Precision, state: dict | None, run_dir: Path,
@@ -287,6 +287,10 @@ class Trainer:
     def epoch(self) -> float:
         return round(self.step / self.steps_per_epoch, 4)
 
+    def elapsed(self) -> float:
+        """Seconds since this call started training."""
+        return time.time() - self.t_start
+
     def running_loss(self) -> float:
         """The mean training loss of the steps since the last evaluation (nan if none)."""
         total, n = self._running
@@ -332,12 +336,12 @@ class Trainer:
                      f"--epochs or --max-steps to train more")
             return self._result({})
         self._open_run_dir()
-        t_start = time.time()
+        self.t_start = time.time()
         if self.step == 0 and self.task.eval_at_start:
-            self._evaluate(t_start)
+            self._evaluate()
         with StopOnSignal() as stop, tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                                           dynamic_ncols=True, disable=not self.env.main) as bar:
-            stopped = self._loop(stop, bar, t_start)
+            stopped = self._loop(stop, bar)
         if stopped:
             self.say(f"stopped at step {self.step}; checkpoint saved in {self.run_dir}. Continue with --resume "
                      f"{self.run_dir}")
@@ -364,7 +368,7 @@ class Trainer:
             self.log.rewrite(RunLog(Path(self.config.resume) / LOG_FILE).read(self.step))
         self.task.begin(self.run_dir)
 
-    def _loop(self, stop: StopOnSignal, bar, t_start: float) -> bool:
+    def _loop(self, stop: StopOnSignal, bar) -> bool:
         """Train to the last step; True if stopped by a signal (after saving)."""
         c, spe = self.config, self.steps_per_epoch
         while self.step < self.total_steps:
@@ -380,7 +384,7 @@ class Trainer:
                 self.on_step(self.step, loss)
             epoch_done, last = self.step % spe == 0, self.step == self.total_steps
             if last or (self.step % c.eval_every == 0 if c.eval_every else epoch_done):
-                self._evaluate(t_start)
+                self._evaluate()
             if epoch_done or last:
                 with rng_preserved():
                     self.task.epoch_end(self)
@@ -430,9 +434,9 @@ class Trainer:
                                f"--dtype bfloat16/float32; the last checkpoint is untouched")
         return step_loss, lr
 
-    def _evaluate(self, t_start: float) -> None:
+    def _evaluate(self) -> None:
         record = {"event": "eval", "step": self.step, "epoch": self.epoch, **self.task.evaluate(self),
-                  "lr": self.scheduler.get_last_lr()[0], "time": round(time.time() - t_start, 2)}
+                  "lr": self.scheduler.get_last_lr()[0], "time": round(self.elapsed(), 2)}
         self._running = [0.0, 0]
         self.evals.append(record)
         self.log_record(record)

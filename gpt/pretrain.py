@@ -177,8 +177,9 @@ class PretrainTask(Task):
 
     def finish(self, run: Trainer) -> dict:
         last = run.evals[-1] if run.evals else {}
-        run.say(f"done: {run.step} steps, {run.step * self.tokens_per_step:,} tokens; train loss "
-                f"{last.get('train_loss', float('nan')):.3f}, val loss {last.get('val_loss') or float('nan'):.3f}. "
+        run.say(f"done: {run.step} steps, {run.step * self.tokens_per_step:,} tokens in {run.elapsed():.0f} s; "
+                f"train loss {last.get('train_loss', float('nan')):.3f}, val loss "
+                f"{last.get('val_loss') or float('nan'):.3f}. "
                 f"Checkpoint, log.jsonl and loss.png in {run.run_dir}; try: gpt generate --checkpoint "
                 f"{run.run_dir} --prompt \"{self.config.sample_prompt}\"")
         return {"tokens_seen": run.step * self.tokens_per_step}

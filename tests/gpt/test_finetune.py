@@ -203,6 +203,18 @@ def test_classifier_stopped_by_max_steps_resumes_mid_epoch_like_an_uninterrupted
     assert list(map(evaluated, resumed_meta["history"][1:])) == list(map(evaluated, meta["history"]))
 
 
+def test_instruct_stopped_by_max_steps_resumes_mid_epoch_like_an_uninterrupted_run(tmp_path):
+    kw = dict(preset="tiny", limit=10, batch_size=2, lr=1e-3, dropout=0.1, max_new_tokens=2, device="cpu")
+    whole = finetune_instruct(FinetuneConfig(**kw, epochs=2, out=str(tmp_path / "whole")))  # 4 steps an epoch
+    finetune_instruct(FinetuneConfig(**kw, max_steps=3, out=str(tmp_path / "part")))
+    resumed = finetune_instruct(FinetuneConfig(resume=str(tmp_path / "part"), epochs=2))
+    assert resumed.step == whole.step == 8 and resumed.losses == whole.losses[3:]
+    for (name, p), q in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(p, q), name
+    for key in ("val_loss", "test_loss", "test_rouge_l_f1"):  # (train_loss: the mean since the last evaluation)
+        assert resumed.metrics[key] == whole.metrics[key], key
+
+
 def test_python_api_finetunes_without_argparse(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = finetune_classifier(FinetuneConfig(preset="tiny", limit=20, batch_size=4, max_steps=2, device="cpu"))
