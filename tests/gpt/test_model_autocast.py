@@ -122,3 +122,21 @@ def test_generation_with_kv_cache_under_autocast(amp):
     assert step.dtype == full.dtype == amp
     torch.testing.assert_close(step.float(), full.float(), rtol=0, atol=8 * torch.finfo(amp).eps * full.abs().max())
     assert out.shape == (1, 22) and torch.equal(out[:, :17], idx)
+
+
+@pytest.mark.parametrize("job,trainable", [("classifier", "all"), ("instruct", "lora")])
+def test_finetuning_steps_under_autocast_on_the_triton_backend(tmp_path, job, trainable):
+    """The finetuning jobs' steps (the classifier head on the last token; instruction tuning with LoRA on
+    the attention and feed-forward matmuls) under bf16 autocast on the kernels: finite, and the losses of
+    the torch backend's identical run within bf16 noise."""
+    from gpt import FinetuneConfig, finetune_classifier, finetune_instruct
+
+    fn = finetune_classifier if job == "classifier" else finetune_instruct
+    losses = {}
+    for backend in ("torch", "triton"):
+        cfg = FinetuneConfig(preset="tiny", limit=12, batch_size=2, max_steps=2, lr=1e-3, device="cpu",
+                             dtype="bfloat16", kernels=backend, trainable=trainable, eval_batches=1,
+                             max_new_tokens=2, out=str(tmp_path / backend))
+        losses[backend] = fn(cfg).losses
+    assert len(losses["triton"]) == 2 and all(torch.isfinite(torch.tensor(losses["triton"])))
+    assert losses["triton"] == pytest.approx(losses["torch"], rel=2e-2)
