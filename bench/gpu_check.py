@@ -11,7 +11,8 @@ a CUDA error in one loses nothing else; a stage gets at most its cap (``CAPS_S``
 
 1. ``env``: the GPU, driver, library versions, and the two ceilings measured here: a device-to-device
    copy (GB/s, bytes read + written, 512 MiB of random bf16) and a bf16 matmul (TFLOP/s, 8192^3, random).
-2. ``tests``: ``pytest -m gpu`` over the host's cores (pytest-xdist) with ``GPT_KERNELS_AUTOTUNE=first``:
+2. ``tests``: ``pytest -m "gpu or gpu_path"`` (the GPU tests, and the autocast / torch.compile / custom-op
+   tests of the GPU user's path, on CUDA) over the host's cores (pytest-xdist) with ``GPT_KERNELS_AUTOTUNE=first``:
    each autotuned attention launch compiles the first config its pruning leaves instead of every
    candidate, which on a cold Triton cache is most of the tests' time (test_gpu_every_autotune_config
    still runs every config, forced). 30 s before its cap pytest gets SIGINT and reports what ran.
@@ -452,7 +453,10 @@ class Check:
         # a dry run collects the GPU tests and skips them all: xdist's start-up would cost more than that
         workers = self.workers if self.workers is not None else (
             1 if self.dry_run else min(os.cpu_count() or 1, MAX_TEST_WORKERS))
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
+        # on the GPU also the GPU user's path (autocast, torch.compile, the custom ops) on CUDA; the dry run
+        # leaves those out: the CPU suite runs them under the interpreter already
+        marks = "gpu" if self.dry_run else "gpu or gpu_path"
+        cmd = [sys.executable, "-m", "pytest", "-m", marks, "-q", "-rfE", "-p", "no:cacheprovider",
                f"--junitxml={junit}", "--durations=10"]
         xdist = _version("pytest-xdist")
         if workers > 1 and xdist:  # without pytest-xdist: one process, and the cap decides how far it gets

@@ -19,21 +19,24 @@ import torch
 
 from gpt import GPT, generate
 
+pytestmark = pytest.mark.gpu_path  # bench.gpu_check runs these on CUDA as well
+
 AMP = [torch.bfloat16, torch.float16]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter; a GPU machine: CUDA autocast
 
 
 def _model(**overrides):
     # a prime vocabulary padded to 512 rows (the padded head path), a length no block size divides
     cfg = dict(dropout=0.0, vocab_size=503, pad_vocab_multiple=16, qkv_bias=True)
     cfg.update(overrides)
-    return GPT.from_preset("tiny", **cfg)
+    return GPT.from_preset("tiny", **cfg).to(DEVICE)
 
 
 def _step(model, backend, amp, idx, tgt):
     """One training step's loss and gradients (fp32 masters), under autocast(amp) unless amp is None."""
     model.kernel_backend = backend
     model.train().zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+    with torch.autocast(DEVICE, dtype=amp, enabled=amp is not None):
         _, loss = model(idx, tgt)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -47,7 +50,7 @@ def _rel(a, b):
 def test_training_step_triton_matches_torch_under_autocast(amp):
     torch.manual_seed(0)
     model = _model()
-    idx, tgt = torch.randint(0, 503, (2, 21)), torch.randint(0, 503, (2, 21))
+    idx, tgt = torch.randint(0, 503, (2, 21), device=DEVICE), torch.randint(0, 503, (2, 21), device=DEVICE)
     tgt[0, :3] = -100
     loss32, grads32 = _step(model, "torch", None, idx, tgt)
     loss_t, grads_t = _step(model, "torch", amp, idx, tgt)
@@ -66,14 +69,14 @@ def test_training_step_triton_matches_torch_under_autocast(amp):
 @pytest.mark.parametrize("amp", AMP, ids=str)
 def test_adamw_step_under_autocast_lowers_the_loss_on_both_backends(amp):
     """forward, backward, AdamW: the step the trainer takes, on the Triton kernels under autocast."""
-    idx, tgt = torch.randint(0, 503, (2, 21)), torch.randint(0, 503, (2, 21))
+    idx, tgt = torch.randint(0, 503, (2, 21), device=DEVICE), torch.randint(0, 503, (2, 21), device=DEVICE)
     losses = {}
     for backend in ("torch", "triton"):
         torch.manual_seed(1)
         model = _model(kernel_backend=backend).train()
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         for _ in range(3):
-            with torch.autocast("cpu", dtype=amp):
+            with torch.autocast(DEVICE, dtype=amp):
                 _, loss = model(idx, tgt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -88,7 +91,7 @@ def test_adamw_step_under_autocast_lowers_the_loss_on_both_backends(amp):
 @pytest.mark.parametrize("amp", AMP, ids=str)
 def test_every_op_output_dtype_matches_the_torch_backend(amp):
     """Hooks on every module record the dtype each fused op's caller sees; the two backends agree."""
-    idx = torch.randint(0, 503, (1, 9))
+    idx = torch.randint(0, 503, (1, 9), device=DEVICE)
 
     def dtypes(backend):
         model = _model(kernel_backend=backend).eval()
@@ -96,7 +99,7 @@ def test_every_op_output_dtype_matches_the_torch_backend(amp):
         hooks = [m.register_forward_hook(lambda m, i, o, name=n: seen.append(
             (name, tuple(t.dtype for t in (o if isinstance(o, tuple) else (o,)) if isinstance(t, torch.Tensor)))))
             for n, m in model.named_modules() if n]
-        with torch.no_grad(), torch.autocast("cpu", dtype=amp):
+        with torch.no_grad(), torch.autocast(DEVICE, dtype=amp):
             logits, loss = model(idx, idx)
         for h in hooks:
             h.remove()
@@ -111,8 +114,8 @@ def test_generation_with_kv_cache_under_autocast(amp):
     full forward over the same tokens within the precision, and generation runs end to end."""
     torch.manual_seed(2)
     model = _model(kernel_backend="triton").eval()
-    idx = torch.randint(0, 503, (1, 17))
-    with torch.no_grad(), torch.autocast("cpu", dtype=amp):
+    idx = torch.randint(0, 503, (1, 17), device=DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=amp):
         cache = model.new_kv_cache(1)
         assert cache.layers[0].k.dtype == amp
         model(idx[:, :16], cache=cache)
@@ -134,7 +137,7 @@ def test_finetuning_steps_under_autocast_on_the_triton_backend(tmp_path, job, tr
     fn = finetune_classifier if job == "classifier" else finetune_instruct
     losses = {}
     for backend in ("torch", "triton"):
-        cfg = FinetuneConfig(preset="tiny", limit=12, batch_size=2, max_steps=2, lr=1e-3, device="cpu",
+        cfg = FinetuneConfig(preset="tiny", limit=12, batch_size=2, max_steps=2, lr=1e-3, device=DEVICE,
                              dtype="bfloat16", kernels=backend, trainable=trainable, eval_batches=1,
                              max_new_tokens=2, out=str(tmp_path / backend))
         losses[backend] = fn(cfg).losses

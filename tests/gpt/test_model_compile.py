@@ -16,12 +16,15 @@ import torch
 
 from gpt import GPT
 
+pytestmark = pytest.mark.gpu_path  # bench.gpu_check runs these on CUDA as well
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the kernels in the interpreter
 
 
 def _model(dropout=0.0):
     return GPT.from_preset("tiny", dropout=dropout, vocab_size=503, pad_vocab_multiple=16, qkv_bias=True,
-                           kernel_backend="triton")
+                           kernel_backend="triton").to(DEVICE)
 
 
 def _loss_and_grads(run, model, idx, tgt):
@@ -42,7 +45,7 @@ def fresh_dynamo():
 def test_compiled_training_step_equals_eager(fresh_dynamo):
     torch.manual_seed(0)
     model = _model().train()
-    idx, tgt = torch.randint(0, 503, (2, 13)), torch.randint(0, 503, (2, 13))
+    idx, tgt = torch.randint(0, 503, (2, 13), device=DEVICE), torch.randint(0, 503, (2, 13), device=DEVICE)
     tgt[1, :4] = -100
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     loss_c, grads_c = _loss_and_grads(compiled, model, idx, tgt)
@@ -55,7 +58,7 @@ def test_compiled_training_step_equals_eager(fresh_dynamo):
 def test_compiled_logits_equal_eager(fresh_dynamo):
     torch.manual_seed(1)
     model = _model().eval()
-    idx = torch.randint(0, 503, (2, 13))
+    idx = torch.randint(0, 503, (2, 13), device=DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         logits_c, loss_c = compiled(idx, idx)
@@ -69,7 +72,7 @@ def test_compiled_dropout_draws_the_same_masks_as_eager(fresh_dynamo):
     """Attention dropout under compile: the seed is drawn on the device inside the graph (no host sync), from
     the same generator as eager, so a seeded compiled step equals the seeded eager step."""
     model = _model(dropout=0.2).train()
-    idx = torch.randint(0, 503, (2, 13))
+    idx = torch.randint(0, 503, (2, 13), device=DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.manual_seed(5)
     loss_c, grads_c = _loss_and_grads(compiled, model, idx, idx)
@@ -85,9 +88,9 @@ def test_compiled_dropout_draws_the_same_masks_as_eager(fresh_dynamo):
 def test_compiled_under_autocast(fresh_dynamo):
     torch.manual_seed(2)
     model = _model().train()
-    idx = torch.randint(0, 503, (2, 13))
+    idx = torch.randint(0, 503, (2, 13), device=DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         loss_c, _ = _loss_and_grads(compiled, model, idx, idx)
         loss_e, _ = _loss_and_grads(model, model, idx, idx)
     assert loss_c.dtype == torch.float32
@@ -95,8 +98,9 @@ def test_compiled_under_autocast(fresh_dynamo):
 
 
 @pytest.mark.slow
-def test_gpt_train_compile_runs_on_the_cpu(tmp_path):
-    """The command line's --compile (inductor, the default backend) on the CPU: a few steps, a checkpoint."""
+def test_gpt_train_compile_runs(tmp_path):
+    """The command line's --compile (inductor, the default backend; on the CPU in CI): a few steps, a
+    checkpoint."""
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "gpt", "train", "--preset", "tiny", "--max-steps", "2",

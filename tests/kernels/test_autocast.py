@@ -1,11 +1,11 @@
 """Every fused op under torch.autocast: the dtypes of kernels.autocast's policy, on every backend, and values.
 
 Each op runs as the model runs it under autocast (fp32 master weights, an fp32 residual stream, bf16/fp16
-activations out of the matmuls) on the Triton backend (the interpreter on CPU: CPU autocast applies the
-same dtype logic as CUDA's) and on the torch backend. Both must return the policy's dtypes for every
-output and every gradient, and the Triton result is held to the three-way rule of the rest of the suite:
-its error against a float64 computation of the same function is at most twice the torch backend's error
-plus a few units in the last place of the output dtype.
+activations out of the matmuls) on the Triton backend and on the torch backend: on the CPU the kernels run
+in the interpreter (CPU autocast applies the same dtype logic as CUDA's), on a GPU machine on CUDA. Both
+backends must return the policy's dtypes for every output and every gradient, and the Triton result is
+held to the three-way rule of the rest of the suite: its error against a float64 computation of the same
+function is at most twice the torch backend's error plus a few units in the last place of the output dtype.
 """
 
 import pytest
@@ -15,22 +15,27 @@ import kernels
 from kernels import reference
 from kernels.testing import assert_close_to_ref
 
+pytestmark = pytest.mark.gpu_path  # bench.gpu_check runs these on CUDA as well
+
 AMP = [torch.bfloat16, torch.float16]
 _EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
-def _leaf(*shape, dtype=torch.float32, scale=1.0, device="cpu"):
-    return (scale * torch.randn(*shape, device=device)).to(dtype).requires_grad_()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine: CUDA autocast, compiled kernels
+
+
+def _leaf(*shape, dtype=torch.float32, scale=1.0):
+    return (scale * torch.randn(*shape, device=DEVICE)).to(dtype).requires_grad_()
 
 
 def _run(backend, amp, fn, inputs, grad_seed=0):
     """fn(*inputs) on ``backend`` under autocast(amp): (outputs, gradients of the inputs for random dys)."""
     inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
-    with kernels.use_backend(backend), torch.autocast("cpu", dtype=amp):
+    with kernels.use_backend(backend), torch.autocast(DEVICE, dtype=amp):
         outs = fn(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
     gen = torch.Generator().manual_seed(grad_seed)
-    dys = [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outs]
+    dys = [torch.randn(o.shape, generator=gen).to(o.device, o.dtype) for o in outs]
     grads = torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], dys)
     return outs, grads, dys
 
@@ -101,7 +106,7 @@ def test_attention_casts_q_k_v_to_amp(amp):
 
 @pytest.mark.parametrize("amp", AMP, ids=str)
 def test_cross_entropy_loss_is_fp32(amp):
-    logits, t = _leaf(9, 301, dtype=amp, scale=3.0), torch.randint(0, 301, (9,))
+    logits, t = _leaf(9, 301, dtype=amp, scale=3.0), torch.randint(0, 301, (9,), device=DEVICE)
     t[2] = -100
     _check("cross_entropy", amp, lambda x: kernels.cross_entropy(x, t, label_smoothing=0.1),
            lambda x: reference.cross_entropy(x, t, label_smoothing=0.1), [logits], [torch.float32])
@@ -109,7 +114,7 @@ def test_cross_entropy_loss_is_fp32(amp):
 
 @pytest.mark.parametrize("amp", AMP, ids=str)
 def test_linear_cross_entropy_projects_in_amp(amp):
-    h, w, t = _leaf(13, 16), _leaf(70, 16, scale=0.5), torch.randint(0, 64, (13,))
+    h, w, t = _leaf(13, 16), _leaf(70, 16, scale=0.5), torch.randint(0, 64, (13,), device=DEVICE)
     _check("linear_cross_entropy", amp,
            lambda h, w: kernels.linear_cross_entropy(h, w, t, num_classes=64, chunk_size=5),
            lambda h, w: reference.linear_cross_entropy(h, w[:64], t), [h, w], [torch.float32])
@@ -117,13 +122,14 @@ def test_linear_cross_entropy_projects_in_amp(amp):
 
 def test_mixed_dtypes_without_autocast_follow_torch_promotion():
     """No autocast: the sum and bias + GELU take the dtype ``x + residual`` / ``x + bias`` would have."""
-    a, x = torch.randn(3, 24).bfloat16(), torch.randn(3, 24)
-    h, b = torch.randn(3, 24).bfloat16(), torch.randn(24)
+    a, x = torch.randn(3, 24, device=DEVICE).bfloat16(), torch.randn(3, 24, device=DEVICE)
+    h, b = torch.randn(3, 24, device=DEVICE).bfloat16(), torch.randn(24, device=DEVICE)
+    w, b0 = torch.ones(24, device=DEVICE), torch.zeros(24, device=DEVICE)
     for backend in ("triton", "torch", "reference"):
         with kernels.use_backend(backend):
             s, y = kernels.add_layer_norm(a, x)
             z = kernels.bias_gelu(h, b)
-            ln = kernels.layer_norm(a, (24,), torch.ones(24), torch.zeros(24))
+            ln = kernels.layer_norm(a, (24,), w, b0)
         assert (s.dtype, y.dtype, z.dtype, ln.dtype) == (torch.float32, torch.float32, torch.float32,
                                                          torch.bfloat16), backend
         torch.testing.assert_close(s, a.float() + x)

@@ -12,11 +12,18 @@ import torch
 
 import kernels  # noqa: F401  (registers torch.ops.gpt_triton.*)
 
+pytestmark = pytest.mark.gpu_path  # bench.gpu_check runs these on CUDA as well
+
 ops = torch.ops.gpt_triton
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on the CPU
 
 
 def _t(*shape, dtype=torch.float32, grad=True):
-    return torch.randn(*shape).to(dtype).requires_grad_(grad)
+    return torch.randn(*shape, device=DEVICE).to(dtype).requires_grad_(grad)
+
+
+def _i(*values):
+    return torch.tensor(values, device=DEVICE)
 
 
 def _qkv_heads_interleaved():
@@ -28,38 +35,38 @@ def _qkv_heads_interleaved():
 def _cases():
     x, r, w, b = _t(3, 5, 40), _t(3, 5, 40, dtype=torch.bfloat16), _t(40), _t(40)
     lse_logits = _t(6, 37, grad=False)
-    t6 = torch.tensor([1, 36, -100, 0, 5, 9])
+    t6 = _i(1, 36, -100, 0, 5, 9)
     _, lse = ops.cross_entropy(lse_logits, t6, -100, 0.1)
     q, k, v = _qkv_heads_interleaved()
-    o, attn_lse = ops.attention(q.detach(), k.detach(), v.detach(), torch.tensor([7]), True, 0.2, 0.25)
+    o, attn_lse = ops.attention(q.detach(), k.detach(), v.detach(), _i(7), True, 0.2, 0.25)
     h, hw, hb = _t(10, 8), _t(21, 8), _t(21)
-    t10 = torch.randint(0, 19, (10,))
+    t10 = torch.randint(0, 19, (10,), device=DEVICE)
     return {
         "layer_norm": (ops.layer_norm, (x, w, b, 1e-5, torch.bfloat16)),
         "layer_norm no params": (ops.layer_norm, (x, None, None, 1e-5, torch.float32)),
         "add_layer_norm mixed": (ops.add_layer_norm, (r, x, w, b, 1e-5, torch.bfloat16)),
         "layer_norm_backward": (ops.layer_norm_backward, (
-            _t(3, 5, 40, dtype=torch.bfloat16, grad=False), x.detach(), w.detach(), torch.randn(15),
-            torch.rand(15) + 0.5, _t(3, 5, 40, grad=False), torch.float32, torch.bfloat16, torch.float32)),
+            _t(3, 5, 40, dtype=torch.bfloat16, grad=False), x.detach(), w.detach(), _t(15, grad=False),
+            _t(15, grad=False).abs() + 0.5, _t(3, 5, 40, grad=False), torch.float32, torch.bfloat16, torch.float32)),
         "gelu": (ops.gelu, (_t(7, 13), True)),
         "gelu_backward": (ops.gelu_backward, (_t(7, 13, grad=False), _t(7, 13, grad=False), False)),
         "bias_gelu amp": (ops.bias_gelu, (_t(4, 33, dtype=torch.bfloat16), _t(33), True, True, torch.bfloat16)),
         "bias_gelu_backward": (ops.bias_gelu_backward, (_t(4, 33, grad=False), _t(4, 33, grad=False),
                                                         _t(33, grad=False), True, False)),
         "attention": (ops.attention, (q, k, v, None, True, 0.0, 0.25)),
-        "attention dropout": (ops.attention, (q, k, v, torch.tensor([7]), True, 0.2, 0.25)),
+        "attention dropout": (ops.attention, (q, k, v, _i(7), True, 0.2, 0.25)),
         "attention_backward": (ops.attention_backward, (
-            _t(2, 2, 11, 16, grad=False), q.detach(), k.detach(), v.detach(), o, attn_lse, torch.tensor([7]),
+            _t(2, 2, 11, 16, grad=False), q.detach(), k.detach(), v.detach(), o, attn_lse, _i(7),
             True, 0.2, 0.25)),
         "cross_entropy": (ops.cross_entropy, (_t(6, 37), t6, -100, 0.1)),
-        "cross_entropy_backward": (ops.cross_entropy_backward, (torch.randn(6), lse_logits, t6, lse, -100, 0.1)),
+        "cross_entropy_backward": (ops.cross_entropy_backward, (_t(6, grad=False), lse_logits, t6, lse, -100, 0.1)),
         "linear_cross_entropy": (ops.linear_cross_entropy, (
-            h, hw, hb, t10, torch.full((10,), 0.1), 19, -100, 0.0, 4, True, True, True)),
+            h, hw, hb, t10, torch.full((10,), 0.1, device=DEVICE), 19, -100, 0.0, 4, True, True, True)),
         "linear_cross_entropy frozen weight": (ops.linear_cross_entropy, (
-            h, hw.detach(), None, t10, torch.ones(()).expand(10), 19, -100, 0.1, 3, True, False, False)),
+            h, hw.detach(), None, t10, torch.ones((), device=DEVICE).expand(10), 19, -100, 0.1, 3, True, False, False)),
         "linear_cross_entropy_rows": (ops.linear_cross_entropy_rows, (h, hw, hb, t10, 19, -100, 0.1, 4)),
         "linear_cross_entropy_rows_backward": (ops.linear_cross_entropy_rows_backward, (
-            torch.randn(10), h.detach(), hw.detach(), hb.detach(), t10, 19, -100, 0.0, 4, True, True, True)),
+            _t(10, grad=False), h.detach(), hw.detach(), hb.detach(), t10, 19, -100, 0.0, 4, True, True, True)),
     }
 
 
