@@ -5,6 +5,8 @@ import torch
 
 from gpt import GPT
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels in the interpreter on the CPU
+
 
 def _run(model, backend, idx, tgt, train_mode):
     model.kernel_backend = backend
@@ -20,9 +22,9 @@ def _run(model, backend, idx, tgt, train_mode):
 def test_tiny_gpt_triton_matches_torch(train_mode):
     # dropout 0 so both backends compute the same function; a prime vocabulary and a length that is not a
     # multiple of any block size; the training mode takes the chunked linear + cross-entropy path
-    model = GPT.from_preset("tiny", dropout=0.0, vocab_size=503, qkv_bias=True)
-    idx = torch.randint(0, 503, (2, 13))
-    tgt = torch.randint(0, 503, (2, 13))
+    model = GPT.from_preset("tiny", dropout=0.0, vocab_size=503, qkv_bias=True).to(DEVICE)
+    idx = torch.randint(0, 503, (2, 13), device=DEVICE)
+    tgt = torch.randint(0, 503, (2, 13), device=DEVICE)
     tgt[1, :4] = -100
     lt, loss_t, grads_t = _run(model, "torch", idx, tgt, train_mode)
     lk, loss_k, grads_k = _run(model, "triton", idx, tgt, train_mode)
@@ -34,8 +36,8 @@ def test_tiny_gpt_triton_matches_torch(train_mode):
 
 
 def test_triton_training_with_attention_dropout_runs_and_differs_per_step():
-    model = GPT.from_preset("tiny", dropout=0.2, vocab_size=503, kernel_backend="triton").train()
-    idx = torch.randint(0, 503, (1, 9))
+    model = GPT.from_preset("tiny", dropout=0.2, vocab_size=503, kernel_backend="triton").to(DEVICE).train()
+    idx = torch.randint(0, 503, (1, 9), device=DEVICE)
     _, a = model(idx, idx)
     _, b = model(idx, idx)
     assert torch.isfinite(a) and torch.isfinite(b) and a.item() != b.item()  # fresh dropout masks
