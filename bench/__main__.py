@@ -6,8 +6,9 @@
     python -m bench --suite gpu        # the GPU suites (kernels, end-to-end training, generation)
     python -m bench --list
 
-Writes ``bench/results/<machine>-<date>.json`` (device, torch/Triton/CUDA versions, every row of every
-suite) and one PNG per suite (``<machine>-<date>-<suite>.png``): ours against the baselines.
+Writes ``<machine>-<date>.json`` (device, torch/Triton/CUDA versions, every row of every suite) and one PNG
+per suite (``<machine>-<date>-<suite>.png``: ours against the baselines) into ``runs/bench/``, which git
+ignores; ``--record`` writes them into ``bench/results/`` to be committed, ``--out DIR`` anywhere.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import traceback
 
 import torch
 
-from bench.common import RESULTS_DIR, format_table, machine_info, machine_tag
+from bench.common import add_output_args, format_table, machine_info, machine_tag, results_dir
 
 # suite name -> (module, needs a GPU)
 SUITES: dict[str, tuple[str, bool]] = {
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--suite", choices=sorted(GROUPS), help="a group of suites: cpu or gpu")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     p.add_argument("--list", action="store_true", help="list the suites and exit")
-    p.add_argument("--out", default=str(RESULTS_DIR), help="results directory (default bench/results)")
+    add_output_args(p)
     args = p.parse_args(argv)
     if args.list:
         for name, (mod, gpu) in SUITES.items():
@@ -102,9 +103,7 @@ def main(argv=None) -> int:
     has_gpu = torch.cuda.is_available()
     info = machine_info()
     results: dict[str, list[dict]] = {}
-    from pathlib import Path
-
-    out = Path(args.out)
+    out = results_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{machine_tag(info)}-{info['date']}"
     print(f"machine: {info['gpu'] or info['cpu']}, torch {info['torch']}, triton {info['triton']}, "
@@ -134,7 +133,7 @@ def main(argv=None) -> int:
         print(f"({time.perf_counter() - t0:.0f} s)")
     path = out / f"{stem}.json"
     path.write_text(json.dumps({"machine": info, "suites": results}, indent=1, default=str))
-    print(f"\nsaved {path}")
+    print(f"\nsaved {path}" + ("" if args.out or args.record else " (--record writes bench/results/, to commit)"))
     return 0
 
 

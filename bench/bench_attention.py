@@ -32,7 +32,14 @@ import os
 
 import torch
 
-from bench.common import add_kernel_bench_args, format_table, save_results, start_kernel_bench, time_ms
+from bench.common import (
+    add_kernel_bench_args,
+    format_table,
+    results_dir,
+    save_results,
+    start_kernel_bench,
+    time_ms,
+)
 
 METRIC = "TFLOP/s"  # what `python -m bench` plots
 TOKENS = 16384  # tokens per batch: B = TOKENS // T
@@ -199,7 +206,7 @@ def main(argv=None) -> int:
         print("smoke run: interpreter timings on the CPU, not a measurement")
         return 0
     if not args.no_save:
-        print(f"saved {save_results('attention', rows)}")
+        print(f"saved {save_results('attention', rows, out_dir=results_dir(args))}")
     return 0
 
 

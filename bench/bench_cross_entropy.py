@@ -31,6 +31,7 @@ from bench.common import (
     add_kernel_bench_args,
     format_table,
     peak_memory,
+    results_dir,
     save_results,
     start_kernel_bench,
     time_ms,
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
         return 0
     print(_summary(rows))
     if not args.no_save:
-        print(f"saved {save_results('cross_entropy', rows)}")
+        print(f"saved {save_results('cross_entropy', rows, out_dir=results_dir(args))}")
     return 0
 
 

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from bench.common import format_table, save_results
+from bench.common import add_output_args, format_table, results_dir, save_results
 
 METRIC = "tokens_per_s"  # higher is better
 PROMPT_TOKENS = 16  # the prompt: the first tokens of The Verdict (a batch: 8 consecutive slices of it)
@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-ragged", action="store_true", help="skip the batch of prompts of different lengths")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--tag", default="", help="suffix for the results file name, e.g. 'b1-256'")
+    add_output_args(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
                ragged=not args.no_ragged, no_cache_max_batch=max(args.batch_sizes))
     print(format_table(rows, ["case", "impl", "dtype", "new_tokens", "seconds", "tokens_per_s", "ms_per_step",
                               "speedup", "threads"]))
-    print(f"saved {save_results('generate' + (f'-{args.tag}' if args.tag else ''), rows)}")
+    print(f"saved {save_results('generate' + (f'-{args.tag}' if args.tag else ''), rows, out_dir=results_dir(args))}")
     return 0
 
 

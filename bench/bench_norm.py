@@ -33,7 +33,14 @@ import sys
 
 import torch
 
-from bench.common import add_kernel_bench_args, format_table, save_results, start_kernel_bench, time_ms
+from bench.common import (
+    add_kernel_bench_args,
+    format_table,
+    results_dir,
+    save_results,
+    start_kernel_bench,
+    time_ms,
+)
 
 METRIC = "GB/s"  # what `python -m bench` plots
 WIDTHS = (768, 1024, 1280, 1600, 3072, 4096, 5120, 6400)
@@ -225,7 +232,7 @@ def sweep_main(name: str, ops_fn, argv=None, fwd_bwd_speedup: float = 1.3) -> in
         return 0
     print(summary(rows, fwd_bwd_speedup=fwd_bwd_speedup))
     if not args.no_save:
-        print(f"saved {save_results(name, rows)}")
+        print(f"saved {save_results(name, rows, out_dir=results_dir(args))}")
     return 0
 
 

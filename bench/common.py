@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the committed results: written only when asked
+SCRATCH_DIR = Path(__file__).resolve().parent.parent / "runs" / "bench"  # any other run's (git ignores runs/)
 
 
 def machine_info() -> dict:
@@ -110,9 +111,10 @@ def format_table(rows: list[dict], columns: list[str], floatfmt: str = ".3g") ->
 
 
 def save_results(suite: str, rows: list[dict], extra: dict | None = None, out_dir: Path | None = None) -> Path:
-    """Write ``{machine, suite, rows}`` to ``<out_dir>/<machine>-<date>-<suite>.json`` and return the path."""
+    """Write ``{machine, suite, rows}`` to ``<out_dir>/<machine>-<date>-<suite>.json`` and return the path
+    (``out_dir`` by default: ``runs/bench/``, which git ignores; see :func:`results_dir`)."""
     info = machine_info()
-    out_dir = Path(out_dir or RESULTS_DIR)
+    out_dir = Path(out_dir or SCRATCH_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{machine_tag(info)}-{info['date']}-{suite}.json"
     payload = {"suite": suite, "machine": info, "rows": rows, **(extra or {})}
@@ -120,11 +122,27 @@ def save_results(suite: str, rows: list[dict], extra: dict | None = None, out_di
     return path
 
 
+def add_output_args(p) -> None:
+    """--out DIR and --record: where a benchmark writes its results (see :func:`results_dir`)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--out", metavar="DIR", help="write the results into DIR (default: runs/bench/ in the checkout, "
+                                                "which git ignores)")
+    g.add_argument("--record", action="store_true",
+                   help="write them into bench/results/, the committed results (a run worth keeping)")
+
+
+def results_dir(args) -> Path:
+    """Where a run writes its results: ``--out DIR``; ``bench/results/`` with ``--record``; else
+    ``runs/bench/``, ignored by git, so that trying a benchmark never leaves files to commit or clean up."""
+    return Path(args.out) if args.out else RESULTS_DIR if args.record else SCRATCH_DIR
+
+
 def add_kernel_bench_args(p) -> None:
-    """The options every kernel benchmark's command line shares: --smoke and --no-save."""
+    """The options every kernel benchmark's command line shares: --smoke, --no-save, --out and --record."""
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on the CPU through the Triton interpreter: checks the script, times nothing real")
-    p.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+    p.add_argument("--no-save", action="store_true", help="write no results file")
+    add_output_args(p)
 
 
 def start_kernel_bench(name: str, smoke: bool) -> bool:

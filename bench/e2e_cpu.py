@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from bench.common import cpu_time_ms, format_table, save_results
+from bench.common import add_output_args, cpu_time_ms, format_table, results_dir, save_results
 
 METRIC = "vs_transformers"  # the figure plotted: our speed over transformers' in the same run (1 = equal)
 
@@ -97,11 +97,12 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny preset only, fewer repeats")
+    add_output_args(p)
     args = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     rows = run(quick=args.quick)
     print(format_table(rows, ["case", "impl", "ms", "per_s", "unit", "vs_transformers"]))
-    print(f"saved {save_results('e2e_cpu', rows)}")
+    print(f"saved {save_results('e2e_cpu', rows, out_dir=results_dir(args))}")
     return 0
 
 

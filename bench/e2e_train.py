@@ -31,7 +31,7 @@ import traceback
 
 import torch
 
-from bench.common import format_table, save_results
+from bench.common import add_output_args, format_table, results_dir, save_results
 
 METRIC = "tokens_per_s"
 REQUIRES_GPU = True
@@ -167,13 +167,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16, help="sequences of 1024 tokens per step (default 16)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, help="which variants (default: all, or --quick's)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the code, times nothing real")
+    add_output_args(p)
     args = p.parse_args(argv)
     rows = run(args.quick, args.batch, args.variants, args.smoke)
     if rows:
         print(format_table(rows, ["case", "impl", "ms_per_step", "tokens_per_s", "tflops", "mfu", "peak_gib",
                                   "error"]))
         if not args.smoke:
-            print(f"saved {save_results('e2e_train', rows)}")
+            print(f"saved {save_results('e2e_train', rows, out_dir=results_dir(args))}")
     return 0
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import random
 from pathlib import Path
 
@@ -32,7 +33,8 @@ from .engine import RunResult, Trainer
 from .finetune import FinetuneConfig, FinetuneTask, fmt_loss, prepare_config
 from .job import run
 from .model import GPTClassifier
-from .tokenizer import EOT_ID, asset_path, encode
+from .rundir import need
+from .tokenizer import EOT_ID, asset_path, encode, read_utf8
 
 DEFAULT_EPOCHS = 5  # chapter 6
 DEFAULT_TRAINABLE = "last-block"
@@ -45,17 +47,15 @@ def read_sms_spam(path=None) -> tuple[list[str], list[str]]:
     """(texts, labels) of the SMS Spam Collection: one ``label<TAB>text`` line per message, no header."""
     path = path or asset_path("SMSSpamCollection")
     texts, labels = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            label, tab, text = line.partition("\t")
-            if not tab:
-                raise ValueError(f"{path}, line {n}: no tab between the label and the text")
-            if text.strip():
-                texts.append(text)
-                labels.append(label.strip())
+    for n, line in enumerate(read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        label, tab, text = line.partition("\t")
+        if not tab:
+            raise ValueError(f"{path}, line {n}: no tab between the label and the text")
+        if text.strip():
+            texts.append(text)
+            labels.append(label.strip())
     return texts, labels
 
 
@@ -74,16 +74,13 @@ def detect_delimiter(path, sample: str) -> str:
 
 
 def read_table(path, text_column: str = "text", label_column: str = "label") -> tuple[list[str], list[str]]:
-    """(texts, labels) from a CSV/TSV file whose first row names the columns."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist: check the path")
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        sample = f.read(64 * 1024)
-        f.seek(0)
-        if not sample.strip():
-            raise ValueError(f"{path} is empty: give a CSV/TSV file with a header row and some rows")
-        rows = csv.reader(f, delimiter=detect_delimiter(path, sample))
+    """(texts, labels) from a UTF-8 CSV/TSV file whose first row names the columns."""
+    path = need(path, "file", "data file", "give a CSV or TSV file")
+    text = read_utf8(path)
+    if not text.strip():
+        raise ValueError(f"{path} is empty: give a CSV/TSV file with a header row and some rows")
+    with io.StringIO(text, newline="") as f:
+        rows = csv.reader(f, delimiter=detect_delimiter(path, text[:64 * 1024]))
         header = [h.strip() for h in next(rows)]
         for name, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
             if name not in header:

@@ -7,9 +7,10 @@ through ``numpy.memmap``, so only the windows in use are ever read.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .rundir import atomic_write
-from .tokenizer import EOT_ID, VOCAB_SIZE, asset_path, encode
+from .rundir import atomic_write, need
+from .tokenizer import EOT_ID, VOCAB_SIZE, asset_path, encode, not_utf8, read_utf8
 
 TOKEN_FILE_SUFFIX = ".tokens.u16"
 
@@ -106,52 +107,67 @@ def list_text_files(source) -> list[Path]:
             if not found:
                 raise FileNotFoundError(f"directory {str(p)!r} holds no .txt files")
             files.extend(found)
-        elif p.is_file():
-            files.append(p)
         else:
-            raise FileNotFoundError(f"data path {str(p)!r} does not exist")
+            files.append(need(p, "file", "data path", "give a text file or a directory of .txt files"))
     return files
 
 
-def tokenize_to_file(source: str | os.PathLike | Sequence, out_path, chunk_chars: int = 1 << 20) -> Path:
-    """Tokenize text files into one flat ``uint16`` token file (documents separated by <|endoftext|>).
+def tokenize_to_file(source: str | os.PathLike | Sequence, out_path, chunk_bytes: int = 1 << 20) -> Path:
+    """Tokenize UTF-8 text files into one flat ``uint16`` token file (documents separated by <|endoftext|>).
 
-    Reads each file in chunks of about ``chunk_chars`` characters, split at a newline so no word is cut,
-    and shows a progress bar in bytes. A ``<out>.json`` beside it records the sources and the token count.
-    Returns the path of the token file.
+    Reads each file in chunks of about ``chunk_bytes`` bytes, split at a newline so no word is cut, and
+    shows a progress bar in bytes. A file that is not UTF-8 stops it with :class:`NotUTF8Error` naming the
+    file and the byte, and no token file is left behind. A ``<out>.json`` beside it records the sources and
+    the token count. Returns the path of the token file.
     """
     files = list_text_files(source)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_path, lambda tmp: _write_tokens(files, tmp, chunk_chars))
+    atomic_write(out_path, lambda tmp: _write_tokens(files, tmp, chunk_bytes))
     n_tokens = out_path.stat().st_size // 2  # two bytes a token
     meta = {"sources": [str(f) for f in files], "tokens": n_tokens, "dtype": "uint16", "vocab_size": VOCAB_SIZE}
     out_path.with_name(out_path.name + ".json").write_text(json.dumps(meta, indent=1))
     return out_path
 
 
-def _write_tokens(files: list[Path], path: Path, chunk_chars: int) -> None:
+def read_utf8_chunks(path: Path, chunk_bytes: int) -> Iterator[str]:
+    """The text of a UTF-8 file in pieces of about ``chunk_bytes`` bytes (a character split between two
+    reads is held back until it is whole); :class:`NotUTF8Error` at the first byte that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()  # strict
+    offset, lines, started = 0, 1, False  # where the bytes held back plus the next block start
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            held = decoder.getstate()[0]  # the start of a character cut off by the previous block
+            try:
+                text = decoder.decode(block)
+            except UnicodeDecodeError as e:  # e.object is held + block
+                raise not_utf8(str(path), e.object, e, offset - len(held), lines) from None
+            if text and not started:  # a byte-order mark at the start is no text
+                text, started = text.removeprefix("\ufeff"), True
+            yield text
+            offset, lines = offset + len(block), lines + block.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:  # the file ends in the middle of a character
+        raise not_utf8(str(path), e.object, e, offset - len(e.object), lines) from None
+
+
+def _write_tokens(files: list[Path], path: Path, chunk_bytes: int) -> None:
     """Tokenize ``files`` into ``path`` (uint16 ids, each file ending in <|endoftext|>)."""
     total = sum(f.stat().st_size for f in files)
     with open(path, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing") as bar:
         for f in files:
-            with open(f, encoding="utf-8", errors="replace") as fin:
-                carry = ""
-                while True:
-                    block = fin.read(chunk_chars)
-                    if not block:
-                        break
-                    bar.update(len(block.encode("utf-8", errors="replace")))
-                    text = carry + block
-                    cut = text.rfind("\n")
-                    if cut == -1:
-                        carry = text
-                        continue
-                    text, carry = text[:cut + 1], text[cut + 1:]
-                    ids = np.asarray(encode(text, allow_special=False), dtype=np.uint16)
-                    out.write(ids.tobytes())
-                ids = np.asarray(encode(carry, allow_special=False) + [EOT_ID], dtype=np.uint16)
-                out.write(ids.tobytes())
+            carry = ""
+            for block in read_utf8_chunks(f, chunk_bytes):
+                bar.update(len(block.encode("utf-8")))
+                text = carry + block
+                cut = text.rfind("\n")
+                if cut == -1:
+                    carry = text
+                    continue
+                text, carry = text[:cut + 1], text[cut + 1:]
+                out.write(np.asarray(encode(text, allow_special=False), dtype=np.uint16).tobytes())
+            out.write(np.asarray(encode(carry, allow_special=False) + [EOT_ID], dtype=np.uint16).tobytes())
 
 
 def load_token_file(path) -> np.memmap:
@@ -165,7 +181,7 @@ def load_token_file(path) -> np.memmap:
 
 
 def load_tokens(source, cache_dir=None, max_in_memory_bytes: int = 64 << 20):
-    """Token ids of a text file or directory: in memory for small data, else through a cached token file.
+    """Token ids of a UTF-8 text file or directory: in memory for small data, else through a cached token file.
 
     A source bigger than ``max_in_memory_bytes`` (or any directory) is tokenized once into
     ``<cache_dir>/<name>.tokens.u16`` and memory-mapped; later calls reuse the file while it is newer than
@@ -176,8 +192,7 @@ def load_tokens(source, cache_dir=None, max_in_memory_bytes: int = 64 << 20):
     if size == 0:
         raise ValueError(f"the data at {source!s} is empty: give a text file with some text in it")
     if len(files) == 1 and size <= max_in_memory_bytes and Path(source).is_file():
-        return np.asarray(encode(files[0].read_text(encoding="utf-8", errors="replace"), allow_special=False),
-                          dtype=np.int64)
+        return np.asarray(encode(read_utf8(files[0]), allow_special=False), dtype=np.int64)
     cache_dir = Path(cache_dir) if cache_dir else Path(files[0]).parent
     out = cache_dir / (Path(source).name + TOKEN_FILE_SUFFIX) if not isinstance(source, (list, tuple)) \
         else cache_dir / ("corpus" + TOKEN_FILE_SUFFIX)

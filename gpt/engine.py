@@ -4,8 +4,9 @@ A *task* (:class:`Task`) says what differs between jobs: the model, the training
 is built from them, the loss, the evaluation, what a checkpoint's model files are, what happens at the
 end. The engine owns the rest, the same for all: the learning-rate schedule, the optimizer rule
 (:mod:`gpt.optim`), mixed precision, gradient accumulation and clipping, DistributedDataParallel under
-torchrun, evaluations and checkpoints on a schedule, exact resume at any step, and Ctrl-C (finish the
-step, save, stop). As nanoGPT's one loop serves every config and Lightning's ``Trainer`` every module.
+torchrun, evaluations and checkpoints on a schedule, exact resume at any step, Ctrl-C (finish the
+step, save, stop), and an estimate of the run's length once its first steps are timed (:mod:`gpt.clock`).
+As nanoGPT's one loop serves every config and Lightning's ``Trainer`` every module.
 
 **Which examples a step sees.** Each epoch shuffles the training examples with a generator seeded by
 (seed, epoch). Optimizer step ``s`` of the epoch takes the next ``G`` examples of that order, where
@@ -37,6 +38,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .clock import RunClock
 from .optim import make_optimizer, make_scheduler, optimizer_step
 from .rundir import LOG_FILE, STATE_FILE, RunLog, create_run_dir, save_staged
 from .runtime import (
@@ -107,23 +109,29 @@ class RunConfig:
         for name in ("epochs", "max_steps", "eval_every", "eval_batches", "save_every"):
             check_positive(self, name, allow_none=True)
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min-lr must be in [0, lr={self.lr}], got {self.min_lr}")
+            raise ValueError(f"--min-lr must be in [0, --lr {self.lr:g}], got {self.min_lr}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"warmup-steps must be >= 0, got {self.warmup_steps}")
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.weight_decay < 0:
-            raise ValueError(f"weight-decay must be >= 0, got {self.weight_decay}")
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.grad_clip is not None and self.grad_clip < 0:
-            raise ValueError(f"grad-clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+            raise ValueError(f"--grad-clip must be >= 0 (0: no clipping), got {self.grad_clip}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.kernels not in BACKENDS:
-            raise ValueError(f"unknown kernel backend {self.kernels!r}: choose one of {', '.join(BACKENDS)}")
+            raise ValueError(f"unknown kernel backend --kernels {self.kernels!r}: choose one of {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+            raise ValueError(f"unknown --dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.checkpoint and self.hf:
-            raise ValueError("give either a checkpoint or a Hugging Face directory to start from, not both")
+            raise ValueError("give either --checkpoint or --hf to start from, not both")
+
+
+def flag(name: str) -> str:
+    """The command-line option of a config field: ``batch_size`` -> ``--batch-size`` (errors name the option a
+    user typed; a Python caller reads the field's name in it as easily)."""
+    return "--" + name.replace("_", "-")
 
 
 def check_positive(cfg, name: str, allow_none: bool = False) -> None:
@@ -131,7 +139,7 @@ def check_positive(cfg, name: str, allow_none: bool = False) -> None:
     if v is None and allow_none:
         return
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        raise ValueError(f"{flag(name)} must be a positive integer, got {v!r}")
 
 
 @dataclass
@@ -155,6 +163,7 @@ class Task:
     train_set: Sequence  # the training examples: the engine shuffles and deals them out
     examples_per_step: int | None = None  # all processes together; None: one batch per process
     eval_at_start: bool = False  # evaluate before the first step too
+    after_training: str = ""  # untimed work after the last step, named in the time estimate
 
     def describe(self) -> list[str]:
         """Lines printed before training (the model, the data)."""
@@ -208,7 +217,8 @@ class Trainer:
     """One run of a task: the schedule, the steps, the evaluations and checkpoints (see the module's doc).
 
     What a task may use: ``model`` (the raw model), ``step``, ``epoch`` (fractional), ``steps_per_epoch``,
-    ``total_steps``, ``env`` (rank, world size), ``run_dir``, ``evals``, ``say``, ``log_record``,
+    ``total_steps``, ``per_step`` (examples per step), ``env`` (rank, world size), ``run_dir``, ``evals``,
+    ``say``, ``log_record``,
     ``elapsed``, ``running_loss`` and ``eval_sums``.
     """
 
@@ -221,6 +231,7 @@ class Trainer:
         self.step, self.evals, self.losses = 0, [], []
         self._running = [0.0, 0]  # sum and count of the step losses since the last evaluation
         self._order_epoch, self._order = -1, None
+        self.clock = RunClock()
         fused = env.device.type in ("cuda", "cpu")
         self.optimizer = make_optimizer(self.model, self.config.lr, self.config.weight_decay, fused=fused)
         self.scheduler = make_scheduler(self.optimizer, self.config.lr, self.config.min_lr,
@@ -372,22 +383,27 @@ class Trainer:
         """Train to the last step; True if stopped by a signal (after saving)."""
         c, spe = self.config, self.steps_per_epoch
         while self.step < self.total_steps:
-            t0 = time.time()
+            t0 = time.perf_counter()
             loss, lr = self._train_step()
+            step_s = time.perf_counter() - t0
             self.step += 1
             self.losses.append(loss)
             self._running = [self._running[0] + loss, self._running[1] + 1]
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
-                            ex_s=f"{self.per_step / max(time.time() - t0, 1e-9):,.1f}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", ex_s=f"{self.per_step / max(step_s, 1e-9):,.1f}")
             if self.on_step is not None:
                 self.on_step(self.step, loss)
+            estimate_due = self.clock.step(step_s)
             epoch_done, last = self.step % spe == 0, self.step == self.total_steps
-            if last or (self.step % c.eval_every == 0 if c.eval_every else epoch_done):
+            if self._evaluates_at(self.step):
                 self._evaluate()
             if epoch_done or last:
+                t0 = time.perf_counter()
                 with rng_preserved():
                     self.task.epoch_end(self)
+                self.clock.epoch_end(time.perf_counter() - t0)
+            if estimate_due:
+                self._say_estimate()
             saved = not last and (self.step % c.save_every == 0 if c.save_every else epoch_done)
             if saved:
                 self._save()
@@ -396,6 +412,18 @@ class Trainer:
                     self._save()
                 return True
         return False
+
+    def _evaluates_at(self, step: int) -> bool:
+        every = self.config.eval_every
+        return step == self.total_steps or (step % every == 0 if every else step % self.steps_per_epoch == 0)
+
+    def _say_estimate(self) -> None:
+        """The time the rest of the run should take (see :mod:`gpt.clock`), unless nothing is left."""
+        later = range(self.step + 1, self.total_steps + 1)
+        if later:
+            ends = sum(1 for s in later if s % self.steps_per_epoch == 0 or s == self.total_steps)
+            self.say(self.clock.estimate(len(later), sum(map(self._evaluates_at, later)), ends,
+                                         self.task.after_training))
 
     def _batches(self) -> list[tuple]:
         """This process's micro-batches of the next step (see the module's doc)."""
@@ -435,12 +463,15 @@ class Trainer:
         return step_loss, lr
 
     def _evaluate(self) -> None:
+        t0 = time.perf_counter()
         record = {"event": "eval", "step": self.step, "epoch": self.epoch, **self.task.evaluate(self),
                   "lr": self.scheduler.get_last_lr()[0], "time": round(self.elapsed(), 2)}
         self._running = [0.0, 0]
         self.evals.append(record)
         self.log_record(record)
         self.say(self.task.report(record))
+        if self.clock.evaluation(time.perf_counter() - t0):  # the first estimate had no evaluation timed
+            self._say_estimate()
 
     def _save(self) -> None:
         rng = self.env.gather(rng_state())  # every process's generators, so a resume continues them all

@@ -14,8 +14,8 @@ the LoRA settings, the evaluations so far) and its weights:
   Hugging Face directory, or ``base/`` inside the run when the base was a fresh preset);
 - a classifier adds ``classifier_head.safetensors`` (its new output layer) to either.
 
-A finetuning run directory also holds the engine's ``trainer_state.pt`` (for ``--resume``) and
-``log.jsonl``.
+A finetuning run directory also holds the engine's ``trainer_state.pt`` (for ``--resume``), ``log.jsonl``
+and ``loss.png``: the loss per epoch and, for a classifier, the accuracy beside it (as the book plots them).
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ from .lora import (
     strip_lora,
 )
 from .model import GPT, GPTClassifier
-from .rundir import atomic_write, check_new_run_dir
+from .plot import plot_finetuning
+from .rundir import atomic_write, check_new_run_dir, need
 from .runtime import Processes
 from .weights import (
-    WEIGHTS_FILE,
+    ADAPTERS_FILE,
     CheckpointError,
     describe_source,
     load_checkpoint,
@@ -58,7 +59,7 @@ from .weights import (
 )
 
 FINETUNE_FILE = "finetune.json"
-ADAPTERS_FILE = "adapters.safetensors"
+PLOT_FILE = "loss.png"  # the loss (and a classifier's accuracy) per epoch, as the book's chapters 6 and 7 plot
 HEAD_FILE = "classifier_head.safetensors"
 BASE_DIR = "base"  # inside a LoRA run: the fresh preset model the adapters were trained on
 TRAINABLE_CHOICES = ("last-block", "all", "lora")
@@ -109,11 +110,11 @@ class FinetuneConfig(RunConfig):
         for name in ("limit", "max_length", "examples_per_step"):
             check_positive(self, name, allow_none=True)
         if self.trainable is not None and self.trainable not in TRAINABLE_CHOICES:
-            raise ValueError(f"unknown trainable {self.trainable!r}: choose one of {', '.join(TRAINABLE_CHOICES)}")
+            raise ValueError(f"unknown --trainable {self.trainable!r}: choose one of {', '.join(TRAINABLE_CHOICES)}")
         if self.lora_rank is not None or self.lora_alpha is not None:
             check_lora_settings(self.lora_rank or DEFAULT_LORA_RANK, self.lora_alpha or DEFAULT_LORA_ALPHA)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise ValueError(f"max-new-tokens must be >= 0, got {self.max_new_tokens!r}")
+            raise ValueError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens!r}")
 
 
 def prepare_config(cfg: FinetuneConfig | None, settings: dict) -> FinetuneConfig:
@@ -210,14 +211,12 @@ class FinetuneTask(Task):
     def _base_model(self, cfg: FinetuneConfig, lora: dict | None, env: Processes) -> tuple[GPT, dict]:
         """The GPT to finetune and where it came from (recorded so that LoRA adapters find it again)."""
         kind, source = model_source(cfg.checkpoint, cfg.hf, cfg.preset)
-        if kind == "checkpoint":
-            ck = Path(source)
-            if (ck / FINETUNE_FILE).exists() and not (ck / WEIGHTS_FILE).exists():
-                raise ValueError(f"{ck} holds LoRA adapters, not a whole model: merge them first with "
-                                 f"`gpt lora-merge --checkpoint {ck} --out DIR` and finetune from DIR")
-        gpt = load_model(source, env.device, kind=kind)
+        gpt = load_model(source, env.device, kind=kind)  # a LoRA run is refused with a hint to merge it first
         self.lines.append(f"model: {describe_source(kind, source)}")
-        if kind == "preset":  # a fresh model exists nowhere else: a LoRA run keeps it beside the adapters
+        if kind == "preset":
+            self.lines.append("note: finetuning an untrained model only tries the command out: start from a "
+                              "pretrained one with --checkpoint DIR (a run of gpt train) or --hf DIR (GPT-2)")
+            # a fresh model exists nowhere else: a LoRA run keeps it beside the adapters
             return gpt, {"checkpoint": BASE_DIR} if lora else {"preset": source}
         return gpt, {kind: str(Path(source).resolve())}
 
@@ -250,6 +249,8 @@ class FinetuneTask(Task):
 
     def save(self, run: Trainer, directory: Path) -> None:
         save_finetuned(directory, self.model, {**self.meta, "step": run.step, "history": run.evals})
+        seen = [{**r, "examples": r["step"] * run.per_step} for r in run.evals]
+        plot_finetuning(seen, directory / PLOT_FILE, title=f"{run.run_dir.name}: {self.kind} finetuning")
 
     def finish(self, run: Trainer) -> dict:
         if self.config.merge and self.env.main:
@@ -294,9 +295,8 @@ def task_name(meta: dict) -> str:
 
 
 def read_finetune_meta(directory) -> dict:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"finetuned model directory {str(directory)!r} does not exist: check the path")
+    directory = need(directory, "directory", "finetuned model directory",
+                     "give the run directory that gpt finetune-classifier or gpt finetune-instruct wrote")
     path = directory / FINETUNE_FILE
     if not path.exists():
         raise ValueError(f"{directory} holds no {FINETUNE_FILE}: it is not a finetuned model. Make one with "
@@ -316,13 +316,20 @@ def update_finetune_meta(directory, updates: dict) -> None:
 def _load_base(meta: dict, directory: Path) -> GPT:
     """The base model LoRA adapters were trained on, checked against the config recorded with them."""
     base = meta.get("base") or {}
-    if "checkpoint" in base:
-        path = Path(base["checkpoint"])
-        gpt = load_checkpoint(path if path.is_absolute() else directory / path)
-    elif "hf" in base:
-        gpt = load_model(base["hf"], kind="hf")
-    else:
+    if not ("checkpoint" in base or "hf" in base):
         raise CheckpointError(f"{directory / FINETUNE_FILE} does not say where the adapters' base model is")
+    kind = "checkpoint" if "checkpoint" in base else "hf"
+    path = Path(base[kind])
+    path = path if path.is_absolute() else directory / path
+    what = f"the base model of the LoRA adapters in {directory}"
+    if not path.is_dir():
+        raise CheckpointError(f"{what} is gone: {directory / FINETUNE_FILE} names {str(path)!r}, which "
+                              f"{'is not a directory' if path.exists() else 'does not exist'}. Put that model back "
+                              f"there, or write where it is now into 'base' in that file")
+    try:
+        gpt = load_model(path, kind=kind)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what}, {path}: {e}") from None
     want = {k: v for k, v in meta["config"].items() if k != "dropout"}
     have = {k: v for k, v in gpt.config.to_dict().items() if k != "dropout"}
     if want != have:

@@ -37,16 +37,22 @@ import torch
 from .kv_cache import KVCache
 
 
-def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Clear errors for sampling settings that make no sense."""
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                        flags: bool = False) -> None:
+    """Clear errors for sampling settings that make no sense; ``flags``: name them as the command line's
+    options (``--top-k``), not as this module's parameters (``top_k``)."""
+    def name(p: str) -> str:
+        return "--" + p.replace("_", "-") if flags else p
+
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        raise ValueError(f"{name('max_new_tokens')} must be a non-negative integer, got {max_new_tokens!r}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise ValueError(f"{name('temperature')} must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        off = "0 = off" if flags else "or None for no top-k"
+        raise ValueError(f"{name('top_k')} must be a positive integer ({off}), got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,

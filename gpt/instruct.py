@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import json
 import re
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
@@ -51,10 +50,10 @@ from .finetune import (
 )
 from .generate import generate
 from .job import run
-from .rundir import atomic_write
+from .rundir import atomic_write, need
 from .runtime import rng_preserved
-from .tokenizer import EOT_ID, asset_path, decode, encode
-from .weights import load_checkpoint
+from .tokenizer import EOT_ID, asset_path, decode, encode, read_utf8
+from .weights import CONFIG_FILE
 
 DEFAULT_EPOCHS = 2  # chapter 7
 DEFAULT_TRAINABLE = "all"
@@ -100,12 +99,10 @@ def validate_instruction_data(data, source: str = "the instruction data") -> lis
 
 
 def load_instruction_data(path=None) -> list[dict]:
-    """The records of a JSON instruction file (default: the bundled instruction-data.json, 1,100 records)."""
-    path = Path(path or asset_path("instruction-data.json"))
-    if not path.is_file():
-        raise FileNotFoundError(f"instruction file {str(path)!r} does not exist: check the path")
+    """The records of a UTF-8 JSON instruction file (default: the bundled instruction-data.json, 1,100 records)."""
+    path = need(path or asset_path("instruction-data.json"), "file", "instruction file", "give a JSON file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}): the instruction data must be a JSON list of records "
                          f"with 'instruction' and 'output'") from None
@@ -178,8 +175,13 @@ def collate_instructions(batch, pad_id: int = EOT_ID, ignore_index: int = IGNORE
 
 def generate_response(model, entry: dict, max_new_tokens: int = 256, temperature: float = 0.0,
                       top_k: int | None = None, seed: int | None = None) -> str:
-    """The model's answer to one record (greedy by default), up to its first end-of-text."""
+    """The model's answer to one record (greedy by default), up to its first end-of-text. A prompt longer
+    than the model's context is a ValueError that says by how much."""
     prompt = encode(format_prompt(entry), allow_special=False)
+    ctx = model.config.context_length
+    if len(prompt) > ctx:
+        raise ValueError(f"the instruction is too long: in the prompt template it takes {len(prompt):,} tokens, "
+                         f"more than the model's context of {ctx:,}; shorten it by {len(prompt) - ctx:,} tokens")
     out = generate(model, torch.tensor(prompt, dtype=torch.long), max_new_tokens, temperature=temperature,
                    top_k=top_k, eos_id=EOT_ID, seed=seed)  # (len(prompt) + new,)
     new = out[len(prompt):].tolist()
@@ -227,15 +229,21 @@ def score_responses(model, records: list[dict], max_new_tokens: int, desc: str =
 
 
 def load_chat_model(directory, device="cpu"):
-    """An instruction-finetuned model (or any checkpoint of this project, which will answer poorly)."""
-    directory = Path(directory)
-    if (directory / FINETUNE_FILE).exists():
-        model, meta = load_finetuned(directory, device)
-        if meta.get("task") != "instruct":
-            raise ValueError(f"{directory} holds {task_name(meta)}, not an instruction-following model: "
-                             f"make one with `gpt finetune-instruct`")
-        return model
-    return load_checkpoint(directory, map_location=device).eval()
+    """The model of a ``gpt finetune-instruct`` run (or of ``gpt lora-merge`` of one), in eval mode. Any
+    other model is refused: one that was never finetuned on instructions only continues the prompt's text,
+    which reads as an empty or unrelated answer."""
+    directory = need(directory, "directory", "checkpoint directory",
+                     "give the run directory that gpt finetune-instruct wrote")
+    if not (directory / FINETUNE_FILE).exists() and (directory / CONFIG_FILE).exists():
+        option = "--hf" if "config" not in json.loads((directory / CONFIG_FILE).read_text()) else "--checkpoint"
+        raise ValueError(f"{directory} holds a pretrained model, not one finetuned to follow instructions (it would "
+                         f"only continue the prompt): finetune it first with `gpt finetune-instruct {option} "
+                         f"{directory}` and chat with that run")
+    model, meta = load_finetuned(directory, device)
+    if meta.get("task") != "instruct":
+        raise ValueError(f"{directory} holds {task_name(meta)}, not an instruction-following model: "
+                         f"make one with `gpt finetune-instruct`")
+    return model
 
 
 # ------------------------------------------------------------------------------------------ the job

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .engine import STATE_FORMAT, RunConfig, RunResult, Task, Trainer
-from .rundir import STATE_FILE, check_new_run_dir, fresh_run_dir, recover_staged
+from .engine import STATE_FORMAT, RunConfig, RunResult, Task, Trainer, flag
+from .rundir import STATE_FILE, check_new_run_dir, fresh_run_dir, need, recover_staged
 from .runtime import Precision, Processes, check_backend, seed_all
 from .weights import CheckpointError
 
@@ -75,9 +75,7 @@ def load_trainer_state(run_dir) -> dict:
 
 
 def _check_run_to_resume(run_dir: Path) -> None:
-    if not run_dir.is_dir():
-        raise CheckpointError(f"cannot resume: {str(run_dir)!r} is not a directory (give the run directory "
-                              f"that a training command wrote)")
+    need(run_dir, "directory", "--resume", "give the run directory that a training command wrote")
 
 
 def recover_staged_save(run_dir) -> None:
@@ -106,8 +104,8 @@ def resolve_resume(cfg: RunConfig, state: dict) -> RunConfig:
         elif f.name in cls.RESUME_MAY_CHANGE:
             merged[f.name] = mine if mine != default else theirs
         elif mine != default and mine != theirs:
-            raise ValueError(f"cannot resume {cfg.resume} with {f.name}={mine!r}: that run was trained with "
-                             f"{f.name}={theirs!r}. A resumed run keeps its settings: leave that option out, or "
+            raise ValueError(f"cannot resume {cfg.resume} with {flag(f.name)} {mine!r}: that run was trained with "
+                             f"{flag(f.name)} {theirs!r}. A resumed run keeps its settings: leave that option out, or "
                              f"start a new run from its weights with --checkpoint {cfg.resume}")
         else:
             merged[f.name] = theirs

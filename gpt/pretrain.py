@@ -70,9 +70,9 @@ class TrainConfig(RunConfig):
         for name in ("context_length", "stride", "tokens_per_step"):
             check_positive(self, name, allow_none=True)
         if not isinstance(self.sample_tokens, int) or self.sample_tokens < 0:
-            raise ValueError(f"sample-tokens must be >= 0 (0: no samples), got {self.sample_tokens!r}")
+            raise ValueError(f"--sample-tokens must be >= 0 (0: no samples), got {self.sample_tokens!r}")
         if not 0.0 <= self.val_ratio < 1.0:
-            raise ValueError(f"val-ratio must be in [0, 1), got {self.val_ratio}")
+            raise ValueError(f"--val-ratio must be in [0, 1), got {self.val_ratio}")
 
 
 def train(cfg: TrainConfig | None = None, *, on_step=None, **settings) -> RunResult:
@@ -110,9 +110,8 @@ class PretrainTask(Task):
                              f"use --context-length {model.config.context_length} or less")
         self.data = _Data(cfg, ctx, env)
         self.train_set = self.data.train
-        per_micro = cfg.batch_size * env.world
-        accum = max(1, round((cfg.tokens_per_step or per_micro * ctx) / (per_micro * ctx)))
-        self.examples_per_step, self.ctx, self.main = per_micro * accum, ctx, env.main
+        accum = _accumulation(cfg, ctx, env.world)
+        self.examples_per_step, self.ctx, self.main = cfg.batch_size * env.world * accum, ctx, env.main
         self.tokens_per_step = self.examples_per_step * ctx
         preset = cfg.preset or (None if cfg.checkpoint or cfg.hf else DEFAULT_PRESET)
         self.config = dataclasses.replace(cfg, preset=preset, context_length=ctx, stride=cfg.stride or ctx,
@@ -165,10 +164,10 @@ class PretrainTask(Task):
             return
         ids = encode(c.sample_prompt)[-self.ctx:]
         out = generate(self.model, ids, c.sample_tokens)  # greedy, as the book's generate_and_print_sample
-        text = decode(out.tolist()).replace("\n", " ")
+        text = decode(out.tolist())
         run.log_record({"event": "sample", "step": run.step, "epoch": run.epoch, "text": text})
         when = f"after epoch {round(run.epoch)}" if run.step % run.steps_per_epoch == 0 else f"at step {run.step}"
-        run.say(f"sample {when}: {text}")
+        run.say(f"sample {when}: {visible(text)}")
 
     def save(self, run: Trainer, directory: Path) -> None:
         save_checkpoint(self.model, directory,
@@ -183,6 +182,31 @@ class PretrainTask(Task):
                 f"Checkpoint, log.jsonl and loss.png in {run.run_dir}; try: gpt generate --checkpoint "
                 f"{run.run_dir} --prompt \"{self.config.sample_prompt}\"")
         return {"tokens_seen": run.step * self.tokens_per_step}
+
+
+def visible(text: str) -> str:
+    """``text`` on one line with its line breaks shown as ``\\n`` (a sample made of newlines would otherwise
+    print as blank space, or break up the progress output)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _accumulation(cfg: TrainConfig, ctx: int, world: int) -> int:
+    """Micro-steps per optimizer step: ``tokens_per_step`` must be a whole number of micro-steps (the
+    batches of every process together), or the run would silently use another number of tokens."""
+    micro = cfg.batch_size * world * ctx  # tokens of one micro-step, all processes together
+    if cfg.tokens_per_step is None:
+        return 1
+    if cfg.tokens_per_step % micro and cfg.resume:
+        raise ValueError(f"cannot resume {cfg.resume} with {world} process(es): the run took "
+                         f"{cfg.tokens_per_step:,} tokens per optimizer step, which micro-steps of {micro:,} tokens "
+                         f"do not add up to; resume with the number of processes it was saved with")
+    if cfg.tokens_per_step % micro:
+        lower, higher = cfg.tokens_per_step // micro * micro, (cfg.tokens_per_step // micro + 1) * micro
+        nearest = " or ".join(f"{n:,}" for n in (lower, higher) if n)
+        raise ValueError(f"--tokens-per-step {cfg.tokens_per_step:,} is not a multiple of the {micro:,} tokens of a "
+                         f"micro-step (--batch-size {cfg.batch_size} x context {ctx} x {world} process(es)): use "
+                         f"{nearest}, or change the batch size or the context length")
+    return cfg.tokens_per_step // micro
 
 
 def _build_model(cfg: TrainConfig) -> tuple[GPT, str]:

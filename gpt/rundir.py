@@ -32,16 +32,38 @@ MANIFEST = "COMMITTED"  # written into the staging directory once every file of 
 
 def atomic_write(path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``: a reader (or a
-    crash) never sees half a file. The temporary file is removed if ``write`` fails."""
+    crash) never sees half a file. The temporary file is removed if ``write`` fails. The file gets the
+    permissions any new file gets (0644 under the usual umask), whoever wrote it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() makes files: some writers (safetensors) make them 0600
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def need(path, kind: str, what: str, hint: str = "") -> Path:
+    """``path``, checked to be an existing ``kind`` ("file" or "directory"). The errors name it as ``what``
+    and end with ``hint`` (what to give instead): FileNotFoundError when it does not exist, ValueError when
+    it is there but another kind of thing (a directory for a file, a file for a directory)."""
+    path = Path(path)
+    hint = f": {hint}" if hint else ""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist: check the path")
+    if (path.is_file() if kind == "file" else path.is_dir()):
+        return path
+    other = "a directory" if path.is_dir() else "a file" if path.is_file() else "a special file (device, pipe)"
+    raise ValueError(f"{what} {str(path)!r} is {other}, not a {kind}{hint}")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 # ------------------------------------------------------------------------------------------ run directories

@@ -11,7 +11,9 @@ builds the encoding from them, checking their SHA-256 against the published GPT-
 from __future__ import annotations
 
 import functools
+import os
 from importlib import resources
+from pathlib import Path
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -46,6 +48,44 @@ def get_tokenizer() -> tiktoken.Encoding:
     )
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={EOT_TOKEN: EOT_ID}, explicit_n_vocab=VOCAB_SIZE)
+
+
+class NotUTF8Error(ValueError):
+    """Text that is not UTF-8. GPT-2's BPE works on UTF-8 bytes, so text in another encoding is refused
+    rather than decoded with U+FFFD in place of every byte that does not fit (which trains on garbage)."""
+
+
+def not_utf8(source: str, data: bytes, err: UnicodeDecodeError, offset: int = 0, line: int = 1) -> NotUTF8Error:
+    """The error for ``err``, raised decoding ``data``, which starts at byte ``offset`` (on line ``line``) of
+    ``source`` (a file's path, "stdin", an option)."""
+    line += data[:err.start].count(b"\n")
+    return NotUTF8Error(f"{source} is not UTF-8 text: byte 0x{data[err.start]:02x} at byte offset "
+                        f"{offset + err.start:,} (line {line}) is not valid UTF-8. Convert it "
+                        f"to UTF-8 first (from Latin-1, say: iconv -f latin1 -t utf-8 OLD > NEW)")
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    """``data`` decoded as UTF-8 (a leading byte-order mark dropped); :class:`NotUTF8Error` naming ``source``
+    and the first bad byte's offset if it is not UTF-8."""
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise not_utf8(source, data, e) from None
+
+
+def read_utf8(path) -> str:
+    """The text of a UTF-8 file (see :func:`decode_utf8`)."""
+    return decode_utf8(Path(path).read_bytes(), str(path))
+
+
+def check_utf8_arg(text: str, source: str) -> str:
+    """``text`` from the command line, refused if its bytes were not UTF-8 (Python keeps such bytes as lone
+    surrogates, which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        decode_utf8(os.fsencode(text), source)
+    return text
 
 
 def encode(text: str, allow_special: bool = True) -> list[int]:

@@ -24,6 +24,7 @@ from .rundir import atomic_write
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+ADAPTERS_FILE = "adapters.safetensors"  # a LoRA finetuning run's weights: its adapters only (gpt.finetune)
 
 
 class CheckpointError(ValueError):
@@ -98,6 +99,9 @@ def load_checkpoint(directory, map_location="cpu", kernel_backend: str | None = 
     """Load a model saved by :func:`save_checkpoint` (or by ``gpt train``)."""
     directory = _require_dir(directory)
     cfg_path, w_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if (directory / ADAPTERS_FILE).exists() and not w_path.exists():
+        raise CheckpointError(f"{directory} holds LoRA adapters, not a whole model: merge them into their base "
+                              f"model with `gpt lora-merge --checkpoint {directory} --out NEW_DIR` and use NEW_DIR")
     if not cfg_path.exists() or not w_path.exists():
         hint = " It looks like a Hugging Face GPT-2 directory: use load_hf / --hf." if (
             cfg_path.exists() and _looks_like_hf(directory)) else ""

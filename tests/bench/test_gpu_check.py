@@ -41,15 +41,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _results_snapshot() -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in (REPO / "bench" / "results").iterdir()}
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("check")
+    committed = _results_snapshot()
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--dry-run", "--out", str(out)], cwd=REPO,
                           env=_env(), capture_output=True, text=True, timeout=900)
     seconds = time.monotonic() - t0
     check = next(out.glob("*-gpu-check.json"), None)
     assert check is not None, f"no check file written:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert _results_snapshot() == committed, "the dry run wrote into bench/results/"
     return out, proc, json.loads(check.read_text()), seconds
 
 

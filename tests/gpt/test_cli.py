@@ -30,7 +30,7 @@ def test_untrained_model_says_so(capsys):
     (["generate", "--prompt", "x", "--checkpoint", "/no/such/dir"], "does not exist"),
     (["generate", "--prompt", "", "--preset", "tiny"], "prompt is empty"),
     (["generate", "--prompt", "x", "--preset", "gpt5"], "unknown preset"),
-    (["generate", "--prompt", "x", "--preset", "tiny", "--top-p", "2"], "top_p"),
+    (["generate", "--prompt", "x", "--preset", "tiny", "--top-p", "2"], "--top-p must be in (0, 1]"),
 ])
 def test_user_mistakes_are_one_line_errors(args, match):
     proc = subprocess.run([sys.executable, "-m", "gpt", *args], capture_output=True, text=True)

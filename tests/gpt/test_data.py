@@ -53,7 +53,7 @@ def test_memory_mapped_token_file(tmp_path):
     texts = ["The first document.\nIt has two lines.\n", "A second one, longer " * 50]
     for i, t in enumerate(texts):
         (docs / f"{i}.txt").write_text(t)
-    out = tokenize_to_file(docs, tmp_path / "c.tokens.u16", chunk_chars=64)  # many chunks per file
+    out = tokenize_to_file(docs, tmp_path / "c.tokens.u16", chunk_bytes=64)  # many chunks per file
     mm = load_token_file(out)
     assert isinstance(mm, np.memmap) and mm.dtype == np.uint16
     expected = encode(texts[0], allow_special=False) + [EOT_ID] + encode(texts[1], allow_special=False) + [EOT_ID]

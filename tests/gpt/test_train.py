@@ -178,12 +178,15 @@ def test_a_new_run_never_overwrites_an_existing_one(finished_run):
 
 
 def test_resume_errors(finished_run, tmp_path):
-    with pytest.raises(ValueError, match="trained with preset='tiny'"):
+    with pytest.raises(ValueError, match="trained with --preset 'tiny'"):
         train(TrainConfig(resume=str(finished_run), preset="mini"))
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="--batch-size 8"):
         train(TrainConfig(resume=str(finished_run), batch_size=8))
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(FileNotFoundError, match="--resume '.*nope' does not exist"):
         train(TrainConfig(resume=str(tmp_path / "nope")))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="--resume '.*file' is a file, not a directory"):
+        train(TrainConfig(resume=str(tmp_path / "file")))
     weights_only = tmp_path / "weights"
     weights_only.mkdir()
     for name in ("config.json", "model.safetensors"):

@@ -1,0 +1,71 @@
+"""How long a run will take: the times of its steps, evaluations and epoch ends, and an estimate of the rest.
+
+A progress bar's ETA counts steps only, and it is not there at all when the output goes to a file. A run
+also evaluates every few steps, and an evaluation can cost as much as several steps. So the engine times
+each part and, once a few steps are timed, prints one line: the time left, what it is made of, and the
+clock time the run should end at. The first step of a run is not counted: it carries the warm-up (memory
+allocation, kernel autotuning, ``torch.compile``). When that first estimate had no evaluation timed yet
+(finetuning evaluates after each epoch), a second line follows the first evaluation.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+TIMED_STEPS = 3  # steps timed (after the first) before the first estimate
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as a person says it: "40 s", "6 min 5 s", "2 h 13 min"."""
+    s = round(seconds)
+    if s < 60:
+        return f"{max(seconds, 0):.1f} s" if seconds < 10 else f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s" if s < 600 else f"{round(seconds / 60)} min"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+class RunClock:
+    """The durations the engine reports (:meth:`step`, :meth:`evaluation`, :meth:`epoch_end`) and the
+    estimate they give (:meth:`estimate`)."""
+
+    def __init__(self):
+        self.steps: list[float] = []  # seconds of each step after the first
+        self.warm = False  # the first step (the warm-up) is over
+        self.eval_s: float | None = None  # the last evaluation's seconds
+        self.epoch_end_s = 0.0  # the last epoch end's seconds (a sample, say)
+        self.shown_without_evals = False
+
+    def step(self, seconds: float) -> bool:
+        """Record a step; True when the first estimate is due."""
+        if not self.warm:
+            self.warm = True
+            return False
+        self.steps.append(seconds)
+        return len(self.steps) == TIMED_STEPS
+
+    def evaluation(self, seconds: float) -> bool:
+        """Record an evaluation; True when it completes an estimate shown without evaluations."""
+        self.eval_s = seconds
+        due, self.shown_without_evals = self.shown_without_evals, False
+        return due
+
+    def epoch_end(self, seconds: float) -> None:
+        self.epoch_end_s = seconds
+
+    def estimate(self, steps: int, evals: int, epoch_ends: int, then: str = "") -> str:
+        """One line: the time that ``steps`` more steps, ``evals`` evaluations and ``epoch_ends`` epoch ends
+        take at the rates measured so far, and when the run should end. ``then`` names untimed work after
+        the last step (a test set)."""
+        step_s = sum(self.steps) / len(self.steps)
+        left = steps * step_s + epoch_ends * self.epoch_end_s
+        parts = [f"{steps} steps of {duration(step_s)}"]
+        if evals and self.eval_s is None:
+            parts.append(f"{evals} evaluation{'s' if evals > 1 else ''} not timed yet")
+            self.shown_without_evals = True
+        elif evals:
+            left += evals * self.eval_s
+            parts.append(f"{evals} evaluation{'s' if evals > 1 else ''} of {duration(self.eval_s)}")
+        end = datetime.datetime.now() + datetime.timedelta(seconds=left)
+        return (f"estimate: {duration(left)} more ({', '.join(parts)}); done around {end:%H:%M}"
+                + (f", then {then}" if then else ""))
