@@ -67,5 +67,5 @@ class RunClock:
             left += evals * self.eval_s
             parts.append(f"{evals} evaluation{'s' if evals > 1 else ''} of {duration(self.eval_s)}")
         end = datetime.datetime.now() + datetime.timedelta(seconds=left)
-        return (f"estimate: {duration(left)} more ({', '.join(parts)}); done around {end:%H:%M}"
+        return (f"estimate: {duration(left)} more ({', '.join(parts)}); training done around {end:%H:%M}"
                 + (f", then {then}" if then else ""))

@@ -280,6 +280,7 @@ class InstructTask(FinetuneTask):
         if cfg.limit is not None:
             data = data[:cfg.limit]
         self.splits = split_instruction_data(data)
+        self.after_training = f"the test set's {len(self.splits[2])} responses (not timed yet)"
         self.source = cfg.data or "instruction-data.json"
         self.lines.append(f"data: {cfg.data or 'the bundled instruction-data.json'}, {len(data):,} records; "
                           f"train/val/test " + "/".join(str(len(s)) for s in self.splits))

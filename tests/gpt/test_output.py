@@ -118,11 +118,12 @@ def test_the_estimate_adds_the_timed_steps_and_evaluations_and_skips_the_warm_up
     assert [clock.step(s) for s in (30.0, 1.0, 2.0)] == [False, False, False]  # the first step is the warm-up
     assert clock.step(3.0)  # the third timed step: an estimate is due
     line = clock.estimate(steps=10, evals=2, epoch_ends=1)
-    assert line.startswith("estimate: 20 s more (10 steps of 2.0 s, 2 evaluations not timed yet); done around")
+    assert line.startswith("estimate: 20 s more (10 steps of 2.0 s, 2 evaluations not timed yet); training done "
+                           "around")
     assert clock.evaluation(1.5)  # that estimate had no evaluation timed: a second one is due now
     clock.epoch_end(0.5)
     line = clock.estimate(steps=9, evals=2, epoch_ends=1, then="the test set")
-    assert re.fullmatch(r"estimate: 22 s more \(9 steps of 2\.0 s, 2 evaluations of 1\.5 s\); done around "
+    assert re.fullmatch(r"estimate: 22 s more \(9 steps of 2\.0 s, 2 evaluations of 1\.5 s\); training done around "
                         r"\d\d:\d\d, then the test set", line), line
     assert not clock.evaluation(1.5)  # once
     assert [duration(s) for s in (4.26, 59, 125, 1800, 8000)] == ["4.3 s", "59 s", "2 min 5 s", "30 min", "2 h 13 min"]
@@ -133,5 +134,5 @@ def test_a_run_prints_its_estimate_after_its_first_timed_steps(tmp_path, capsys)
                       device="cpu", out=str(tmp_path / "run")))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("estimate:")]
     # after step 4 (step 1 is the warm-up, 2-4 are timed): steps 5-7 and the evaluations at 6 and 7 are left
-    assert len(lines) == 1 and re.match(r"estimate: .* more \(3 steps of .*, 2 evaluations of .*\); done around "
-                                        r"\d\d:\d\d$", lines[0]), lines
+    assert len(lines) == 1 and re.match(r"estimate: .* more \(3 steps of .*, 2 evaluations of .*\); training done "
+                                        r"around \d\d:\d\d$", lines[0]), lines
