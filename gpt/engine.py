@@ -121,9 +121,9 @@ class RunConfig:
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.kernels not in BACKENDS:
-            raise ValueError(f"unknown kernel backend --kernels {self.kernels!r}: choose one of {', '.join(BACKENDS)}")
+            raise ValueError(f"--kernels {self.kernels!r} is not a kernel backend: choose one of {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"unknown --dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+            raise ValueError(f"--dtype {self.dtype!r} is not a training precision: choose one of {', '.join(DTYPES)}")
         if self.checkpoint and self.hf:
             raise ValueError("give either --checkpoint or --hf to start from, not both")
 
@@ -218,8 +218,7 @@ class Trainer:
 
     What a task may use: ``model`` (the raw model), ``step``, ``epoch`` (fractional), ``steps_per_epoch``,
     ``total_steps``, ``per_step`` (examples per step), ``env`` (rank, world size), ``run_dir``, ``evals``,
-    ``say``, ``log_record``,
-    ``elapsed``, ``running_loss`` and ``eval_sums``.
+    ``say``, ``log_record``, ``elapsed``, ``running_loss`` and ``eval_sums``.
     """
 
     def __init__(self, task: Task, env: Processes, precision: Precision, state: dict | None, run_dir: Path,

@@ -138,7 +138,7 @@ def test_resume_can_extend_a_finished_run_into_another_directory(finished_run, t
     ("short text", ValueError, "fewer than one window"),
     ("short validation", ValueError, "validation split"),
     ("batch too big", ValueError, "fewer than one optimizer step"),
-    ("bad backend", ValueError, "unknown kernel backend"),
+    ("bad backend", ValueError, "--kernels 'cuda-magic' is not a kernel backend"),
     ("bad lr", ValueError, "lr must be > 0"),
 ])
 def test_bad_settings_and_data_are_clear_errors(tmp_path, case, error, match):
