@@ -121,7 +121,7 @@ def add_train_command(sub) -> None:
     p = sub.add_parser(
         "train", help="pretrain a GPT on text (default: the mini model on The Verdict, as in chapter 5)",
         description="Pretrain a GPT on text. With no options: the 'mini' preset on The Verdict for 10 epochs, "
-                    "as chapter 5 of the book does (90 steps: 10 to 12 minutes on a busy 2-core CPU; an estimate "
+                    "as chapter 5 of the book does (90 steps: 6 to 12 minutes on a busy 2-core CPU; an estimate "
                     "of the time left is printed once the first steps are timed). Writes a run directory for gpt "
                     "generate --checkpoint and the finetuning commands' --checkpoint. Under torchrun: "
                     "DistributedDataParallel, with --batch-size windows per process.")
