@@ -216,7 +216,8 @@ def add_finetune_commands(sub) -> None:
         "and scored with ROUGE-L. Start from a pretrained model (--checkpoint DIR of gpt train, or --hf DIR); "
         "then chat with it: gpt chat --checkpoint OUT.", instruct.DEFAULT_EPOCHS, instruct.DEFAULT_TRAINABLE,
         'a UTF-8 JSON file: a list of records {"instruction": ..., "input": ... (may be empty or left out), '
-        '"output": ...}, split 85/5/10 in order (default: the book\'s 1,100 records, bundled)',
+        '"output": ...}, split in order: 85%% train, 10%% test, 5%% validation (default: the book\'s 1,100 records, '
+        'bundled)',
         "the model's context length")
     g.add_argument("--mask-prompt", action="store_true",
                    help="compute the loss on the response tokens only (default: prompt and response)")
