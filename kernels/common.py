@@ -102,14 +102,15 @@ def resident_programs(kernel, args, meta: dict, device: torch.device, key) -> in
     return _RESIDENT[cache_key]
 
 
-def split_rows(m: int, block_m: int, programs: int) -> tuple[int, int]:
+def split_rows(m: int, block_m: int, programs: int, min_rows: int | None = None) -> tuple[int, int]:
     """(G, rows per group) for a backward whose programs each walk a contiguous group of rows.
 
-    At most ``programs`` groups (one wave), and at least 4 row tiles per group so the (G, N) float32
-    partial sums stay small next to the rows themselves. Rows per group is a multiple of ``block_m``, so
-    only the last group's last tile is ragged.
+    At most ``programs`` groups (one wave), and at least 4 row tiles per group (or ``min_rows`` rows) so
+    the (G, N) float32 partial sums stay small next to the rows themselves. Rows per group is a multiple
+    of ``block_m``, so only the last group's last tile is ragged.
     """
     tiles = triton.cdiv(m, block_m)
-    g = max(1, min(tiles, programs, triton.cdiv(tiles, 4)))
+    fewest = triton.cdiv(tiles, 4) if min_rows is None else triton.cdiv(m, min_rows)
+    g = max(1, min(tiles, programs, fewest))
     rows_per_program = triton.cdiv(tiles, g) * block_m
     return triton.cdiv(m, rows_per_program), rows_per_program
