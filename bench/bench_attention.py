@@ -4,7 +4,11 @@ Causal self-attention, bf16, head dims 64 and 128, heads H = 2048 / D (hidden si
 length T = 512..16384 at a fixed 16K tokens per batch (B = 16384 / T), as in the FlashAttention-2/3
 papers. Providers, each measured in the same run:
 
-- ``triton``: ``kernels.attention`` on the Triton backend (ours, autotuned on first call);
+- ``triton``: ``kernels.attention`` on the Triton backend (ours, autotuned on first call; deterministic
+  7-matmul backward);
+- ``triton-atomic``: the same with the 5-matmul backward (atomic fp32 dQ, ``ATOMIC_DQ_BACKWARD``);
+- ``triton-dropout``, ``sdpa-flash-dropout``: ours and SDPA's flash backend with dropout_p = 0.1 on the
+  attention weights (goal: ours within 1.3x of ``triton`` over forward + backward);
 - ``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient``: ``F.scaled_dot_product_attention(is_causal=True)``
   restricted to one backend with ``torch.nn.attention.sdpa_kernel`` (skipped where it cannot run);
 - ``manual``: ``kernels.reference.attention`` (q k^T, mask, softmax, @ v: materialises T x T), eager;
@@ -20,6 +24,12 @@ plus the peak extra CUDA memory of one forward + backward at T = 8192 (``peak_me
 the fused kernels, quadratic for the manual one. Goal (H100): forward >= 1.1x sdpa-flash and >= 1.0x
 sdpa-cudnn for T >= 2048, backward >= 1.0x sdpa-flash.
 
+Decoding (``pass = decode``): gpt2-small's attention for one prompt with a KV cache, B = 1, H = 12,
+D = 64, Tq new queries (1 and 16) against Tk = 1K..16K cached keys, forward only: ``triton`` (split-K
+flash-decoding where it pays, the default), ``triton-nosplit`` (the plain kernel: B * H programs),
+``sdpa`` (its default backend; an explicit end-aligned causal mask for Tq > 1). Memory-bound, so also
+GB/s of K and V read: ``2 * B * H * Tk * D * 2`` bytes.
+
     python -m bench.bench_attention            # full sweep (GPU)
     python -m bench.bench_attention --quick    # D = 64, T in 1024, 4096
     python -m bench.bench_attention --smoke    # tiny shapes on the CPU (Triton interpreter): code paths only
@@ -28,6 +38,7 @@ sdpa-cudnn for T >= 2048, backward >= 1.0x sdpa-flash.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 import torch
@@ -48,7 +59,12 @@ SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
 HEAD_DIMS = (64, 128)
 QUICK_SEQ_LENS, QUICK_HEAD_DIMS = (1024, 4096), (64,)
 MEMORY_T = 8192
-PROVIDERS = ("triton", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "manual", "compile")
+PROVIDERS = ("triton", "triton-atomic", "triton-dropout", "sdpa-flash", "sdpa-flash-dropout", "sdpa-cudnn",
+             "sdpa-efficient", "manual", "compile")
+DROPOUT_P = 0.1  # GPT-2's attention dropout when training
+DECODE_CASES = ((1, 1024), (1, 4096), (1, 16384), (16, 1024), (16, 4096), (16, 16384))  # (Tq, Tk)
+QUICK_DECODE_CASES = ((1, 4096), (16, 4096))
+DECODE_HEADS, DECODE_D = 12, 64
 
 
 def attention_flops(B: int, H: int, T: int, D: int, causal: bool = True, backward: bool = False) -> float:
@@ -64,31 +80,102 @@ def _providers(smoke: bool) -> dict:
     import kernels
     from kernels import reference
 
-    def triton_attention(q, k, v):
+    def triton_attention(q, k, v, dropout_p=0.0):
         with kernels.use_backend("triton"):
-            return kernels.attention(q, k, v, causal=True)
+            return kernels.attention(q, k, v, causal=True, dropout_p=dropout_p)
 
-    def sdpa(backend):
+    def triton_atomic(q, k, v):
+        with _setting("ATOMIC_DQ_BACKWARD", True):  # read at the forward, kept for its backward
+            return triton_attention(q, k, v)
+
+    def sdpa(backend, dropout_p=0.0):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         chosen = getattr(SDPBackend, backend)
 
         def fn(q, k, v):
             with sdpa_kernel([chosen]):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
         return fn
 
     def manual(q, k, v):
         return reference.attention(q, k, v, causal=True)
 
-    out = {"triton": triton_attention, "manual": manual}
+    out = {"triton": triton_attention, "triton-atomic": triton_atomic, "manual": manual,
+           "triton-dropout": lambda q, k, v: triton_attention(q, k, v, DROPOUT_P)}
     if smoke:
         out["sdpa-math"] = sdpa("MATH")
         return out
     out.update({"sdpa-flash": sdpa("FLASH_ATTENTION"), "sdpa-cudnn": sdpa("CUDNN_ATTENTION"),
+                "sdpa-flash-dropout": sdpa("FLASH_ATTENTION", DROPOUT_P),
                 "sdpa-efficient": sdpa("EFFICIENT_ATTENTION"), "compile": torch.compile(manual)})
     return {name: out[name] for name in PROVIDERS}
+
+
+@contextlib.contextmanager
+def _setting(name: str, value):
+    """Set ``kernels.flash_attention.<name>`` for the block (the path switches the benchmark compares)."""
+    from kernels import flash_attention as fa
+
+    old = getattr(fa, name)
+    setattr(fa, name, value)
+    try:
+        yield
+    finally:
+        setattr(fa, name, old)
+
+
+def _decode_providers(smoke: bool) -> dict:
+    """name -> fn(q, k, v) for decoding: Tq queries at the end of Tk keys, causal (end-aligned)."""
+    import torch.nn.functional as F
+
+    import kernels
+    from kernels import reference
+
+    def triton_attention(q, k, v):
+        with kernels.use_backend("triton"):
+            return kernels.attention(q, k, v, causal=True)
+
+    def triton_nosplit(q, k, v):
+        with _setting("SPLIT_K", 1):
+            return triton_attention(q, k, v)
+
+    def sdpa(q, k, v):
+        tq, tk = q.shape[2], k.shape[2]
+        mask = reference.causal_mask(tq, tk, q.device) if tq > 1 else None  # one query sees every key
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    return {"triton": triton_attention, "triton-nosplit": triton_nosplit, "sdpa": sdpa}
+
+
+def run_decode(quick: bool = False, smoke: bool = False) -> list[dict]:
+    """Forward time of decoding with a KV cache (see the module docstring), one row per provider and case."""
+    if smoke:
+        device, dtype, cases, repeats_kw = "cpu", torch.float32, ((1, 300), (16, 300)), {"repeats": 1, "warmup": 1}
+        H, D = 2, 16
+    else:
+        device, dtype, repeats_kw = "cuda", torch.bfloat16, {}
+        cases, H, D = QUICK_DECODE_CASES if quick else DECODE_CASES, DECODE_HEADS, DECODE_D
+    rows = []
+    with torch.no_grad():
+        for Tq, Tk in cases:
+            q = torch.randn(1, H, Tq, D, device=device, dtype=dtype)
+            k, v = (torch.randn(1, H, Tk, D, device=device, dtype=dtype) for _ in range(2))
+            for name, fn in _decode_providers(smoke).items():
+                row = {"provider": name, "case": f"decode Tq={Tq} Tk={Tk}", "pass": "decode", "D": D, "T": Tk,
+                       "Tq": Tq, "B": 1, "H": H}
+                try:
+                    ms = time_ms(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v), **repeats_kw)
+                except (RuntimeError, torch.OutOfMemoryError) as e:
+                    row.update(ms=None, **{"TFLOP/s": None, "GB/s": None}, error=str(e).strip().splitlines()[0][:80])
+                    rows.append(row)
+                    continue
+                flops = 4.0 * H * Tq * Tk * D
+                kv_bytes = 2 * H * Tk * D * q.element_size()
+                row.update(ms=ms, **{"TFLOP/s": flops / (ms * 1e-3) / 1e12, "GB/s": kv_bytes / (ms * 1e-3) / 1e9})
+                rows.append(row)
+    return rows
 
 
 def _inputs(B, H, T, D, device, dtype):
@@ -126,8 +213,9 @@ def _peak_memory_mib(fn, B, H, T, D, dtype) -> float | None:
         torch.cuda.empty_cache()
 
 
-def run(quick: bool = False, smoke: bool = False, seq_lens=None, head_dims=None) -> list[dict]:
-    """Every number of the sweep (GPU), one dict each; or a tiny CPU pass through the code with ``smoke``."""
+def run(quick: bool = False, smoke: bool = False, seq_lens=None, head_dims=None, decode: bool = True) -> list[dict]:
+    """Every number of the sweep (GPU), one dict each, the decoding cases last (``pass`` = "decode"); or a
+    tiny CPU pass through the code with ``smoke``."""
     if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `kernels` is not imported yet
         device, dtype, tokens, hidden = "cpu", torch.float32, 128, 32
@@ -159,11 +247,12 @@ def run(quick: bool = False, smoke: bool = False, seq_lens=None, head_dims=None)
                 for name, fn in providers.items():
                     rows.append({"provider": name, "case": f"memory D={D} T={T}", "pass": "fwd+bwd", "D": D,
                                  "T": T, "B": B, "H": H, "peak_mem_MiB": _peak_memory_mib(fn, B, H, T, D, dtype)})
-    return rows
+    return rows + (run_decode(quick=quick, smoke=smoke) if decode else [])
 
 
 def wide_table(rows: list[dict]) -> str:
-    """One line per (pass, D, T): every provider's TFLOP/s, and ours relative to SDPA's flash and cuDNN."""
+    """One line per (pass, D, T): every provider's TFLOP/s, ours relative to SDPA's flash and cuDNN, our
+    time with dropout over our time without, and the atomic backward's speedup."""
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     out = []
     for key in dict.fromkeys((r["pass"], r["D"], r["T"]) for r in rows if "TFLOP/s" in r):
@@ -173,6 +262,10 @@ def wide_table(rows: list[dict]) -> str:
         for base in ("sdpa-flash", "sdpa-cudnn"):
             if by.get("triton") and by.get(base):
                 line[f"x {base}"] = by["triton"] / by[base]
+        if by.get("triton") and by.get("triton-dropout"):  # time with dropout / time without (goal <= 1.3)
+            line["dropout time x"] = by["triton"] / by["triton-dropout"]
+        if by.get("triton") and by.get("triton-atomic"):  # > 1: the atomic backward is faster
+            line["atomic speedup"] = by["triton-atomic"] / by["triton"]
         out.append(line)
     mem = [{"D": r["D"], "T": r["T"], **{p: None for p in providers}} for r in rows if "peak_mem_MiB" in r]
     mem = list({(m["D"], m["T"]): m for m in mem}.values())
@@ -193,12 +286,18 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help=f"D {QUICK_HEAD_DIMS}, T {QUICK_SEQ_LENS}")
     p.add_argument("--seq-lens", type=int, nargs="+", help=f"sequence lengths (default {SEQ_LENS})")
     p.add_argument("--head-dims", type=int, nargs="+", help=f"head dims (default {HEAD_DIMS})")
+    p.add_argument("--no-decode", action="store_true", help="skip the decoding (KV cache) cases")
     add_kernel_bench_args(p)
     args = p.parse_args(argv)
     if not start_kernel_bench('attention', args.smoke):
         return 0
-    rows = run(quick=args.quick, smoke=args.smoke, seq_lens=args.seq_lens, head_dims=args.head_dims)
-    print(wide_table(rows))
+    rows = run(quick=args.quick, smoke=args.smoke, seq_lens=args.seq_lens, head_dims=args.head_dims,
+               decode=not args.no_decode)
+    decode = [r for r in rows if r.get("pass") == "decode"]
+    print(wide_table([r for r in rows if r.get("pass") != "decode"]))
+    if decode:
+        print("\ndecoding (forward only, B=1): ms and GB/s of K and V read")
+        print(format_table(decode, ["case", "provider", "ms", "GB/s"]))
     errors = {(r["provider"], r["error"]) for r in rows if r.get("error")}
     for provider, error in sorted(errors):
         print(f"{provider}: did not run ({error})")

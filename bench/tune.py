@@ -72,11 +72,14 @@ def config_name(c) -> str:
 
 
 def serving(kernel: str, D: int, dropout: float) -> list:
-    """The configs of ``kernel``'s list that the autotuner may choose for 16-bit inputs at head dim D."""
+    """The configs of ``kernel``'s list that the autotuner may choose for 16-bit inputs at head dim D on
+    this machine's GPU family (sm_90 when there is no GPU: the dry run)."""
+    import torch
     import triton
 
     fa = _fa()
-    return [c for c in getattr(fa, KERNELS[kernel]) if c.serves(triton.next_power_of_2(D), dropout > 0, False)]
+    arch = fa._arch_family(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return [c for c in getattr(fa, KERNELS[kernel]) if c.serves(triton.next_power_of_2(D), dropout > 0, False, arch)]
 
 
 class Tuner:

@@ -21,27 +21,33 @@ Backward, FlashAttention-2's split into three launches, with no atomics:
     Why split rather than one fused loop with ``atomic_add`` into dQ: every gradient element is written
     by exactly one program, so the backward is deterministic (bitwise repeatable) and needs no fp32 dQ
     scratch buffer, no zeroing and no conversion pass, and the autotuner can re-run it freely. The price
-    is recomputing q k^T and dO v^T once more in the dQ kernel (7 tile matmuls instead of 5); the fused
-    atomic version trades that for contention on dQ and non-deterministic sums.
+    is recomputing q k^T and dO v^T once more in the dQ kernel (7 tile matmuls instead of 5). The fused
+    atomic version (FlashAttention-2's: the dK/dV kernel also adds dQ with fp32 atomics, no dQ kernel)
+    is an option, ``ATOMIC_DQ_BACKWARD``, trading that for contention on dQ and non-deterministic sums.
 
-Dropout on the attention weights uses Philox (``tl.randint4x``) keyed by (seed, batch*head), one counter
-per (query row, group of four key columns) giving the four columns' random words: forward and backward
-regenerate the same keep-mask tile by tile and it is never stored. Kept weights are scaled by
-1 / (1 - p); the softmax normaliser l is taken before dropout, as in ``F.dropout(softmax(s))``. The seed
-is drawn by ``torch.randint`` on the inputs' device and read by the kernels from device memory, so
-choosing it needs no host sync and ``torch.manual_seed`` makes runs repeatable.
-:func:`attention_dropout_mask` materialises the very mask the kernels use (a small kernel calling the
-same jitted ``_dropout_keep``, so identical by construction), for tests.
+Dropout on the attention weights uses Philox keyed by (seed, batch*head): one call gives 16 random
+bytes, 16 keep-decisions with 8-bit thresholds (as FlashAttention-2), mapped onto the elements so that
+the mask is built in the accumulator's own register layout (``_dropout_keep``): forward and backward
+regenerate the same keep-mask tile by tile and it is never stored. The probability applied is a
+multiple of 1/256 (:func:`effective_dropout_p`: 0.1 -> 26/256); kept weights are scaled by 1 / (1 - it);
+the softmax normaliser l is taken before dropout, as in ``F.dropout(softmax(s))``. The seed is drawn by
+``torch.randint`` on the inputs' device and read by the kernels from device memory, so choosing it needs
+no host sync and ``torch.manual_seed`` makes runs repeatable. :func:`attention_dropout_mask`
+materialises the very mask the kernels use (a small kernel calling the same jitted ``_dropout_keep``, so
+identical by construction), for tests.
 
-Decoding with a KV cache (Tq < Tk, down to Tq = 1) runs through the same kernels: query i sits at
-position i + Tk - Tq of the sequence, so under ``causal`` it sees keys j <= i + Tk - Tq. The autotuner
-offers a BLOCK_M = 16 configuration for short Tq. Tq > Tk is an error when causal (the first queries
-would see no key); without ``causal`` any Tq, Tk works.
+Decoding with a KV cache (Tq < Tk, down to Tq = 1): query i sits at position i + Tk - Tq of the sequence,
+so under ``causal`` it sees keys j <= i + Tk - Tq. The autotuner offers BLOCK_M = 16 configurations for
+short Tq, and where the B * H programs of such a grid leave SMs idle the forward splits the keys across
+programs instead (flash-decoding, ``_attn_fwd_splitk``: each split's output and log-sum-exp, merged by
+``_attn_splitk_combine``; see ``_splitk_plan``). Tq > Tk is an error when causal (the first queries would
+see no key); without ``causal`` any Tq, Tk works.
 
-Tiles: autotuned per kernel from short lists (``FWD_CONFIGS``, ``DKDV_CONFIGS``, ``DQ_CONFIGS``) keyed
-on (Tq, Tk rounded up to powers of two, D, causal, dropout, dtype) and pruned to the configs that serve
-the head dim, dtype and dropout setting and whose tile fits the length; ``compile_cases()`` compiles
-exactly those lists. Under TRITON_INTERPRET=1 one small fixed config per kernel (``INTERPRET_CONFIGS``).
+Tiles: autotuned per kernel from short lists (``FWD_CONFIGS``, ``DKDV_CONFIGS``, ``DQ_CONFIGS``,
+``BWD_ATOMIC_CONFIGS``, ``SPLITK_CONFIGS``) keyed on (Tq, Tk rounded up to powers of two, D, causal,
+dropout, dtype) and pruned to the configs that serve the head dim, dtype, dropout setting and GPU family
+and whose tile fits the length; ``compile_cases()`` compiles exactly those lists. Under
+TRITON_INTERPRET=1 one small fixed config per kernel (``INTERPRET_CONFIGS``).
 
 Layers: the ``@triton.jit`` kernels; ``_check_inputs`` and the launchers ``_forward`` / ``_backward``
 (strides passed through, so q, k, v may be non-contiguous views, e.g. the (B, T, H, D) split of a fused
@@ -120,40 +126,64 @@ def _philox_key(SEED, bh, DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed_key, rows, col0, Tk, dropout_p, BLOCK_N: tl.constexpr):
-    """(len(rows), BLOCK_N) keep-mask (True = keep) of one (batch, head) for key columns col0 + [0, BLOCK_N).
+def _dropout_keep(seed_key, row0, col0, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  TRANSPOSED: tl.constexpr):
+    """Keep-mask (True = keep) of one (batch, head) for query rows row0 + [0, BLOCK_M) and key columns
+    col0 + [0, BLOCK_N): (BLOCK_M, BLOCK_N), or (BLOCK_N, BLOCK_M) keys-by-queries if TRANSPOSED.
 
-    Philox keyed by ``seed_key`` (the seed in the low 32 bits, batch*head in the high 32). Each counter
-    ``row * cdiv(Tk, 4) + col // 4`` gives four random words (``randint4x``), one for each of four
-    neighbouring columns: a quarter of the Philox work and registers of one call per element. A weight
-    is kept when the word's low 24 bits, as a fraction of 2**24, are >= dropout_p. Depends only on
-    (seed, batch*head, row, col), never on the tile sizes, so every kernel regenerates the same mask.
-    col0 must be a multiple of 4 (it is a multiple of BLOCK_N >= 16).
+    One Philox-4x32-10 call, keyed by ``seed_key`` (seed in the low word, batch*head in the high word),
+    gives 128 random bits: 16 bytes, one keep-decision each (kept when the byte is >= 256 * dropout_p,
+    so dropout_p must be a multiple of 1/256, see :func:`effective_dropout_p`). Query i and key j use
+    byte ``(j0 + 2 j4)`` of word ``(i3 + 2 j3)`` (jb = bit b of j) of the call whose counter is
+    (j without bits 0, 3, 4; i without bit 3). Why those bits: in the accumulator layout of the MMA
+    (the layout of s and p), bits 0 and 3.. of a key and bit 3 of a query index a thread's own
+    registers, so the 16 bytes of a call land on 16 elements of one thread. Written element-wise, the
+    compiler builds the mask directly in that layout (no layout conversion through shared memory) and,
+    since the counter ignores the register bits, computes each call once per thread: in the forward
+    and dQ kernels one call per 16 elements. In dK/dV's transposed tile (keys along rows) only bits j3
+    and i3 are a thread's registers, so there one call serves 4 of a thread's elements.
+
+    The mask depends only on (seed, batch*head, i, j), never on the tile sizes, so every kernel
+    regenerates the same one. row0 is a multiple of 16, col0 of min(BLOCK_N, 32); BLOCK_M and BLOCK_N
+    are multiples of 16.
     """
-    groups = col0 // 4 + tl.arange(0, BLOCK_N // 4)  # (BLOCK_N // 4,)
-    ctr = rows[:, None] * ((Tk + 3) // 4) + groups[None, :]  # (R, BLOCK_N // 4) int32
-    r0, r1, r2, r3 = tl.randint4x(seed_key, ctr)
-    thresh = dropout_p * 16777216.0
-    k0 = (r0 & 0xFFFFFF).to(tl.float32) >= thresh
-    k1 = (r1 & 0xFFFFFF).to(tl.float32) >= thresh
-    k2 = (r2 & 0xFFFFFF).to(tl.float32) >= thresh
-    k3 = (r3 & 0xFFFFFF).to(tl.float32) >= thresh
-    keep = tl.join(tl.join(k0, k1), tl.join(k2, k3))  # (R, BLOCK_N // 4, 2, 2)
-    return tl.reshape(keep, (rows.shape[0], BLOCK_N))  # column 4 * g + 2 * a + b <- word 2 * b + a
+    if TRANSPOSED:
+        li = tl.arange(0, BLOCK_M)[None, :]  # (1, BLOCK_M) query offsets in the block, along columns
+        lj = tl.arange(0, BLOCK_N)[:, None]  # (BLOCK_N, 1) key offsets, along rows
+    else:
+        li = tl.arange(0, BLOCK_M)[:, None]  # (BLOCK_M, 1)
+        lj = tl.arange(0, BLOCK_N)[None, :]  # (1, BLOCK_N)
+    # counter words: the query without bit 3 (row0 is 16-aligned), the key without bits 0, 3 and 4
+    ctr_i = (row0 >> 4) * 8 + (((li >> 4) << 3) | (li & 7))
+    if BLOCK_N % 32 == 0:  # col0 is 32-aligned: bit 4 comes from the offset in the block
+        ctr_j = (col0 >> 5) * 4 + (((lj >> 5) << 2) | ((lj >> 1) & 3))
+        j4 = (lj >> 4) & 1
+    else:  # a 16-wide block: bit 4 is the block's
+        ctr_j = (col0 >> 5) * 4 + ((lj >> 1) & 3)
+        j4 = (col0 >> 4) & 1
+    c0 = (ctr_j + ctr_i * 0).to(tl.uint32)  # (BLOCK_M, BLOCK_N) or its transpose
+    c1 = (ctr_i + ctr_j * 0).to(tl.uint32)
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed_key, c0, c1, zero, zero)
+    word = ((li >> 3) & 1) + 2 * ((lj >> 3) & 1)  # i3 + 2 j3
+    r = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    byte = (r >> (8 * ((lj & 1) + 2 * j4)).to(tl.uint32)) & 255
+    return byte >= tl.cast(dropout_p * 256.0 + 0.5, tl.uint32)
 
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q,  # running state: (BLOCK_M, BLOCK_D) fp32, (BLOCK_M,), (BLOCK_M,), q tile
                     Kb, Vb,  # this (batch, head)'s K and V base pointers
                     stride_kt, stride_kd, stride_vt, stride_vd,  # time and feature strides of K and V
-                    offs_m, offs_d,  # (BLOCK_M,) query rows of this program, (BLOCK_D,) feature columns
+                    start_m, offs_m, offs_d,  # first query row; (BLOCK_M,) its rows; (BLOCK_D,) features
                     lo, hi,  # key range [lo, hi) of this stage, lo a multiple of BLOCK_N
                     Tk, OFF,  # number of keys; OFF = Tk - Tq (query i sees keys j <= i + OFF when causal)
                     qk_scale,  # softmax scale * log2(e)
                     dropout_p, seed_key,  # dropout probability and Philox key (used when DROPOUT)
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     MASKED: tl.constexpr,  # mask keys >= Tk and, if CAUSAL, keys above the diagonal
-                    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, FP32: tl.constexpr):
+                    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, FP32: tl.constexpr,
+                    GUARD_EMPTY: tl.constexpr = False):  # MASKED rows may have seen no key yet (split-K)
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -166,17 +196,22 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  # running state: (BLOCK_M, BLOCK_D) fp32,
             if CAUSAL:
                 ok = ok & (offs_n[None, :] <= offs_m[:, None] + OFF)  # (BLOCK_M, BLOCK_N)
             s = tl.where(ok, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every row sees key 0 in its first block
-            s = s - m_new[:, None]
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every row sees key 0 in its first block...
+            if GUARD_EMPTY:  # ...unless the keys start later (a split): subtract 0, so exp2 gives 0, not NaN
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_ref = m_new
+            s = s - m_ref[:, None]
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_ref = m_new
             s = s * qk_scale - m_new[:, None]
         p = tl.math.exp2(s)  # (BLOCK_M, BLOCK_N) unnormalised weights
-        alpha = tl.math.exp2(m_i - m_new)  # (BLOCK_M,) rescales what was accumulated so far
+        alpha = tl.math.exp2(m_i - m_ref)  # (BLOCK_M,) rescales what was accumulated so far
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every weight, dropped or not
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed_key, offs_m, start_n, Tk, dropout_p, BLOCK_N), p, 0.0)
+            p = tl.where(_dropout_keep(seed_key, start_m, start_n, dropout_p, q.shape[0], BLOCK_N, False), p, 0.0)
         v = _load_tile(Vb + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, offs_n, Tk, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)  # (BLOCK_N, BLOCK_D)
         acc = _mm(p.to(v.dtype), v, acc, FP32)
@@ -237,20 +272,119 @@ def _attn_fwd(
         lo_full = (Tk // BLOCK_N) * BLOCK_N
         hi = Tk
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd,
-                                    offs_m, offs_d, 0, lo_full, Tk, OFF, qk_scale, dropout_p, seed_key,
+                                    start_m, offs_m, offs_d, 0, lo_full, Tk, OFF, qk_scale, dropout_p, seed_key,
                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, DROPOUT, FP32)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd,
-                                    offs_m, offs_d, lo_full, hi, Tk, OFF, qk_scale, dropout_p, seed_key,
+                                    start_m, offs_m, offs_d, lo_full, hi, Tk, OFF, qk_scale, dropout_p, seed_key,
                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, DROPOUT, FP32)
 
     out = acc / l_i[:, None]  # (BLOCK_M, BLOCK_D)
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    lse = (m_i + tl.math.log2(l_i)) * LN2  # back to natural log
+    lse = (m_i + tl.math.log2(l_i)) * LN2  # back to natural log: * ln(2)
     row_ok = offs_m < Tq
     tl.store(LSE + bh * Tq + offs_m, lse, mask=row_ok)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _attn_fwd_splitk(
+    Q, K, V,  # (B, H, Tq, D) queries (Tq <= BLOCK_M), (B, H, Tk, D) keys and values, any strides
+    O_PART,  # (B*H, SPLITS, Tq, BLOCK_D) fp32 output: each split's normalised output
+    LSE_PART,  # (B*H, SPLITS, Tq) fp32 output: each split's log-sum-exp (natural log; -inf: no key seen)
+    stride_qb, stride_qh, stride_qt, stride_qd,  # strides of Q (batch, head, time, feature)
+    stride_kb, stride_kh, stride_kt, stride_kd,  # strides of K
+    stride_vb, stride_vh, stride_vt, stride_vd,  # strides of V
+    H,  # number of heads: program_id(1) = batch * H + head
+    Tq, Tk,  # query and key lengths
+    sm_scale,  # softmax scale
+    dropout_p,  # probability of dropping an attention weight (used when DROPOUT)
+    SEED,  # (1,) int64: the Philox seed of the dropout mask (read only when DROPOUT)
+    keys_per_split,  # keys of one split (program_id(0)), a multiple of BLOCK_N
+    TQ_KEY, TK_KEY,  # autotune keys only: Tq and keys_per_split rounded up to a power of two (not read)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # >= Tq: every query row in one program
+    BLOCK_N: tl.constexpr,  # keys per loop step
+):
+    """Flash-decoding: the forward over one split of the keys for all (<= BLOCK_M) query rows; the
+    partial outputs and log-sum-exps are merged by ``_attn_splitk_combine``."""
+    FP32: tl.constexpr = Q.dtype.element_ty == tl.float32
+    split = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                   offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True)  # (BLOCK_M, BLOCK_D)
+    Kb = K + b * stride_kb + h * stride_kh
+    Vb = V + b * stride_vb + h * stride_vh
+    qk_scale = sm_scale * LOG2E
+    seed_key = _philox_key(SEED, bh, DROPOUT)
+    OFF = Tk - Tq
+    lo = split * keys_per_split
+    end = tl.minimum(lo + keys_per_split, Tk)
+    if CAUSAL:  # as in _attn_fwd with start_m = 0: unmasked below lo_full, the diagonal band after
+        lo_full = ((OFF + 1) // BLOCK_N) * BLOCK_N
+        end = tl.minimum(end, BLOCK_M + OFF)
+    else:
+        lo_full = (Tk // BLOCK_N) * BLOCK_N
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd,
+                                    0, offs_m, offs_d, lo, tl.minimum(end, lo_full), Tk, OFF, qk_scale, dropout_p,
+                                    seed_key, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, DROPOUT, FP32)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd,
+                                    0, offs_m, offs_d, tl.maximum(lo, lo_full), end, Tk, OFF, qk_scale, dropout_p,
+                                    seed_key, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, DROPOUT, FP32, True)
+    seen = l_i > 0.0  # (BLOCK_M,) False for a row none of whose keys lie in this split
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # (BLOCK_M, BLOCK_D), 0 where nothing was seen
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    lse = tl.where(seen, (m_i + tl.math.log2(l_i)) * LN2, float("-inf"))
+    row_ok = offs_m < Tq
+    part = (bh * tl.num_programs(0) + split) * Tq + offs_m  # (BLOCK_M,) row index into the partials
+    tl.store(LSE_PART + part, lse, mask=row_ok)
+    tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None])
+
+
+@triton.jit
+def _attn_splitk_combine(
+    O_PART, LSE_PART,  # (B*H, SPLITS, Tq, BLOCK_D) and (B*H, SPLITS, Tq) fp32: the splits' results
+    O,  # (B, H, Tq, D) output, strides stride_o*
+    LSE,  # (B*H, Tq) fp32 output: the rows' log-sum-exp over all keys
+    stride_ob, stride_oh, stride_ot, stride_od,  # strides of O
+    H, Tq, SPLITS,  # heads, query length, number of splits
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # splits per loop step
+):
+    """One query row: lse = logsumexp_s lse_s and o = sum_s exp(lse_s - lse) o_s, over the splits s."""
+    row = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_s = tl.arange(0, BLOCK_S)  # (BLOCK_S,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)  # running max of lse_s, per lane
+    for s0 in range(0, SPLITS, BLOCK_S):
+        part = (bh * SPLITS + s0 + offs_s) * Tq + row  # (BLOCK_S,)
+        m = tl.maximum(m, tl.load(LSE_PART + part, mask=s0 + offs_s < SPLITS, other=float("-inf")))
+    m_all = tl.max(m, 0)  # finite: every row sees at least one key, in some split
+    total = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        ok = s0 + offs_s < SPLITS
+        part = (bh * SPLITS + s0 + offs_s) * Tq + row  # (BLOCK_S,)
+        w = tl.exp(tl.load(LSE_PART + part, mask=ok, other=float("-inf")) - m_all)  # 0: split saw none of the row
+        total += w
+        acc += w[:, None] * tl.load(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    total_all = tl.sum(total, 0)
+    out = tl.sum(acc, 0) / total_all  # (BLOCK_D,)
+    tl.store(LSE + bh * Tq + row, m_all + tl.log(total_all))
+    tl.store(O + b * stride_ob + h * stride_oh + row * stride_ot + offs_d * stride_od, out.to(O.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
 
 
 @triton.jit
@@ -285,11 +419,14 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,  # (BLOCK_N, BLOCK_D) fp32 accumulators; 
                          Tq, Tk, OFF,  # lengths; OFF = Tk - Tq
                          qk_scale,  # softmax scale * log2(e)
                          dropout_p, seed_key,  # dropout probability and Philox key (used when DROPOUT)
+                         DQb, stride_dqt, stride_dqd,  # fp32 dQ accumulator of this (batch, head) (ATOMIC_DQ)
+                         sm_scale,  # softmax scale, folded into the dQ contributions (ATOMIC_DQ)
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr,
                          MASK_CAUSAL: tl.constexpr,  # zero the weights above the diagonal
                          MASK_ROWS: tl.constexpr,  # guard loads of query rows >= Tq
-                         DROPOUT: tl.constexpr, FP32: tl.constexpr):
+                         DROPOUT: tl.constexpr, FP32: tl.constexpr,
+                         ATOMIC_DQ: tl.constexpr):  # also add dS K (this key block's share of dQ) into DQb
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     for start_m in range(lo, hi, BLOCK_M):
@@ -311,7 +448,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,  # (BLOCK_N, BLOCK_D) fp32 accumulators; 
             pT = tl.where(offs_n[:, None] <= offs_m[None, :] + OFF, pT, 0.0)
         dpT = _mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32)  # dO v^T, transposed
         if DROPOUT:
-            keepT = tl.trans(_dropout_keep(seed_key, offs_m, start_n, Tk, dropout_p, BLOCK_N))  # (BLOCK_N, BLOCK_M)
+            keepT = _dropout_keep(seed_key, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N, True)  # (BLOCK_N, BLOCK_M)
             inv_keep = 1.0 / (1.0 - dropout_p)
             dv = _mm(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do, dv, FP32)
             dpT = tl.where(keepT, dpT * inv_keep, 0.0)
@@ -319,6 +456,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,  # (BLOCK_N, BLOCK_D) fp32 accumulators; 
             dv = _mm(pT.to(do.dtype), do, dv, FP32)
         dsT = pT * (dpT - delta[None, :])  # (BLOCK_N, BLOCK_M) gradient of the scores, transposed
         dk = _mm(dsT.to(q.dtype), q, dk, FP32)
+        if ATOMIC_DQ:  # the fifth matmul: dQ[rows] += dS K * scale, summed over key blocks by atomics
+            dqT = _mm(tl.trans(k), dsT.to(k.dtype), tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32), FP32)
+            dq_ptrs = DQb + offs_m[None, :] * stride_dqt + offs_d[:, None] * stride_dqd  # (BLOCK_D, BLOCK_M)
+            tl.atomic_add(dq_ptrs, dqT * sm_scale, mask=(offs_m[None, :] < Tq) & (offs_d[:, None] < HEAD_DIM),
+                          sem="relaxed")
     return dk, dv
 
 
@@ -327,12 +469,14 @@ def _attn_bwd_dkdv(
     Q, K, V,  # (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, D) forward inputs, any strides
     DO,  # (B, H, Tq, D) gradient of the output, any strides
     DK, DV,  # (B, H, Tk, D) outputs: gradients of K and V, strides stride_dk*
+    DQ,  # (B, H, Tq, D) fp32, zeroed: dQ accumulated with atomics when ATOMIC_DQ (else unused)
     LSE, DELTA,  # (B*H, Tq) fp32: forward log-sum-exp (natural log) and rowsum(dO * O)
     stride_qb, stride_qh, stride_qt, stride_qd,  # strides of Q
     stride_kb, stride_kh, stride_kt, stride_kd,  # strides of K
     stride_vb, stride_vh, stride_vt, stride_vd,  # strides of V
     stride_dob, stride_doh, stride_dot, stride_dod,  # strides of DO
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,  # strides of DK and DV (allocated alike)
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,  # strides of DQ (when ATOMIC_DQ)
     H,  # number of heads: program_id(1) = batch * H + head
     Tq, Tk,  # query and key lengths
     sm_scale,  # softmax scale
@@ -341,6 +485,7 @@ def _attn_bwd_dkdv(
     TQ_KEY, TK_KEY,  # autotune keys only: Tq and Tk rounded up to a power of two (not read)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # D and D rounded up to a power of two
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,  # as in the forward
+    ATOMIC_DQ: tl.constexpr,  # also compute dQ (the 5-matmul backward; the dQ kernel is then not run)
     BLOCK_M: tl.constexpr,  # query rows per loop step
     BLOCK_N: tl.constexpr,  # keys per program
 ):
@@ -357,6 +502,7 @@ def _attn_bwd_dkdv(
                    offs_n, Tk, offs_d, HEAD_DIM, BLOCK_D, True)  # (BLOCK_N, BLOCK_D)
     Qb = Q + b * stride_qb + h * stride_qh
     DOb = DO + b * stride_dob + h * stride_doh
+    DQb = DQ + b * stride_dqb + h * stride_dqh
     LSEb = LSE + bh * Tq
     DELTAb = DELTA + bh * Tq
     qk_scale = sm_scale * LOG2E
@@ -374,17 +520,19 @@ def _attn_bwd_dkdv(
         m_diag = tl.minimum(m_diag, tl.cdiv(Tq, BLOCK_M) * BLOCK_M)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_qt, stride_qd, stride_dot,
                                       stride_dod, start_n, offs_d, m_lo, m_diag, Tq, Tk, OFF, qk_scale, dropout_p,
-                                      seed_key, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, True, DROPOUT, FP32)
+                                      seed_key, DQb, stride_dqt, stride_dqd, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                      BLOCK_N, True, True, DROPOUT, FP32, ATOMIC_DQ)
     else:
         m_diag = 0
     # rows that see every key of this block: no masks, then the ragged last query block (if any)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_qt, stride_qd, stride_dot,
                                   stride_dod, start_n, offs_d, m_diag, m_full, Tq, Tk, OFF, qk_scale, dropout_p,
-                                  seed_key, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, False, DROPOUT, FP32)
+                                  seed_key, DQb, stride_dqt, stride_dqd, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                  BLOCK_N, False, False, DROPOUT, FP32, ATOMIC_DQ)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_qt, stride_qd, stride_dot,
                                   stride_dod, start_n, offs_d, tl.maximum(m_diag, m_full), Tq, Tq, Tk, OFF,
-                                  qk_scale, dropout_p, seed_key, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, True,
-                                  DROPOUT, FP32)
+                                  qk_scale, dropout_p, seed_key, DQb, stride_dqt, stride_dqd, sm_scale, HEAD_DIM,
+                                  BLOCK_D, BLOCK_M, BLOCK_N, False, True, DROPOUT, FP32, ATOMIC_DQ)
 
     dk = dk * sm_scale  # ds was taken w.r.t. the scaled scores
     mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
@@ -397,7 +545,7 @@ def _attn_bwd_dkdv(
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta,  # (BLOCK_M, BLOCK_D) fp32 accumulator; q, dO tiles; row stats
                        Kb, Vb,  # this (batch, head)'s K and V base pointers
                        stride_kt, stride_kd, stride_vt, stride_vd,  # time and feature strides of K and V
-                       offs_m, offs_d,  # (BLOCK_M,) this program's query rows, (BLOCK_D,) feature columns
+                       start_m, offs_m, offs_d,  # first query row; (BLOCK_M,) its rows; (BLOCK_D,) features
                        lo, hi,  # key range [lo, hi) of this stage, lo a multiple of BLOCK_N
                        Tk, OFF,  # number of keys; OFF = Tk - Tq
                        qk_scale,  # softmax scale * log2(e)
@@ -422,7 +570,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta,  # (BLOCK_M, BLOCK_D) fp32 accumu
             p = tl.where(ok, p, 0.0)
         dp = _mm(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), FP32)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
-            keep = _dropout_keep(seed_key, offs_m, start_n, Tk, dropout_p, BLOCK_N)
+            keep = _dropout_keep(seed_key, start_m, start_n, dropout_p, q.shape[0], BLOCK_N, False)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
         dq = _mm(ds.to(k.dtype), k, dq, FP32)
@@ -480,12 +628,12 @@ def _attn_bwd_dq(
     else:
         lo_full = (Tk // BLOCK_N) * BLOCK_N
         hi = Tk
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd, offs_m,
-                            offs_d, 0, lo_full, Tk, OFF, qk_scale, dropout_p, seed_key, HEAD_DIM, BLOCK_D, BLOCK_N,
-                            False, CAUSAL, DROPOUT, FP32)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd, offs_m,
-                            offs_d, lo_full, hi, Tk, OFF, qk_scale, dropout_p, seed_key, HEAD_DIM, BLOCK_D, BLOCK_N,
-                            True, CAUSAL, DROPOUT, FP32)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd, start_m,
+                            offs_m, offs_d, 0, lo_full, Tk, OFF, qk_scale, dropout_p, seed_key, HEAD_DIM, BLOCK_D,
+                            BLOCK_N, False, CAUSAL, DROPOUT, FP32)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd, start_m,
+                            offs_m, offs_d, lo_full, hi, Tk, OFF, qk_scale, dropout_p, seed_key, HEAD_DIM, BLOCK_D,
+                            BLOCK_N, True, CAUSAL, DROPOUT, FP32)
     dq = dq * sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -502,7 +650,8 @@ def _dropout_mask_kernel(
     bh = tl.program_id(0).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    keep = _dropout_keep(_philox_key(SEED, bh, True), offs_m, tl.program_id(2) * BLOCK_N, Tk, dropout_p, BLOCK_N)
+    keep = _dropout_keep(_philox_key(SEED, bh, True), tl.program_id(1) * BLOCK_M, tl.program_id(2) * BLOCK_N, dropout_p,
+                         BLOCK_M, BLOCK_N, False)
     ptrs = KEEP + bh * Tq * Tk + offs_m[:, None].to(tl.int64) * Tk + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
 
@@ -521,9 +670,11 @@ class _Config:
     block_d: tuple = (64, 128)  # padded head dims (BLOCK_D) it serves: 64 covers D <= 64, 128 covers 80..128
     dropout_block_d: tuple = (64, 128)  # the BLOCK_Ds at which it also serves dropout (more registers)
     fp32: bool = False  # serves fp32 inputs (smaller tiles: twice the bytes per element), not 16-bit ones
+    archs: tuple = (80, 90)  # GPU families it serves: 80 = compute capability 8.x, 90 = 9.0 and newer
 
-    def serves(self, block_d: int, dropout: bool, fp32: bool) -> bool:
-        return self.fp32 == fp32 and max(block_d, 64) in (self.dropout_block_d if dropout else self.block_d)
+    def serves(self, block_d: int, dropout: bool, fp32: bool, arch: int = 90) -> bool:
+        return (self.fp32 == fp32 and arch in self.archs
+                and max(block_d, 64) in (self.dropout_block_d if dropout else self.block_d))
 
     def triton_config(self) -> triton.Config:
         return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.num_warps,
@@ -531,29 +682,64 @@ class _Config:
 
 
 # The autotuner's candidates for each kernel: the single source for both the autotuner and compile_cases(),
-# which compiles each at every BLOCK_D it serves, with dropout where it serves dropout (the register-
-# heaviest variant), and finds no spills on sm_80 or sm_90. Configs that spill in some variant are
-# restricted (block_d / dropout_block_d) rather than listed for it. Forward and dQ: one program per
-# BLOCK_M query rows, looping over BLOCK_N keys; dK/dV: one program per BLOCK_N keys, looping over
-# BLOCK_M query rows. Short lengths prune the big tiles (see _prune_for).
+# which compiles each at every BLOCK_D it serves, with and without dropout as it serves them, for the GPU
+# families it serves, and finds no spills on sm_80 or sm_90 with Triton 3.6 and 3.9. A config that
+# spills in some variant is restricted (block_d / dropout_block_d / archs) rather than listed for it.
+# Forward and dQ: one program per BLOCK_M query rows, looping over BLOCK_N keys; dK/dV: one program per
+# BLOCK_N keys, looping over BLOCK_M query rows (its products have BLOCK_N rows). On sm_90 every 16-bit
+# config whose products have >= 64 rows runs them all as warpgroup MMAs (HGMMA) at least 32 wide:
+# 8 warps on a 64-row product would split it into two HGMMA.64x16 halves (tests/kernels/test_sass.py).
+# Short lengths prune the big tiles (see _prune_for). bench/README.md has the SASS figures behind them.
 FWD_CONFIGS = (
-    _Config(128, 128, 8, 3, block_d=(64,), dropout_block_d=()),
-    _Config(128, 64, 8, 3),
-    _Config(64, 64, 4, 3),
-    _Config(16, 64, 4, 3),  # decoding: Tq <= 16 query rows
-    _Config(32, 32, 8, 2, fp32=True),
+    _Config(128, 128, 8, 3, block_d=(64,), dropout_block_d=()),  # with dropout 1.66x the SASS: 64 masks/thread
+    _Config(128, 128, 8, 2, block_d=(128,), dropout_block_d=(), archs=(90,)),  # 255 regs, 160 KB smem
+    _Config(128, 64, 8, 3, dropout_block_d=(64,)),
+    _Config(128, 32, 8, 3, block_d=(128,), dropout_block_d=(128,)),  # D=128 with dropout: fewer registers
+    _Config(64, 64, 4, 3, dropout_block_d=(64,)),
+    _Config(64, 32, 4, 3, block_d=(64,), dropout_block_d=(64, 128)),
+    _Config(16, 64, 4, 3, dropout_block_d=(128,)),  # decoding: Tq <= 16 query rows
+    _Config(16, 128, 4, 2, block_d=(128,), dropout_block_d=(64,)),  # decoding
+    _Config(32, 32, 8, 2, block_d=(64,), dropout_block_d=(64,), fp32=True),
+    _Config(16, 32, 4, 2, fp32=True),
 )
+# Triton 3.6 and 3.9 spill on opposite sides of dK/dV's D = 128 dropout tile on sm_90 (3.6: 2 stages
+# fit, 1 does not; 3.9: the reverse), so that one config depends on the installed release.
+_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
+_DKDV_D128_DROPOUT_STAGES = 2 if _TRITON < (3, 7) else 1
 DKDV_CONFIGS = (
-    _Config(32, 128, 8, 3, block_d=(64,), dropout_block_d=(64,)),
-    _Config(32, 64, 8, 3),
-    _Config(16, 16, 4, 2, fp32=True),
+    _Config(32, 128, 8, 2, block_d=(64,), dropout_block_d=(64,)),
+    _Config(64, 128, 8, 3, block_d=(64,), dropout_block_d=(), archs=(90,)),  # HGMMA.64x64 for the scores
+    _Config(32, 64, 4, 2, block_d=(64,), dropout_block_d=(64,)),
+    _Config(32, 128, 8, 2, block_d=(128,), dropout_block_d=(128,) if _DKDV_D128_DROPOUT_STAGES == 2 else (),
+            archs=(90,)),
+    *((_Config(32, 128, 8, 1, block_d=(), dropout_block_d=(128,), archs=(90,)),)
+      if _DKDV_D128_DROPOUT_STAGES == 1 else ()),
+    _Config(32, 64, 8, 3, block_d=(128,), dropout_block_d=(128,), archs=(80,)),  # HGMMA.64x16 on sm_90
+    _Config(16, 16, 8, 2, fp32=True),
 )
 DQ_CONFIGS = (
     _Config(128, 64, 8, 3, block_d=(64,), dropout_block_d=(64,)),
-    _Config(128, 32, 8, 3, dropout_block_d=(64,)),
-    _Config(64, 32, 8, 3),
+    _Config(128, 64, 8, 2, block_d=(128,), dropout_block_d=(128,), archs=(90,)),
+    _Config(128, 32, 8, 3),
+    _Config(64, 64, 4, 3, dropout_block_d=(64,)),
+    _Config(64, 32, 4, 3),
     _Config(16, 32, 8, 2, fp32=True),
 )
+# The 5-matmul backward (dK/dV kernel with atomic dQ): the dQ accumulator and product cost registers,
+# so it serves 16-bit inputs at D <= 64 only; elsewhere the atomic option runs the deterministic
+# backward (_backward).
+BWD_ATOMIC_CONFIGS = (
+    _Config(32, 64, 4, 3, block_d=(64,), dropout_block_d=(64,)),
+)
+# Flash-decoding (Tq <= 16): BLOCK_M = 16 holds every query row; splits are multiples of SPLITK_KEYS keys.
+SPLITK_CONFIGS = (
+    _Config(16, 64, 4, 3),
+    _Config(16, 128, 4, 2),
+    _Config(16, 32, 4, 2, fp32=True),
+)
+SPLITK_KEYS = 128  # split lengths are multiples of this, the largest BLOCK_N above
+SPLITK_MAX_TQ = 16  # the longest query block the split-K path takes (its BLOCK_M)
+SPLITK_COMBINE_BLOCK = 16  # splits the merge kernel reads per step
 PREPROCESS_BLOCK_M = 64
 MASK_BLOCK = 64
 
@@ -563,6 +749,8 @@ INTERPRET_CONFIGS = {
     "fwd": _Config(32, 16, 4, 1),
     "dkdv": _Config(16, 32, 4, 1),
     "dq": _Config(32, 16, 4, 1),
+    "bwd_atomic": _Config(16, 32, 4, 1),
+    "splitk": _Config(16, 16, 4, 1),
 }
 # Set to {"fwd": _Config, ...} to bypass the autotuner on a GPU (the GPU tests run every config this way).
 FORCE_CONFIGS: dict | None = None
@@ -577,11 +765,27 @@ def _autotune_first() -> bool:
     if mode not in ("all", "first"):
         raise ValueError(f"${AUTOTUNE_ENV}={mode!r}: use 'all' (time every config) or 'first' (take the first)")
     return mode == "first"
+# The backward :func:`attention` runs: False, the deterministic 7-matmul one (dK/dV kernel, then dQ
+# kernel); True, the 5-matmul one with atomic fp32 dQ where its configs serve the inputs (faster where
+# the recomputation costs more than the atomics; dq's last bits then vary run to run). bench_attention
+# times both (providers triton and triton-atomic).
+ATOMIC_DQ_BACKWARD = False
+# Split-K forward for Tq <= SPLITK_MAX_TQ: None picks the number of splits (_splitk_splits); an int forces
+# it (1: never split). bench_attention's decoding cases time both (triton and triton-nosplit).
+SPLIT_K: int | None = None
 
 
 def _bucket(n: int) -> int:
     """The autotune key for a length: the next power of two, at least 16."""
     return max(16, triton.next_power_of_2(int(n)))
+
+
+def _arch_family(device: torch.device) -> int:
+    """80 for compute capability 8.x (Ampere, Ada), 90 for 9.0 and newer: the targets the configs were
+    compiled and checked for (compile_check)."""
+    if device.type != "cuda":
+        return 90
+    return 80 if torch.cuda.get_device_capability(device)[0] < 9 else 90
 
 
 def _prune_for(configs: tuple, per_program: str):
@@ -597,9 +801,10 @@ def _prune_for(configs: tuple, per_program: str):
     def prune(triton_configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         fp32 = args["Q"].dtype == torch.float32
+        arch = _arch_family(args["Q"].device)
         mine = [tc for tc in triton_configs
                 if by_key[(tc.kwargs["BLOCK_M"], tc.kwargs["BLOCK_N"], tc.num_warps, tc.num_stages)].serves(
-                    args["BLOCK_D"], args["DROPOUT"], fp32)]
+                    args["BLOCK_D"], args["DROPOUT"], fp32, arch)]
         length = args[per_program]
         # tiles no longer than the length, and not the tiny ones when the length allows a 64+ tile
         fits = [tc for tc in mine if min(64, length) <= tc.kwargs[tile] <= length]
@@ -619,28 +824,32 @@ def _autotuned(name: str):
             "fwd": (_attn_fwd, FWD_CONFIGS, "TQ_KEY"),
             "dkdv": (_attn_bwd_dkdv, DKDV_CONFIGS, "TK_KEY"),
             "dq": (_attn_bwd_dq, DQ_CONFIGS, "TQ_KEY"),
+            "bwd_atomic": (_attn_bwd_dkdv, BWD_ATOMIC_CONFIGS, "TK_KEY"),
+            "splitk": (_attn_fwd_splitk, SPLITK_CONFIGS, "TQ_KEY"),
         }[name]
         _AUTOTUNED[name] = triton.autotune(
             configs=[c.triton_config() for c in configs],
             key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "DROPOUT"],  # + the tensors' dtypes, automatically
             prune_configs_by={"early_config_prune": _prune_for(configs, per_program)},
+            reset_to_zero=["DQ"] if name == "bwd_atomic" else None,  # each trial adds into DQ
         )(kernel)
     return _AUTOTUNED[name]
 
 
-def _launch(name: str, kernel, grid_rows: int, grid_other: int, args: dict, tile: str) -> None:
+def _launch(name: str, kernel, grid_rows: int, grid_other: int, args: dict, tile: str | None) -> None:
     """Launch ``kernel`` with the interpreter's config, a forced one, or through the autotuner.
 
-    Grid: (cdiv(grid_rows, tile size), grid_other) where ``tile`` is "BLOCK_M" or "BLOCK_N".
+    Grid: (cdiv(grid_rows, tile size), grid_other) where ``tile`` is "BLOCK_M" or "BLOCK_N"; with
+    ``tile=None``, (grid_rows, grid_other) whatever the tile.
     """
     forced = INTERPRET_CONFIGS[name] if interpreter_enabled() else (FORCE_CONFIGS or {}).get(name)
     if forced is not None:
-        size = forced.block_m if tile == "BLOCK_M" else forced.block_n
+        size = 1 if tile is None else forced.block_m if tile == "BLOCK_M" else forced.block_n
         kernel[(triton.cdiv(grid_rows, size), grid_other)](
             **args, BLOCK_M=forced.block_m, BLOCK_N=forced.block_n, num_warps=forced.num_warps,
             num_stages=forced.num_stages)
         return
-    _autotuned(name)[lambda meta: (triton.cdiv(grid_rows, meta[tile]), grid_other)](**args)
+    _autotuned(name)[lambda meta: (triton.cdiv(grid_rows, meta[tile] if tile else 1), grid_other)](**args)
 
 
 # =========================================================================================== launchers
@@ -681,9 +890,18 @@ def _check_inputs(q, k, v, causal, dropout_p, scale) -> None:
         raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
     if B * H > 65535:
         raise ValueError(f"attention: B * H = {B * H} exceeds the kernels' grid limit of 65535; split the batch")
-    if dropout_p > 0.0 and Tq * ((Tk + 3) // 4) >= 2**31:
-        raise ValueError(f"attention: dropout with Tq * Tk / 4 = {Tq * ((Tk + 3) // 4)} >= 2**31 overflows the "
-                         f"Philox counter; use shorter sequences or dropout_p=0")
+
+
+def effective_dropout_p(dropout_p: float) -> float:
+    """The dropout probability the kernels apply for ``dropout_p``: a multiple of 1/256.
+
+    Each keep-decision compares one random byte with a threshold t, so the kernels drop a weight with
+    probability t / 256, t = round(256 * dropout_p) clamped to [1, 255] (0 only for dropout_p = 0), and
+    scale the kept ones by 1 / (1 - t / 256): unbiased for the probability applied. 0.1 gives 26/256 =
+    0.1016. Pass this value to ``reference.attention`` with :func:`attention_dropout_mask`'s mask.
+    """
+    p = float(dropout_p)
+    return 0.0 if p <= 0.0 else min(255, max(1, round(p * 256.0))) / 256.0
 
 
 def _fits_int32(x: torch.Tensor) -> torch.Tensor:
@@ -719,29 +937,91 @@ def _seed_tensor(seed, device) -> torch.Tensor | None:
 
 
 def _forward(q, k, v, causal: bool, dropout_p: float, scale: float, seed, o=None, lse=None):
-    """Run the forward kernel; returns ``(o, lse)``: (B, H, Tq, D) output and (B, H, Tq) fp32 log-sum-exp.
+    """Run the forward kernel (or flash-decoding, see _splitk_plan); returns ``(o, lse)``: (B, H, Tq, D)
+    output and (B, H, Tq) fp32 log-sum-exp.
 
     ``seed``: a (1,) int64 tensor on q's device or an int (read only with dropout). ``o``/``lse`` may be
     passed preallocated (tests poison them to catch unwritten elements).
     """
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    dropout_p = effective_dropout_p(dropout_p)
     o = _empty_like_layout(q) if o is None else o
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32) if lse is None else lse
     if o.numel() == 0:
         return o, lse
     q, k, v = _fits_int32(q), _fits_int32(k), _fits_int32(v)
+    seed = _seed_tensor(seed, q.device) if dropout_p > 0.0 else lse  # lse stands in for an unread pointer
+    splits, keys_per_split = _splitk_plan(B * H, Tq, Tk, q.device)
+    if splits > 1:
+        _forward_splitk(q, k, v, o, lse, causal, dropout_p, scale, seed, splits, keys_per_split)
+        return o, lse
     args = dict(Q=q, K=k, V=v, O=o, LSE=lse,
                 **dict(zip(("stride_qb", "stride_qh", "stride_qt", "stride_qd"), _strides(q))),
                 **dict(zip(("stride_kb", "stride_kh", "stride_kt", "stride_kd"), _strides(k))),
                 **dict(zip(("stride_vb", "stride_vh", "stride_vt", "stride_vd"), _strides(v))),
                 **dict(zip(("stride_ob", "stride_oh", "stride_ot", "stride_od"), _strides(o))),
-                H=H, Tq=Tq, Tk=Tk, sm_scale=float(scale), dropout_p=float(dropout_p),
-                SEED=_seed_tensor(seed, q.device) if dropout_p > 0.0 else lse,
+                H=H, Tq=Tq, Tk=Tk, sm_scale=float(scale), dropout_p=float(dropout_p), SEED=seed,
                 TQ_KEY=_bucket(Tq), TK_KEY=_bucket(Tk), **_head_dims(D), CAUSAL=bool(causal),
                 DROPOUT=dropout_p > 0.0)
     _launch("fwd", _attn_fwd, Tq, B * H, args, "BLOCK_M")
     return o, lse
+
+
+def _atomic_dq_served(D: int, dropout: bool, q: torch.Tensor) -> bool:
+    """Whether a BWD_ATOMIC_CONFIGS entry serves this head dim, dropout setting, dtype and GPU (always
+    under the interpreter, whose configs are fixed); else the atomic option runs the deterministic path."""
+    if interpreter_enabled() or (FORCE_CONFIGS or {}).get("bwd_atomic") is not None:
+        return True
+    block_d = triton.next_power_of_2(D)
+    return any(c.serves(block_d, dropout, q.dtype == torch.float32, _arch_family(q.device))
+               for c in BWD_ATOMIC_CONFIGS)
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 under the CPU interpreter, so tests split)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _splitk_plan(programs: int, Tq: int, Tk: int, device: torch.device) -> tuple[int, int]:
+    """(splits, keys per split) of the forward; splits == 1 means the plain kernel.
+
+    Flash-decoding pays when the plain grid (``programs`` = B * H query blocks of <= 16 rows) leaves
+    SMs idle: then the keys are cut into splits of a multiple of SPLITK_KEYS keys so that about two
+    programs run per SM, each split's result is merged by log-sum-exp. :data:`SPLIT_K` overrides.
+    """
+    if Tq > SPLITK_MAX_TQ or Tk <= SPLITK_KEYS:
+        return 1, Tk
+    if SPLIT_K is not None:
+        splits = SPLIT_K
+    else:
+        sms = _num_sms(device)
+        splits = triton.cdiv(2 * sms, programs) if programs < sms else 1
+    splits = max(1, min(splits, triton.cdiv(Tk, SPLITK_KEYS)))
+    keys_per_split = triton.cdiv(triton.cdiv(Tk, splits), SPLITK_KEYS) * SPLITK_KEYS
+    return triton.cdiv(Tk, keys_per_split), keys_per_split
+
+
+def _forward_splitk(q, k, v, o, lse, causal, dropout_p, scale, seed, splits: int, keys_per_split: int) -> None:
+    """Flash-decoding into ``o`` and ``lse``: one program per (split of the keys, batch*head), then a
+    merge of the splits' partial outputs by their log-sum-exps. ``seed``: the kernels' SEED tensor."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    block_d = triton.next_power_of_2(D)
+    o_part = torch.empty(B * H, splits, Tq, block_d, device=q.device, dtype=torch.float32)  # (BH, S, Tq, BD)
+    lse_part = torch.empty(B * H, splits, Tq, device=q.device, dtype=torch.float32)  # (BH, S, Tq)
+    args = dict(Q=q, K=k, V=v, O_PART=o_part, LSE_PART=lse_part,
+                **dict(zip(("stride_qb", "stride_qh", "stride_qt", "stride_qd"), _strides(q))),
+                **dict(zip(("stride_kb", "stride_kh", "stride_kt", "stride_kd"), _strides(k))),
+                **dict(zip(("stride_vb", "stride_vh", "stride_vt", "stride_vd"), _strides(v))),
+                H=H, Tq=Tq, Tk=Tk, sm_scale=float(scale), dropout_p=float(dropout_p), SEED=seed,
+                keys_per_split=keys_per_split, TQ_KEY=_bucket(Tq), TK_KEY=_bucket(keys_per_split), **_head_dims(D),
+                CAUSAL=bool(causal), DROPOUT=dropout_p > 0.0)
+    _launch("splitk", _attn_fwd_splitk, splits, B * H, args, None)
+    _attn_splitk_combine[(Tq, B * H)](o_part, lse_part, o, lse, *_strides(o), H, Tq, splits, **_head_dims(D),
+                                      BLOCK_S=SPLITK_COMBINE_BLOCK)
 
 
 def _new_grads(q, k):
@@ -752,14 +1032,20 @@ def _new_grads(q, k):
     return dq, dk, dv
 
 
-def _backward(do, q, k, v, o, lse, causal: bool, dropout_p: float, scale: float, seed, grads=None):
-    """Run the three backward kernels; returns fresh ``(dq, dk, dv)``, laid out like q, k, v.
+def _backward(do, q, k, v, o, lse, causal: bool, dropout_p: float, scale: float, seed, grads=None,
+              atomic_dq: bool = False):
+    """Run the backward kernels; returns fresh ``(dq, dk, dv)``, laid out like q, k, v.
 
-    ``grads`` may pass the three output buffers preallocated (tests poison them); dk and dv must share
-    strides.
+    Deterministic (default): the dK/dV kernel, then the dQ kernel (7 tile matmuls, no atomics). With
+    ``atomic_dq``: the dK/dV kernel also adds each key block's share of dQ into a zeroed fp32 buffer with
+    atomics (5 matmuls, FlashAttention-2's backward; the sums' order, so dq's last bits, vary run to
+    run), and dq is that buffer converted; where no BWD_ATOMIC_CONFIGS entry serves the inputs (fp32,
+    D > 64, see there) the deterministic backward runs instead. ``grads`` may pass the three output buffers preallocated
+    (tests poison them); dk and dv must share strides.
     """
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    dropout_p = effective_dropout_p(dropout_p)
     dq, dk, dv = _new_grads(q, k) if grads is None else grads
     if dk.stride() != dv.stride():
         raise ValueError("_backward: preallocated dk and dv must have the same strides")
@@ -778,9 +1064,17 @@ def _backward(do, q, k, v, o, lse, causal: bool, dropout_p: float, scale: float,
                   SEED=_seed_tensor(seed, q.device) if dropout_p > 0.0 else lse,
                   TQ_KEY=_bucket(Tq), TK_KEY=_bucket(Tk), **_head_dims(D), CAUSAL=bool(causal),
                   DROPOUT=dropout_p > 0.0)
-    _launch("dkdv", _attn_bwd_dkdv, Tk, B * H, dict(
-        common, DK=dk, DV=dv, **dict(zip(("stride_dkb", "stride_dkh", "stride_dkt", "stride_dkd"), _strides(dk)))),
-        "BLOCK_N")
+    dkdv = dict(common, DK=dk, DV=dv, **dict(zip(("stride_dkb", "stride_dkh", "stride_dkt", "stride_dkd"),
+                                                 _strides(dk))))
+    if atomic_dq and _atomic_dq_served(D, dropout_p > 0.0, q):
+        dq_acc = torch.zeros(B, H, Tq, D, device=q.device, dtype=torch.float32)  # (B, H, Tq, D)
+        _launch("bwd_atomic", _attn_bwd_dkdv, Tk, B * H, dict(
+            dkdv, DQ=dq_acc, **dict(zip(("stride_dqb", "stride_dqh", "stride_dqt", "stride_dqd"), _strides(dq_acc))),
+            ATOMIC_DQ=True), "BLOCK_N")
+        return dq.copy_(dq_acc), dk, dv
+    # DQ unused: delta stands in for the pointer
+    _launch("dkdv", _attn_bwd_dkdv, Tk, B * H, dict(dkdv, DQ=delta, stride_dqb=0, stride_dqh=0, stride_dqt=0,
+                                                    stride_dqd=0, ATOMIC_DQ=False), "BLOCK_N")
     _launch("dq", _attn_bwd_dq, Tq, B * H, dict(
         common, DQ=dq, **dict(zip(("stride_dqb", "stride_dqh", "stride_dqt", "stride_dqd"), _strides(dq)))),
         "BLOCK_M")
@@ -798,14 +1092,15 @@ def attention_dropout_mask(seed, B: int, H: int, Tq: int, Tk: int, dropout_p: fl
     the (1,) int64 tensor :func:`attention` draws).
 
     Computed by a small Triton kernel calling the same ``_dropout_keep`` as the attention kernels, so it
-    is the mask they apply, bit for bit; pass it to ``reference.attention(..., dropout_mask=mask)``.
+    is the mask they apply, bit for bit; pass it to ``reference.attention(..., dropout_mask=mask,
+    dropout_p=effective_dropout_p(dropout_p))``, the probability the kernels apply.
     """
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     keep = torch.empty(B, H, Tq, Tk, device=device, dtype=torch.int8)
     if keep.numel():
         grid = (B * H, triton.cdiv(Tq, MASK_BLOCK), triton.cdiv(Tk, MASK_BLOCK))
-        _dropout_mask_kernel[grid](keep, Tq, Tk, float(dropout_p), _seed_tensor(seed, device).to(device),
+        _dropout_mask_kernel[grid](keep, Tq, Tk, effective_dropout_p(dropout_p), _seed_tensor(seed, device).to(device),
                                    BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK)
     return keep.bool()
 
@@ -813,11 +1108,13 @@ def attention_dropout_mask(seed, B: int, H: int, Tq: int, Tk: int, dropout_p: fl
 # ========================================================================================= custom ops
 # torch.library ops, so torch.compile(fullgraph=True) keeps the kernels as opaque calls with known outputs
 # (the fake implementations allocate exactly as the launchers do) and autograd knows the backward.
+# ``atomic_dq`` picks the backward (see _backward); the forward op carries it so that the choice is made
+# once, at the forward, and its backward runs the one chosen.
 
 
 @torch.library.custom_op("gpt_triton::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor | None, causal: bool,
-                  dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  dropout_p: float, scale: float, atomic_dq: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse): the (B, H, Tq, D) output and the (B, H, Tq) float32 log-sum-exp the backward reuses."""
     return _forward(q, k, v, causal, dropout_p, scale, seed)
 
@@ -825,32 +1122,32 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch
 @torch.library.custom_op("gpt_triton::attention_backward", mutates_args=())
 def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                            lse: torch.Tensor, seed: torch.Tensor | None, causal: bool, dropout_p: float,
-                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, o, lse, causal, dropout_p, scale, seed)
+                           scale: float, atomic_dq: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, causal, dropout_p, scale, seed, atomic_dq=atomic_dq)
 
 
 @_attention_op.register_fake
-def _(q, k, v, seed, causal, dropout_p, scale):
+def _(q, k, v, seed, causal, dropout_p, scale, atomic_dq=False):
     return _empty_like_layout(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @_attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, seed, causal, dropout_p, scale):
+def _(do, q, k, v, o, lse, seed, causal, dropout_p, scale, atomic_dq=False):
     return _new_grads(q, k)
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, seed, causal, dropout_p, scale = inputs
+    q, k, v, seed, causal, dropout_p, scale, atomic_dq = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, seed)
-    ctx.args = (causal, dropout_p, scale)
+    ctx.args = (causal, dropout_p, scale, atomic_dq)
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_vjp(ctx, do, _dlse):
     q, k, v, o, lse, seed = ctx.saved_tensors
     dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, seed, *ctx.args)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention_op.register_autograd(_attention_vjp, setup_context=_attention_setup)
@@ -859,10 +1156,11 @@ _attention_op.register_autograd(_attention_vjp, setup_context=_attention_setup)
 # ========================================================================================== functional
 
 
-def _attention(q, k, v, causal=True, dropout_p=0.0, scale=None, seed=None):
+def _attention(q, k, v, causal=True, dropout_p=0.0, scale=None, seed=None, atomic_dq=None):
     """The Triton path of :func:`attention`, with ``seed`` for the dropout mask (an int or a (1,) int64
     tensor; drawn from torch's generator on q's device when None; tests pass one to compare with
-    :func:`attention_dropout_mask`)."""
+    :func:`attention_dropout_mask`) and ``atomic_dq`` for the backward (None: :data:`ATOMIC_DQ_BACKWARD`),
+    both fixed at the forward."""
     _check_inputs(q, k, v, causal, dropout_p, scale)
     dropout_p = float(dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -870,13 +1168,15 @@ def _attention(q, k, v, causal=True, dropout_p=0.0, scale=None, seed=None):
         seed = _draw_seed(q.device) if seed is None else _seed_tensor(seed, q.device)
     else:
         seed = None
-    return _attention_op(q, k, v, seed, bool(causal), dropout_p, scale)[0]
+    atomic_dq = ATOMIC_DQ_BACKWARD if atomic_dq is None else bool(atomic_dq)
+    return _attention_op(q, k, v, seed, bool(causal), dropout_p, scale, atomic_dq)[0]
 
 
 def attention(q, k, v, causal=True, dropout_p=0.0, scale=None):
     """softmax(q k^T * scale) v for (B, H, Tq, D) q and (B, H, Tk, D) k, v, Tq <= Tk.
 
-    With ``causal`` the mask is aligned to the end: query i sees keys j <= i + Tk - Tq. Under autocast
+    With ``causal`` the mask is aligned to the end: query i sees keys j <= i + Tk - Tq. On the Triton
+    backend dropout_p is applied in steps of 1/256 (:func:`effective_dropout_p`). Under autocast
     q, k and v are cast to autocast's dtype first (as autocast does for SDPA), on every backend.
     """
     amp = autocast_dtype(q) if isinstance(q, torch.Tensor) else None
@@ -900,8 +1200,8 @@ def attention(q, k, v, causal=True, dropout_p=0.0, scale=None):
 
 def compile_cases():
     """Every kernel at every config the autotuner can pick: each config at D = 64 and 128 where it serves
-    them (80 and 96 share BLOCK_D = 128 with 128), causal (both loop stages), and with dropout where it
-    serves dropout (the most registers: the Philox state), else without.
+    them (80 and 96 share BLOCK_D = 128 with 128), causal (both loop stages), without dropout where it
+    serves no dropout and with dropout where it serves dropout, for the compute capabilities it serves.
 
     Compiled with the alignment the launcher's inputs give at run time: 16-byte aligned pointers and
     strides that are multiples of 16 elements (every supported D is a multiple of 16), feature stride 1.
@@ -925,25 +1225,33 @@ def compile_cases():
         if c is not None:
             consts.update(BLOCK_M=c.block_m, BLOCK_N=c.block_n)
         return CompileCase(mod, kernel, sig, consts, num_warps=c.num_warps if c else 4,
-                           num_stages=c.num_stages if c else 3, label=label, extra={"divisible_by_16": aligned})
+                           num_stages=c.num_stages if c else 3, label=label, extra={"divisible_by_16": aligned},
+                           archs=c.archs if c else (80, 90))
 
+    # (kernel, short name, configs, I/O tensors in the working dtype, fp32 tensors, stride prefixes, extra)
     kernels = (
-        ("_attn_fwd", "fwd", FWD_CONFIGS, ("Q", "K", "V", "O"), "qkvo"),
-        ("_attn_bwd_dkdv", "dkdv", DKDV_CONFIGS, ("Q", "K", "V", "DO", "DK", "DV"), ("q", "k", "v", "do", "dk")),
-        ("_attn_bwd_dq", "dq", DQ_CONFIGS, ("Q", "K", "V", "DO", "DQ"), ("q", "k", "v", "do", "dq")),
+        ("_attn_fwd", "fwd", FWD_CONFIGS, ("Q", "K", "V", "O"), ("LSE",), "qkvo", {}),
+        ("_attn_bwd_dkdv", "dkdv", DKDV_CONFIGS, ("Q", "K", "V", "DO", "DK", "DV"), ("DQ", "LSE", "DELTA"),
+         ("q", "k", "v", "do", "dk", "dq"), {"ATOMIC_DQ": False}),
+        ("_attn_bwd_dkdv", "bwd-atomic", BWD_ATOMIC_CONFIGS, ("Q", "K", "V", "DO", "DK", "DV"), ("DQ", "LSE", "DELTA"),
+         ("q", "k", "v", "do", "dk", "dq"), {"ATOMIC_DQ": True}),
+        ("_attn_bwd_dq", "dq", DQ_CONFIGS, ("Q", "K", "V", "DO", "DQ"), ("LSE", "DELTA"), ("q", "k", "v", "do", "dq"),
+         {}),
+        ("_attn_fwd_splitk", "splitk", SPLITK_CONFIGS, ("Q", "K", "V"), ("O_PART", "LSE_PART"), "qkv", {}),
     )
     cases = []
-    for kernel, short, configs, tensor_names, prefixes in kernels:
+    for kernel, short, configs, io, f32, prefixes, extra in kernels:
+        more = {"keys_per_split": "i32"} if short == "splitk" else {}
         for c in configs:
-            for block_d in c.block_d:
-                t = "fp32" if c.fp32 else "bf16"
-                dropout = block_d in c.dropout_block_d
-                tensors = {n: t for n in tensor_names}
-                tensors.update({"LSE": "fp32"} if short == "fwd" else {"LSE": "fp32", "DELTA": "fp32"})
-                tensors["SEED"] = "i64"
-                flags = {"HEAD_DIM": block_d, "BLOCK_D": block_d, "CAUSAL": True, "DROPOUT": dropout}
+            t = "fp32" if c.fp32 else "bf16"
+            tensors = {**{n: t for n in io}, **{n: "fp32" for n in f32}, "SEED": "i64"}
+            for block_d, dropout in [(d, False) for d in c.block_d] + [(d, True) for d in c.dropout_block_d]:
+                flags = {"HEAD_DIM": block_d, "BLOCK_D": block_d, "CAUSAL": True, "DROPOUT": dropout, **extra}
                 cases.append(case(kernel, tensors, prefixes, flags, c,
-                                  f"{short} D={block_d} {t}{' dropout' if dropout else ''}"))
+                                  f"{short} D={block_d} {t}{' dropout' if dropout else ''}", {**scalars, **more}))
+    cases.append(case("_attn_splitk_combine", {"O_PART": "fp32", "LSE_PART": "fp32", "O": "bf16", "LSE": "fp32"},
+                      ("o",), {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": SPLITK_COMBINE_BLOCK}, None, "D=128 bf16",
+                      {"H": "i32", "Tq": "i32", "SPLITS": "i32"}))
     cases.append(case("_attn_bwd_preprocess", {"O": "bf16", "DO": "bf16", "DELTA": "fp32"}, ("o", "do"),
                       {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": PREPROCESS_BLOCK_M}, None, "D=128 bf16",
                       {"H": "i32", "Tq": "i32"}))

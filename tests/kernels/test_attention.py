@@ -29,9 +29,11 @@ def _qkv(B, H, Tq, Tk, D, dtype, device):
 
 
 def _reference(q, k, v, do, causal, dropout_p, scale, mask, dtype):
-    """Output and (dq, dk, dv) of kernels.reference.attention at ``dtype`` (float64: the exact answer)."""
+    """Output and (dq, dk, dv) of kernels.reference.attention at ``dtype`` (float64: the exact answer), with
+    the dropout probability the kernels apply (a multiple of 1/256) and their mask."""
     xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-    out = reference.attention(*xs, causal=causal, dropout_p=dropout_p, scale=scale, dropout_mask=mask)
+    out = reference.attention(*xs, causal=causal, dropout_p=fa.effective_dropout_p(dropout_p), scale=scale,
+                              dropout_mask=mask)
     return (out.detach(), *torch.autograd.grad(out, xs, do.to(dtype)))
 
 
@@ -55,8 +57,9 @@ def _lse_reference(q, k, causal, scale):
     return torch.logsumexp(s, dim=-1)
 
 
-def check_kernel(q, k, v, causal, dropout_p=0.0, seed=0, scale=None, factor=2.0):
-    """Run forward and backward into poisoned buffers and hold every output to the three-way rule."""
+def check_kernel(q, k, v, causal, dropout_p=0.0, seed=0, scale=None, factor=2.0, atomic_dq=False):
+    """Run forward and backward into poisoned buffers and hold every output to the three-way rule
+    (``atomic_dq``: the 5-matmul backward with atomic dQ)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     sm_scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -67,7 +70,8 @@ def check_kernel(q, k, v, causal, dropout_p=0.0, seed=0, scale=None, factor=2.0)
     dk = poison_(fa._empty_like_layout(k))
     grads = (poison_(fa._empty_like_layout(q)), dk, poison_(torch.empty_strided(dk.shape, dk.stride(), dtype=dk.dtype,
                                                                                 device=dk.device)))
-    dq, dk, dv = fa._backward(do, q, k, v, o, lse, causal, dropout_p, sm_scale, seed, grads=grads)
+    dq, dk, dv = fa._backward(do, q, k, v, o, lse, causal, dropout_p, sm_scale, seed, grads=grads,
+                              atomic_dq=atomic_dq)
 
     mask = fa.attention_dropout_mask(seed, B, H, Tq, Tk, dropout_p, q.device) if dropout_p > 0 else None
     exact = _reference(q, k, v, do, causal, dropout_p, sm_scale, mask, torch.float64)
@@ -130,6 +134,42 @@ def test_decode_shapes(device, Tq, Tk, causal, D):
     check_kernel(*_qkv(2, 1, Tq, Tk, D, f32, device), causal)
 
 
+# flash-decoding (split-K) for Tq <= 16: (Tq, Tk, causal, D, dtype, splits), splits None = the automatic
+# choice; lengths up to a few thousand keys, splits that do not divide them, rows that see no key of
+# the later splits (causal, Tq > 1)
+SPLITK = [
+    (1, 129, True, 64, f32, None),
+    (1, 700, True, 16, f32, 3),
+    (5, 700, True, 80, f16, 7),
+    (16, 2500, True, 16, f32, None),
+    (16, 1000, False, 64, f32, 4),
+    (3, 2176, False, 32, f16, 17),  # 17 splits: the merge reads them in two steps
+]
+
+
+@pytest.mark.parametrize("Tq,Tk,causal,D,dtype,splits", SPLITK, ids=lambda x: str(x).replace("torch.", ""))
+def test_splitk_decoding_matches_reference(device, monkeypatch, Tq, Tk, causal, D, dtype, splits):
+    monkeypatch.setattr(fa, "SPLIT_K", splits)
+    n, keys = fa._splitk_plan(2, Tq, Tk, torch.device(device))
+    assert n > 1 and (n - 1) * keys < Tk <= n * keys  # the split path runs, every split has keys
+    check_kernel(*_qkv(2, 1, Tq, Tk, D, dtype, device), causal)
+
+
+def test_splitk_decoding_with_dropout(device, monkeypatch):
+    monkeypatch.setattr(fa, "SPLIT_K", 3)
+    check_kernel(*_qkv(1, 2, 4, 400, 16, f32, device), True, dropout_p=0.2, seed=8)
+
+
+def test_splitk_plan():
+    """Split only short query blocks whose grid leaves SMs idle, into splits of whole SPLITK_KEYS chunks."""
+    cpu = torch.device("cpu")  # 4 "SMs"
+    assert fa._splitk_plan(2, 1, 1000, cpu) == (4, 256)  # 2 programs: aim for 2 per SM
+    assert fa._splitk_plan(2, 17, 1000, cpu)[0] == 1  # more than one query block: plain kernel
+    assert fa._splitk_plan(8, 1, 1000, cpu)[0] == 1  # the grid already fills the SMs
+    assert fa._splitk_plan(1, 1, 128, cpu)[0] == 1  # one chunk of keys: nothing to split
+    assert fa._splitk_plan(1, 16, 300, cpu) == (3, 128)  # at most one split per chunk
+
+
 def test_every_causal_offset(device):
     """Tk - Tq = 0..17, 30, 31: every alignment of the shifted diagonal against the 16-wide tiles."""
     for off in [*range(18), 30, 31]:
@@ -140,6 +180,47 @@ def test_every_causal_offset(device):
         exact = _reference(q, k, v, do, True, 0.0, None, None, torch.float64)
         for name, a, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), exact):
             assert_close_to_ref(f"{name} at Tk - Tq = {off}", a, ref)
+
+
+# the 5-matmul backward (atomic dQ): causal and not, dropout, decoding offsets, ragged lengths, head dims
+ATOMIC = [
+    (2, 1, 100, 100, 16, True, f32, 0.0),
+    (1, 2, 37, 37, 80, False, f16, 0.0),
+    (1, 2, 5, 70, 64, True, f32, 0.0),
+    (2, 1, 65, 65, 16, True, f32, 0.3),
+    (1, 2, 1, 33, 16, False, f32, 0.2),
+]
+
+
+@pytest.mark.parametrize("B,H,Tq,Tk,D,causal,dtype,p", ATOMIC, ids=lambda x: str(x).replace("torch.", ""))
+def test_atomic_dq_backward_matches_reference(device, B, H, Tq, Tk, D, causal, dtype, p):
+    check_kernel(*_qkv(B, H, Tq, Tk, D, dtype, device), causal, dropout_p=p, seed=21, atomic_dq=True)
+
+
+def test_atomic_dq_is_the_module_default_when_set(device, monkeypatch):
+    """ATOMIC_DQ_BACKWARD picks the backward at the forward: the atomic kernel runs, the dQ kernel does not."""
+    ran = []
+    real = fa._launch
+    monkeypatch.setattr(fa, "_launch", lambda name, *a, **kw: (ran.append(name), real(name, *a, **kw)))
+    q, k, v = (x.requires_grad_() for x in _qkv(1, 2, 20, 20, 16, f32, device))
+    monkeypatch.setattr(fa, "ATOMIC_DQ_BACKWARD", True)
+    out = fa._attention(q, k, v, causal=True)
+    monkeypatch.setattr(fa, "ATOMIC_DQ_BACKWARD", False)  # read at the forward, not in the backward
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert ran == ["fwd", "bwd_atomic"]
+    exact = _reference(q, k, v, torch.ones_like(out), True, 0.0, None, None, torch.float64)
+    for name, g, ref in zip(("dq", "dk", "dv"), grads, exact[1:]):
+        assert_close_to_ref(name, g, ref)
+
+
+def test_atomic_dq_falls_back_where_no_config_serves(monkeypatch):
+    """On a GPU the atomic option runs only where BWD_ATOMIC_CONFIGS compile unspilled (16-bit, D <= 64)."""
+    monkeypatch.setattr(fa, "interpreter_enabled", lambda: False)
+    q16, q32 = torch.empty(1, 1, 1, 1, dtype=bf16), torch.empty(1, 1, 1, 1, dtype=f32)
+    assert fa._atomic_dq_served(64, False, q16) and fa._atomic_dq_served(64, True, q16)
+    assert fa._atomic_dq_served(16, True, q16)  # D <= 64 shares BLOCK_D = 64
+    assert not fa._atomic_dq_served(128, False, q16) and not fa._atomic_dq_served(80, True, q16)
+    assert not fa._atomic_dq_served(64, False, q32)
 
 
 def test_decode_fp16_and_scale(device):
@@ -180,16 +261,34 @@ def test_dropout_mask_statistics(device):
     n = mask.numel()
     sigma = math.sqrt(p * (1 - p) / n)
     assert abs(mask.float().mean().item() - (1 - p)) < 5 * sigma
-    # no structure: each (batch, head), each of the 4 columns sharing a Philox counter, rows and columns
+    # no structure: each (batch, head), and each of the 16 bytes of one Philox call (query bit 3, key
+    # bits 0, 3 and 4 pick the byte), rows and columns
+    i, j = torch.arange(128, device=device)[:, None], torch.arange(256, device=device)[None, :]
+    byte = 8 * ((i >> 3) & 1) + (j & 1) + 2 * ((j >> 3) & 1) + 4 * ((j >> 4) & 1)  # (Tq, Tk) in 0..15
     per_part = [mask[b, h].float().mean().item() for b in range(2) for h in range(2)]
-    per_lane = [mask[..., j::4].float().mean().item() for j in range(4)]
-    for frac in per_part + per_lane:
-        assert abs(frac - (1 - p)) < 5 * sigma * 2
+    per_byte = [mask[..., byte == c].float().mean().item() for c in range(16)]
+    for frac in per_part + per_byte:
+        assert abs(frac - (1 - p)) < 5 * sigma * 4  # 4 = sqrt(16): each byte class holds 1/16 of the mask
     assert not torch.equal(mask[0, 0], mask[0, 1]) and not torch.equal(mask[0, 0], mask[1, 0])
     assert not torch.equal(mask[..., 0, :], mask[..., 1, :]) and not torch.equal(mask[..., 0], mask[..., 1])
-    # neighbouring keys are independent: P(keep both) ~ (1 - p)^2
-    both = (mask[..., :-1] & mask[..., 1:]).float().mean().item()
-    assert abs(both - (1 - p) ** 2) < 0.01
+    # neighbouring keys and queries are independent: P(keep both) ~ (1 - p)^2, for the pairs that share
+    # a Philox call (keys 2k, 2k+1; queries i, i+8) and those that do not (keys 2k+1, 2k+2)
+    for a, b in ((mask[..., 0::2], mask[..., 1::2]), (mask[..., 1:-1:2], mask[..., 2::2]),
+                 (mask[..., 0:8, :], mask[..., 8:16, :])):
+        assert abs((a & b).float().mean().item() - (1 - p) ** 2) < 0.01
+
+
+def test_dropout_applies_the_effective_probability(device):
+    """p is applied in steps of 1/256 (one random byte per decision): 0.1 drops 26/256 = 0.1016 of the
+    weights, which a 1M-element mask tells apart from 0.1 (5 standard deviations)."""
+    assert fa.effective_dropout_p(0.0) == 0.0
+    assert fa.effective_dropout_p(0.1) == 26 / 256
+    assert fa.effective_dropout_p(0.25) == 0.25
+    assert fa.effective_dropout_p(1e-4) == 1 / 256  # never silently no dropout
+    assert fa.effective_dropout_p(0.9999) == 255 / 256  # never all dropped
+    mask = fa.attention_dropout_mask(3, 4, 4, 256, 256, 0.1, device)
+    sigma = math.sqrt(0.1 * 0.9 / mask.numel())
+    assert abs((1 - mask.float().mean().item()) - 26 / 256) < 3 * sigma
 
 
 def test_dropout_mask_is_a_function_of_the_seed(device):
@@ -361,23 +460,29 @@ def test_gpu_dropout(D):
 def _forced_cases():
     """Every autotune config, forced, at each head dim and dropout setting it serves."""
     out = []
-    for name, configs in (("fwd", fa.FWD_CONFIGS), ("dkdv", fa.DKDV_CONFIGS), ("dq", fa.DQ_CONFIGS)):
+    for name, configs in (("fwd", fa.FWD_CONFIGS), ("dkdv", fa.DKDV_CONFIGS), ("dq", fa.DQ_CONFIGS),
+                          ("bwd_atomic", fa.BWD_ATOMIC_CONFIGS), ("splitk", fa.SPLITK_CONFIGS)):
         for c in configs:
-            for block_d in c.block_d:
-                for dropout in (False, True) if block_d in c.dropout_block_d else (False,):
-                    tag = f"{name}-{c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}-D{block_d}"
-                    tag += ("-fp32" if c.fp32 else "") + ("-dropout" if dropout else "")
-                    out.append(pytest.param(name, c, block_d, dropout, id=tag))
+            for block_d, dropout in [(d, False) for d in c.block_d] + [(d, True) for d in c.dropout_block_d]:
+                tag = f"{name}-{c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}-D{block_d}"
+                tag += ("-fp32" if c.fp32 else "") + ("-dropout" if dropout else "")
+                out.append(pytest.param(name, c, block_d, dropout, id=tag))
     return out
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,config,block_d,dropout", _forced_cases())
 def test_gpu_every_autotune_config(monkeypatch, name, config, block_d, dropout):
+    if fa._arch_family(torch.device("cuda")) not in config.archs:
+        pytest.skip(f"config serves sm_{config.archs}, not this GPU")
     monkeypatch.setattr(fa, "FORCE_CONFIGS", {name: config})
     dtype = f32 if config.fp32 else bf16
     D = {64: 64, 128: 96}[block_d]  # 96: the padded head dim path
-    check_kernel(*_qkv(2, 2, 333, 333, D, dtype, "cuda"), True, dropout_p=0.1 if dropout else 0.0, seed=3)
+    Tq = 7 if name == "splitk" else 333  # flash-decoding: one query block against many keys
+    if name == "splitk":
+        monkeypatch.setattr(fa, "SPLIT_K", 3)
+    check_kernel(*_qkv(2, 2, Tq, 333, D, dtype, "cuda"), True, dropout_p=0.1 if dropout else 0.0, seed=3,
+                 atomic_dq=name == "bwd_atomic")
 
 
 @pytest.mark.gpu

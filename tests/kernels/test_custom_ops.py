@@ -58,6 +58,10 @@ def _cases():
         "attention_backward": (ops.attention_backward, (
             _t(2, 2, 11, 16, grad=False), q.detach(), k.detach(), v.detach(), o, attn_lse, _i(7),
             True, 0.2, 0.25)),
+        "attention atomic dq": (ops.attention, (q, k, v, _i(7), True, 0.2, 0.25, True)),
+        "attention_backward atomic dq": (ops.attention_backward, (
+            _t(2, 2, 11, 16, grad=False), q.detach(), k.detach(), v.detach(), o, attn_lse, _i(7),
+            True, 0.2, 0.25, True)),
         "cross_entropy": (ops.cross_entropy, (_t(6, 37), t6, -100, 0.1)),
         "cross_entropy_backward": (ops.cross_entropy_backward, (_t(6, grad=False), lse_logits, t6, lse, -100, 0.1)),
         "linear_cross_entropy": (ops.linear_cross_entropy, (
