@@ -30,8 +30,8 @@ flash-decoding where it pays, the default), ``triton-nosplit`` (the plain kernel
 ``sdpa`` (its default backend; an explicit end-aligned causal mask for Tq > 1). Memory-bound, so also
 GB/s of K and V read: ``2 * B * H * Tk * D * 2`` bytes.
 
-    python -m bench.bench_attention            # full sweep (GPU)
-    python -m bench.bench_attention --quick    # D = 64, T in 1024, 4096
+    python -m bench.bench_attention            # full sweep (GPU), decoding cases included
+    python -m bench.bench_attention --quick    # D = 64, T in 1024, 4096 (--decode: also decoding, 2 cases)
     python -m bench.bench_attention --smoke    # tiny shapes on the CPU (Triton interpreter): code paths only
 """
 
@@ -213,9 +213,13 @@ def _peak_memory_mib(fn, B, H, T, D, dtype) -> float | None:
         torch.cuda.empty_cache()
 
 
-def run(quick: bool = False, smoke: bool = False, seq_lens=None, head_dims=None, decode: bool = True) -> list[dict]:
-    """Every number of the sweep (GPU), one dict each, the decoding cases last (``pass`` = "decode"); or a
-    tiny CPU pass through the code with ``smoke``."""
+def run(quick: bool = False, smoke: bool = False, seq_lens=None, head_dims=None,
+        decode: bool | None = None) -> list[dict]:
+    """Every number of the sweep (GPU), one dict each, the decoding cases last (``pass`` = "decode"; by
+    default in the full sweep and the smoke pass, not in ``quick`` runs); or a tiny CPU pass through the
+    code with ``smoke``."""
+    if decode is None:
+        decode = smoke or not quick
     if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `kernels` is not imported yet
         device, dtype, tokens, hidden = "cpu", torch.float32, 128, 32
@@ -286,13 +290,14 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help=f"D {QUICK_HEAD_DIMS}, T {QUICK_SEQ_LENS}")
     p.add_argument("--seq-lens", type=int, nargs="+", help=f"sequence lengths (default {SEQ_LENS})")
     p.add_argument("--head-dims", type=int, nargs="+", help=f"head dims (default {HEAD_DIMS})")
-    p.add_argument("--no-decode", action="store_true", help="skip the decoding (KV cache) cases")
+    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the decoding (KV cache) cases (default: in the full sweep, not with --quick)")
     add_kernel_bench_args(p)
     args = p.parse_args(argv)
     if not start_kernel_bench('attention', args.smoke):
         return 0
     rows = run(quick=args.quick, smoke=args.smoke, seq_lens=args.seq_lens, head_dims=args.head_dims,
-               decode=not args.no_decode)
+               decode=args.decode)
     decode = [r for r in rows if r.get("pass") == "decode"]
     print(wide_table([r for r in rows if r.get("pass") != "decode"]))
     if decode:

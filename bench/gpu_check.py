@@ -298,7 +298,8 @@ def _ratio(x, y) -> str:
 
 
 def _attention_headline(rows) -> str:
-    by = {(r["provider"], r["pass"], r["T"]): r.get("TFLOP/s") for r in rows if "TFLOP/s" in r}
+    by = {(r["provider"], r["pass"], r["T"]): r.get("TFLOP/s") for r in rows
+          if "TFLOP/s" in r and r["pass"] != "decode"}
     base = "sdpa-flash" if any(p == "sdpa-flash" for p, _, _ in by) else "sdpa-math"
     parts = []
     for provider, ps, t in by:

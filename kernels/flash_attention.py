@@ -340,10 +340,11 @@ def _attn_fwd_splitk(
                                     0, offs_m, offs_d, tl.maximum(lo, lo_full), end, Tk, OFF, qk_scale, dropout_p,
                                     seed_key, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, DROPOUT, FP32, True)
     seen = l_i > 0.0  # (BLOCK_M,) False for a row none of whose keys lie in this split
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # (BLOCK_M, BLOCK_D), 0 where nothing was seen
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]  # (BLOCK_M, BLOCK_D), 0 where nothing was seen
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    lse = tl.where(seen, (m_i + tl.math.log2(l_i)) * LN2, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
     row_ok = offs_m < Tq
     part = (bh * tl.num_programs(0) + split) * Tq + offs_m  # (BLOCK_M,) row index into the partials
     tl.store(LSE_PART + part, lse, mask=row_ok)
