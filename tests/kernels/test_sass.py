@@ -99,3 +99,22 @@ def test_attention_forward_dropout_costs_under_1_6x(compile_report, arch):
                               f"{plain[key]['instructions']} without: {ratio:.2f}x")
         pairs += 1
     assert pairs >= 4, f"only {pairs} forward configs compiled both with and without dropout"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cross_entropy_on_the_models_path_moves_16_bytes_per_thread(compile_report, arch):
+    """The model's training loss (linear_cross_entropy: the fused pass over each chunk of its padded head's
+    logits, rows 50,304 apart) loads and stores every logit 128 bits per thread: the chunk loop's body is
+    unmasked and its masked tail ends at the padded width. What loads narrower is per row, not per logit:
+    the target id, the target's logit and the row's gradient factor. The evaluation path's forward over the
+    padded logits' view loads its unmasked chunks 128 bits wide as well."""
+    fused = compile_report.rows(kernel="_cross_entropy_kernel", arch=arch, label="fused")
+    fused = [r for r in fused if "rows=50304" in r["label"]]
+    assert len(fused) >= 4, "the padded fused cases are missing from the compile check"
+    for r in fused:
+        assert r["error"] is None, f"{r['name']}: {r['error']}"
+        assert r["ldg_bits"] == 128 and r["stg_bits"] == 128, f"{r['name']} on {arch}: {r['loads']}"
+        narrow = sum(n for op, n in r["loads"].items() if not op.endswith(".128"))
+        assert narrow <= 3, f"{r['name']} on {arch}: {narrow} loads narrower than 128 bits: {r['loads']}"
+    (fwd,) = [r for r in compile_report.rows(kernel="_cross_entropy_kernel", arch=arch, label="fwd rows=50304")]
+    assert fwd["ldg_bits"] == 128, f"{fwd['name']} on {arch}: {fwd['loads']}"
