@@ -172,6 +172,20 @@ def _dropout_keep(seed_key, row0, col0, dropout_p, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _key_range(start_m, Tk, OFF, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """For the query rows start_m .. start_m + BLOCK_M - 1: keys [0, lo_full) are seen in full by every row
+    (no mask), keys [lo_full, hi) need the causal mask or the tail mask past Tk, and no row sees a key from
+    hi on. Query i sees key j <= i + OFF when causal (OFF = Tk - Tq: queries aligned to the keys' end)."""
+    if CAUSAL:
+        lo_full = ((start_m + OFF + 1) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(Tk, start_m + BLOCK_M + OFF)
+    else:
+        lo_full = (Tk // BLOCK_N) * BLOCK_N
+        hi = Tk
+    return lo_full, hi
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q,  # running state: (BLOCK_M, BLOCK_D) fp32, (BLOCK_M,), (BLOCK_M,), q tile
                     Kb, Vb,  # this (batch, head)'s K and V base pointers
                     stride_kt, stride_kd, stride_vt, stride_vd,  # time and feature strides of K and V
@@ -263,14 +277,9 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running sum of p v
 
-    if CAUSAL:
-        # keys every row of the block sees in full: j <= start_m + OFF; the diagonal band after that,
-        # up to the last row's last key (start_m + BLOCK_M - 1 + OFF), is masked; nothing beyond it runs
-        lo_full = ((start_m + OFF + 1) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(Tk, start_m + BLOCK_M + OFF)
-    else:
-        lo_full = (Tk // BLOCK_N) * BLOCK_N
-        hi = Tk
+    # keys every row of the block sees in full: j <= start_m + OFF; the diagonal band after that, up to the
+    # last row's last key (start_m + BLOCK_M - 1 + OFF), is masked; nothing beyond it runs
+    lo_full, hi = _key_range(start_m, Tk, OFF, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd,
                                     start_m, offs_m, offs_d, 0, lo_full, Tk, OFF, qk_scale, dropout_p, seed_key,
                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, DROPOUT, FP32)
@@ -325,11 +334,8 @@ def _attn_fwd_splitk(
     OFF = Tk - Tq
     lo = split * keys_per_split
     end = tl.minimum(lo + keys_per_split, Tk)
-    if CAUSAL:  # as in _attn_fwd with start_m = 0: unmasked below lo_full, the diagonal band after
-        lo_full = ((OFF + 1) // BLOCK_N) * BLOCK_N
-        end = tl.minimum(end, BLOCK_M + OFF)
-    else:
-        lo_full = (Tk // BLOCK_N) * BLOCK_N
+    lo_full, hi = _key_range(0, Tk, OFF, BLOCK_M, BLOCK_N, CAUSAL)  # every query row is in this program
+    end = tl.minimum(end, hi)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -623,12 +629,7 @@ def _attn_bwd_dq(
     seed_key = _philox_key(SEED, bh, DROPOUT)
     OFF = Tk - Tq
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
-        lo_full = ((start_m + OFF + 1) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(Tk, start_m + BLOCK_M + OFF)
-    else:
-        lo_full = (Tk // BLOCK_N) * BLOCK_N
-        hi = Tk
+    lo_full, hi = _key_range(start_m, Tk, OFF, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, Kb, Vb, stride_kt, stride_kd, stride_vt, stride_vd, start_m,
                             offs_m, offs_d, 0, lo_full, Tk, OFF, qk_scale, dropout_p, seed_key, HEAD_DIM, BLOCK_D,
                             BLOCK_N, False, CAUSAL, DROPOUT, FP32)

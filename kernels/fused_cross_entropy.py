@@ -71,7 +71,6 @@ from . import reference
 from .autocast import autocast_dtype
 from .backend import select
 from .common import FLOAT_DTYPES, new_buffer
-from .compile_check import CompileCase
 
 _REDUCTIONS = ("mean", "sum", "none")
 _MAX_BLOCK_V = 4096  # widest vocabulary chunk one program loads at a time: 16 fp32 per thread at 8 warps
@@ -580,7 +579,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, r
 # --------------------------------------------------------------------------------------- compile check
 
 
-def compile_cases() -> list[CompileCase]:
+def compile_cases():
     """The kernel in each role at the configurations the launcher picks for GPT-2's vocabulary and small V.
 
     Roles: "fwd" (loss and log-sum-exp: cross_entropy's forward), "bwd" (gradient from a saved lse, with a
@@ -589,6 +588,8 @@ def compile_cases() -> list[CompileCase]:
     stride 50,304, 16-byte aligned: vector loads) in bf16 and fp32, with and without label smoothing;
     int32 targets; small V: 7 -> (8, 1 warp), 1000 -> (1024, 2).
     """
+    from .compile_check import CompileCase
+
     tl_dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     roles = {"fwd": (True, False), "bwd": (False, True), "fused": (True, True)}
 
