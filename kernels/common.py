@@ -5,6 +5,7 @@ Nothing here launches a kernel or knows a model: it is the plumbing every launch
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -21,6 +22,28 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2): back from the log2 domain, log(
 # True under Triton's CPU interpreter. A constexpr, so kernels can branch on it at no cost on a GPU (the
 # branch is compiled away). Read when this module is imported, as TRITON_INTERPRET itself is.
 INTERPRETER = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"))
+
+
+def _mend_interpreter_index() -> None:
+    """Triton 3.6's interpreter turns a scalar tensor into a Python int (a ``range`` bound, a loop count)
+    with ``int()`` of a one-element array, which NumPy 2.4 refuses ("only 0-dimensional arrays can be
+    converted to Python scalars"): every kernel with a loop fails. Later Triton squeezes the array first
+    (triton-lang/triton#9171); on an interpreter without that fix, install the same fix. No effect on a GPU."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or "int(self.handle.data))" not in inspect.getsource(patch):
+        return  # a Triton that has the fix (or patches tensors another way)
+
+    def patch_with_fix(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_with_fix
+
+
+if INTERPRETER:
+    _mend_interpreter_index()
 
 # Tests set this to fill every buffer the launchers allocate with NaN, so an element a kernel forgets to
 # write fails the comparison instead of passing on leftover memory.
