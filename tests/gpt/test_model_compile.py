@@ -4,7 +4,8 @@
 it) needs the host mid-graph: a ``.item()``, a ``.tolist()``, an untraceable Python branch. The
 ``aot_eager`` backend traces exactly what inductor would get (forward and backward graphs through AOT
 autograd, every fused op kept as one opaque custom op) and then runs it eagerly, so on the CPU the
-kernels run in the interpreter and the results must equal the eager model's.
+kernels run in the interpreter and the results must equal the eager model's. One test runs inductor
+itself, the default backend, as GPU users do.
 """
 
 import os
@@ -95,6 +96,28 @@ def test_compiled_under_autocast(fresh_dynamo):
         loss_e, _ = _loss_and_grads(model, model, idx, idx)
     assert loss_c.dtype == torch.float32
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
+
+
+def test_inductor_keeps_the_kernels_and_equals_eager(fresh_dynamo):
+    """Inductor, what a plain ``torch.compile`` gives GPU users, generates code around the fused ops (C++ on
+    the CPU, Triton on CUDA): its forward and backward code must call our custom ops, not a decomposition,
+    and the step must give eager's loss and gradients. Inductor's own fused code (the embedding sum, the
+    bias adds, the residual stream) may round fp32 sums in another order, hence 1e-5, not aot_eager's 1e-6."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(3)
+    model = _model().train()
+    idx, tgt = torch.randint(0, 503, (2, 13), device=DEVICE), torch.randint(0, 503, (2, 13), device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True)
+    (loss_c, grads_c), code = run_and_get_code(_loss_and_grads, compiled, model, idx, tgt)
+    code = "\n".join(code)
+    for op in ("attention", "attention_backward", "layer_norm", "add_layer_norm", "layer_norm_backward",
+               "bias_gelu", "bias_gelu_backward", "linear_cross_entropy"):  # the loss: forward computes the grads
+        assert f"gpt_triton.{op}.default(" in code, f"inductor's code does not call torch.ops.gpt_triton.{op}"
+    loss_e, grads_e = _loss_and_grads(model, model, idx, tgt)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    for name, g in grads_e.items():
+        torch.testing.assert_close(grads_c[name], g, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.slow
