@@ -29,7 +29,16 @@ import triton.language as tl
 from . import reference
 from .autocast import autocast_dtype
 from .backend import select
-from .common import as_rows, check_tensor, check_vector, new_buffer, next_pow2, resident_programs, split_rows
+from .common import (
+    LAUNCH_OPTIONS,
+    as_rows,
+    check_tensor,
+    check_vector,
+    new_buffer,
+    next_pow2,
+    resident_programs,
+    split_rows,
+)
 
 _APPROXIMATE = ("none", "tanh")
 
@@ -195,7 +204,7 @@ def _gelu_fwd(x, approx_tanh: bool):
     n = xc.numel()
     if n:
         _gelu_fwd_kernel[(triton.cdiv(n, GELU_BLOCK),)](xc, y, n, BLOCK=GELU_BLOCK, APPROX_TANH=approx_tanh,
-                                                       num_warps=GELU_WARPS)
+                                                       num_warps=GELU_WARPS, **LAUNCH_OPTIONS)
     return y
 
 
@@ -206,7 +215,7 @@ def _gelu_bwd(dy, x, approx_tanh: bool):
     n = xc.numel()
     if n:
         _gelu_bwd_kernel[(triton.cdiv(n, GELU_BLOCK),)](xc, dyc, dx, n, BLOCK=GELU_BLOCK, APPROX_TANH=approx_tanh,
-                                                       num_warps=GELU_WARPS)
+                                                       num_warps=GELU_WARPS, **LAUNCH_OPTIONS)
     return dx
 
 
@@ -221,7 +230,7 @@ def _bias_gelu_fwd(x, bias, approx_tanh: bool, round_bias: bool, out_dtype):
         grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
         _bias_gelu_fwd_kernel[grid](x2, bias.contiguous(), y, x2.stride(0), m, n, BLOCK_M=cfg["BLOCK_M"],
                                     BLOCK_N=cfg["BLOCK_N"], APPROX_TANH=approx_tanh, ROUND_BIAS=round_bias,
-                                    num_warps=cfg["num_warps"])
+                                    num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
     return y
 
 
@@ -238,7 +247,7 @@ def _bias_gelu_bwd(dy, x, bias, approx_tanh: bool, round_bias: bool):
     cfg = bias_gelu_config(n)
     n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
     meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], APPROX_TANH=approx_tanh, ROUND_BIAS=round_bias,
-                num_warps=cfg["num_warps"])
+                num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
 
     def args(part, rows_per_program):
         return (x2, b, dy2, dx, part, x2.stride(0), dy2.stride(0), m, n, rows_per_program)

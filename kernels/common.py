@@ -45,6 +45,11 @@ def _mend_interpreter_index() -> None:
 if INTERPRETER:
     _mend_interpreter_index()
 
+# Compile options every launch states rather than leaving to Triton's defaults: contract a * b + c into one
+# FMA, which the kernels are written for (the softmax's exp2(s * scale - m), the norms' (x - mean) * rstd * w
+# + b, Philox's integer arithmetic aside). Triton 3.9 warns that its default turns this off in 3.10.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
 # Tests set this to fill every buffer the launchers allocate with NaN, so an element a kernel forgets to
 # write fails the comparison instead of passing on leftover memory.
 POISON_OUTPUTS = False

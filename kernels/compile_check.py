@@ -27,6 +27,8 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
+from .common import LAUNCH_OPTIONS
+
 OP_MODULES = ("kernels.norm", "kernels.activation", "kernels.flash_attention", "kernels.fused_cross_entropy")
 ARCHS = (80, 90)
 # Row widths the row-wise kernels are compiled at: the hidden widths of the common transformer sizes
@@ -182,8 +184,8 @@ def compile_one(case: CompileCase, cap: int, sass_dir: str | None = None) -> dic
         names = list(fn.arg_names)
         attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in case.extra.get("divisible_by_16", ())}
         src = ASTSource(fn=fn, signature=signature, constexprs=dict(case.constexprs), attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                                  options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+        options = {"num_warps": case.num_warps, "num_stages": case.num_stages, **LAUNCH_OPTIONS}  # as launched
+        compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
         cubin = compiled.asm["cubin"]
         row.update(_resource_usage(_cuobjdump_run("-res-usage", cubin)))
         row["shared_bytes"] = int(compiled.metadata.shared)

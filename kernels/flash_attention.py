@@ -72,7 +72,7 @@ import triton.language as tl
 from . import reference
 from .autocast import autocast_dtype
 from .backend import interpreter_enabled, select
-from .common import INTERPRETER, LN2, LOG2E
+from .common import INTERPRETER, LAUNCH_OPTIONS, LN2, LOG2E
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 
@@ -849,9 +849,10 @@ def _launch(name: str, kernel, grid_rows: int, grid_other: int, args: dict, tile
         size = 1 if tile is None else forced.block_m if tile == "BLOCK_M" else forced.block_n
         kernel[(triton.cdiv(grid_rows, size), grid_other)](
             **args, BLOCK_M=forced.block_m, BLOCK_N=forced.block_n, num_warps=forced.num_warps,
-            num_stages=forced.num_stages)
+            num_stages=forced.num_stages, **LAUNCH_OPTIONS)
         return
-    _autotuned(name)[lambda meta: (triton.cdiv(grid_rows, meta[tile] if tile else 1), grid_other)](**args)
+    grid = lambda meta: (triton.cdiv(grid_rows, meta[tile] if tile else 1), grid_other)
+    _autotuned(name)[grid](**args, **LAUNCH_OPTIONS)
 
 
 # =========================================================================================== launchers
@@ -1023,7 +1024,7 @@ def _forward_splitk(q, k, v, o, lse, causal, dropout_p, scale, seed, splits: int
                 CAUSAL=bool(causal), DROPOUT=dropout_p > 0.0)
     _launch("splitk", _attn_fwd_splitk, splits, B * H, args, None)
     _attn_splitk_combine[(Tq, B * H)](o_part, lse_part, o, lse, *_strides(o), H, Tq, splits, **_head_dims(D),
-                                      BLOCK_S=SPLITK_COMBINE_BLOCK)
+                                      BLOCK_S=SPLITK_COMBINE_BLOCK, **LAUNCH_OPTIONS)
 
 
 def _new_grads(q, k):
@@ -1056,7 +1057,8 @@ def _backward(do, q, k, v, o, lse, causal: bool, dropout_p: float, scale: float,
     q, k, v, do = _fits_int32(q), _fits_int32(k), _fits_int32(v), _fits_int32(do)
     delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # (B, H, Tq)
     _attn_bwd_preprocess[(triton.cdiv(Tq, PREPROCESS_BLOCK_M), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, Tq, **_head_dims(D), BLOCK_M=PREPROCESS_BLOCK_M)
+        o, do, delta, *_strides(o), *_strides(do), H, Tq, **_head_dims(D), BLOCK_M=PREPROCESS_BLOCK_M,
+        **LAUNCH_OPTIONS)
     common = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta,
                   **dict(zip(("stride_qb", "stride_qh", "stride_qt", "stride_qd"), _strides(q))),
                   **dict(zip(("stride_kb", "stride_kh", "stride_kt", "stride_kd"), _strides(k))),
@@ -1103,7 +1105,7 @@ def attention_dropout_mask(seed, B: int, H: int, Tq: int, Tk: int, dropout_p: fl
     if keep.numel():
         grid = (B * H, triton.cdiv(Tq, MASK_BLOCK), triton.cdiv(Tk, MASK_BLOCK))
         _dropout_mask_kernel[grid](keep, Tq, Tk, effective_dropout_p(dropout_p), _seed_tensor(seed, device).to(device),
-                                   BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK)
+                                   BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK, **LAUNCH_OPTIONS)
     return keep.bool()
 
 

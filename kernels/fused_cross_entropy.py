@@ -70,7 +70,7 @@ import triton.language as tl
 from . import reference
 from .autocast import autocast_dtype
 from .backend import select
-from .common import FLOAT_DTYPES, new_buffer
+from .common import FLOAT_DTYPES, LAUNCH_OPTIONS, new_buffer
 
 _REDUCTIONS = ("mean", "sum", "none")
 _MAX_BLOCK_V = 4096  # widest vocabulary chunk one program loads at a time: 16 fp32 per thread at 8 warps
@@ -207,7 +207,7 @@ def _cross_entropy_rows(x, target, V, ignore_index, label_smoothing, loss=None, 
         x, x.stride(0), g, g.stride(0), target, loss, lse, row_scale, row_scale.stride(0),
         V, g.shape[1] if grad is not None else V, ignore_index, float(label_smoothing),
         BLOCK_V=block_v, HAS_SMOOTHING=label_smoothing > 0.0, FORWARD=forward, WRITE_GRAD=grad is not None,
-        num_warps=num_warps)
+        num_warps=num_warps, **LAUNCH_OPTIONS)
     return loss, lse
 
 

@@ -34,7 +34,16 @@ import triton.language as tl
 from . import reference
 from .autocast import autocast_dtype, matmul_dtype
 from .backend import select
-from .common import as_rows, check_tensor, check_vector, new_buffer, next_pow2, resident_programs, split_rows
+from .common import (
+    LAUNCH_OPTIONS,
+    as_rows,
+    check_tensor,
+    check_vector,
+    new_buffer,
+    next_pow2,
+    resident_programs,
+    split_rows,
+)
 
 MAX_N = 8192  # widest row one program holds in registers (backward: x, dy, w and two sums, no spills)
 
@@ -226,7 +235,8 @@ def _layer_norm_fwd(x, weight, bias, eps, out_dtype, residual=None):
         x2, r2, s if s is not None else y, y, w, b, mean, rstd,
         x2.stride(0), r2.stride(0), n, m, n, float(eps),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_RESIDUAL=residual is not None,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, num_warps=cfg["num_warps"])
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, num_warps=cfg["num_warps"],
+        **LAUNCH_OPTIONS)
     return y, s, mean, rstd
 
 
@@ -249,7 +259,8 @@ def _layer_norm_bwd(dy, xn, weight, has_bias, mean, rstd, dx_dtype, ds=None, dr_
     w = weight.contiguous() if weight is not None else x2
     cfg = bwd_config(n)
     meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_WEIGHT=weight is not None,
-                HAS_BIAS=has_bias, HAS_DS=ds is not None, HAS_DR=dr is not None, num_warps=cfg["num_warps"])
+                HAS_BIAS=has_bias, HAS_DS=ds is not None, HAS_DR=dr is not None, num_warps=cfg["num_warps"],
+                **LAUNCH_OPTIONS)
 
     def args(part, rows_per_program):
         return (x2, w, mean, rstd, dy2, ds2, dx, dr if dr is not None else dx, part[0], part[1],
