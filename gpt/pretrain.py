@@ -52,6 +52,9 @@ class TrainConfig(RunConfig):
 
     book_init: bool = False  # a fresh model as the book's chapter 5 builds it: PyTorch's default init and an
     # untied output head (GPT-2's init, std 0.02 and tied, memorises The Verdict far more slowly)
+    pad_vocab_multiple: int | None = None  # embedding/head rows of a fresh or GPT-2 model rounded up to a
+    # multiple of this; None: 64 on CUDA (50,304 rows: the head's matmuls and the loss kernel get 16-byte
+    # aligned rows and vector loads), 1 elsewhere. A checkpoint keeps its own.
     # the data
     data: str | None = None  # a text file or a directory of .txt files; None: The Verdict (bundled)
     val_ratio: float = 0.1  # the last 10% of the tokens are the validation split, as in the book
@@ -67,7 +70,7 @@ class TrainConfig(RunConfig):
 
     def check(self) -> None:
         super().check()
-        for name in ("context_length", "stride", "tokens_per_step"):
+        for name in ("context_length", "stride", "tokens_per_step", "pad_vocab_multiple"):
             check_positive(self, name, allow_none=True)
         if not isinstance(self.sample_tokens, int) or self.sample_tokens < 0:
             raise ValueError(f"--sample-tokens must be >= 0 (0: no samples), got {self.sample_tokens!r}")
@@ -102,7 +105,7 @@ class PretrainTask(Task):
         if state is not None:
             model, what = load_checkpoint(cfg.resume, kernel_backend=cfg.kernels), f"run {cfg.resume}"
         else:
-            model, what = _build_model(cfg)
+            model, what = _build_model(cfg, env.device)
         self.model, self.what = model.to(env.device), what
         ctx = cfg.context_length or model.config.context_length
         if ctx > model.config.context_length:
@@ -115,7 +118,8 @@ class PretrainTask(Task):
         self.tokens_per_step = self.examples_per_step * ctx
         preset = cfg.preset or (None if cfg.checkpoint or cfg.hf else DEFAULT_PRESET)
         self.config = dataclasses.replace(cfg, preset=preset, context_length=ctx, stride=cfg.stride or ctx,
-                                          tokens_per_step=self.tokens_per_step)
+                                          tokens_per_step=self.tokens_per_step,
+                                          pad_vocab_multiple=model.config.pad_vocab_multiple)
 
     def describe(self) -> list[str]:
         m, c, d = self.model, self.config, self.data
@@ -209,14 +213,20 @@ def _accumulation(cfg: TrainConfig, ctx: int, world: int) -> int:
     return cfg.tokens_per_step // micro
 
 
-def _build_model(cfg: TrainConfig) -> tuple[GPT, str]:
+def _build_model(cfg: TrainConfig, device: torch.device) -> tuple[GPT, str]:
     kind, source = model_source(cfg.checkpoint, cfg.hf, cfg.preset, DEFAULT_PRESET)
     overrides = {}
     if kind == "preset":
         overrides = {"context_length": cfg.context_length} if cfg.context_length else {}
         if cfg.book_init:
             overrides.update(init="torch", tie_weights=False)
+    if kind != "checkpoint":
+        overrides["pad_vocab_multiple"] = cfg.pad_vocab_multiple or (64 if torch.device(device).type == "cuda" else 1)
     model = load_model(source, kind=kind, kernel_backend=cfg.kernels, **overrides)
+    pad = model.config.pad_vocab_multiple
+    if cfg.pad_vocab_multiple not in (None, pad):
+        raise ValueError(f"--pad-vocab-multiple {cfg.pad_vocab_multiple}: the model in {source} has its rows padded "
+                         f"to a multiple of {pad}, which a checkpoint keeps; leave the option out")
     if cfg.dropout is not None and cfg.dropout != model.config.dropout:
         model.set_dropout(cfg.dropout)
     return model, {"checkpoint": f"from {source}", "hf": f"from GPT-2 {source}", "preset": f"preset {source!r}"}[kind]

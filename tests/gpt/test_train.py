@@ -129,6 +129,27 @@ def test_resume_can_extend_a_finished_run_into_another_directory(finished_run, t
     assert steps[0] == 0 and steps[-1] == 3  # the log of the run so far, continued
 
 
+def test_vocab_padding_defaults_to_64_on_a_gpu_and_a_checkpoint_keeps_its_own(finished_run, tmp_path):
+    """On CUDA a fresh model's head gets 50,304 rows (16-byte aligned: the loss kernel's vector loads); on the
+    CPU none unless asked; a run records what it used, and a checkpoint's padding cannot be changed."""
+    from gpt.pretrain import _build_model
+
+    assert _build_model(tiny(None), torch.device("cuda"))[0].config.pad_vocab_multiple == 64  # built on the CPU
+    assert _build_model(tiny(None), torch.device("cpu"))[0].config.pad_vocab_multiple == 1
+    assert load_checkpoint(finished_run).config.pad_vocab_multiple == 1
+    train(tiny(tmp_path / "padded", pad_vocab_multiple=48, max_steps=1))
+    model = load_checkpoint(tmp_path / "padded")
+    assert model.config.pad_vocab_multiple == 48 and model.tok_emb.weight.shape[0] == 50304  # 50,257 -> 48 x 1048
+    state = torch.load(tmp_path / "padded" / STATE_FILE, weights_only=True)
+    assert state["train_config"]["pad_vocab_multiple"] == 48  # what a resume continues with
+    x = torch.randint(0, 50257, (1, 8))
+    assert model.eval()(x).shape == (1, 8, 50257)  # the padding never reaches the logits
+    with pytest.raises(ValueError, match="--pad-vocab-multiple 64: .* padded to a multiple of 48"):
+        train(tiny(tmp_path / "again", checkpoint=str(tmp_path / "padded"), pad_vocab_multiple=64))
+    with pytest.raises(ValueError, match="--pad-vocab-multiple must be a positive integer"):
+        train(tiny(tmp_path / "bad", pad_vocab_multiple=0))
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
