@@ -3,7 +3,7 @@
 For widths N = 768..6400 and M = 4K..64K rows, bf16, GPT-2's tanh form, forward and forward +
 backward, each provider measured in the same run (see ``bench.bench_norm`` for the harness):
 
-- ``triton``: ``kernels.gelu`` / ``kernels.bias_gelu`` on the Triton backend (ours);
+- ``triton``: ``gpt_kernels.gelu`` / ``gpt_kernels.bias_gelu`` on the Triton backend (ours);
 - ``torch``: ``F.gelu(x, approximate="tanh")`` (``x + bias`` first for bias_gelu: two passes), eager;
 - ``compile``: ``torch.compile`` of that torch code;
 - ``copy``: ``dst.copy_(src)`` of one (M, N) tensor, the ceiling.
@@ -39,7 +39,7 @@ METRIC = "GB/s"  # what `python -m bench` plots
 def _activation_ops() -> dict:
     import torch.nn.functional as F
 
-    import kernels
+    import gpt_kernels
 
     def make_gelu(m, n, device, dtype):
         x = (2 * torch.randn(m, n, device=device)).to(dtype).requires_grad_()  # (M, N)
@@ -54,15 +54,15 @@ def _activation_ops() -> dict:
         return F.gelu(x, approximate="tanh")
 
     def gelu_triton(x):
-        with kernels.use_backend("triton"):
-            return kernels.gelu(x, approximate="tanh")
+        with gpt_kernels.use_backend("triton"):
+            return gpt_kernels.gelu(x, approximate="tanh")
 
     def bias_gelu_torch(x, bias):
         return F.gelu(x + bias, approximate="tanh")
 
     def bias_gelu_triton(x, bias):
-        with kernels.use_backend("triton"):
-            return kernels.bias_gelu(x, bias, approximate="tanh")
+        with gpt_kernels.use_backend("triton"):
+            return gpt_kernels.bias_gelu(x, bias, approximate="tanh")
 
     return {
         "gelu": (make_gelu, {"triton": gelu_triton, "torch": gelu_torch, "compile": torch.compile(gelu_torch)},

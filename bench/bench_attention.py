@@ -4,14 +4,14 @@ Causal self-attention, bf16, head dims 64 and 128, heads H = 2048 / D (hidden si
 length T = 512..16384 at a fixed 16K tokens per batch (B = 16384 / T), as in the FlashAttention-2/3
 papers. Providers, each measured in the same run:
 
-- ``triton``: ``kernels.attention`` on the Triton backend (ours, autotuned on first call; deterministic
+- ``triton``: ``gpt_kernels.attention`` on the Triton backend (ours, autotuned on first call; deterministic
   7-matmul backward);
 - ``triton-atomic``: the same with the 5-matmul backward (atomic fp32 dQ, ``ATOMIC_DQ_BACKWARD``);
 - ``triton-dropout``, ``sdpa-flash-dropout``: ours and SDPA's flash backend with dropout_p = 0.1 on the
   attention weights (goal: ours within 1.3x of ``triton`` over forward + backward);
 - ``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient``: ``F.scaled_dot_product_attention(is_causal=True)``
   restricted to one backend with ``torch.nn.attention.sdpa_kernel`` (skipped where it cannot run);
-- ``manual``: ``kernels.reference.attention`` (q k^T, mask, softmax, @ v: materialises T x T), eager;
+- ``manual``: ``gpt_kernels.reference.attention`` (q k^T, mask, softmax, @ v: materialises T x T), eager;
 - ``compile``: ``torch.compile`` of that manual attention.
 
 Unit: TFLOP/s of the matmul work, counted the usual way:
@@ -77,12 +77,12 @@ def _providers(smoke: bool) -> dict:
     """name -> fn(q, k, v) returning the (B, H, T, D) causal attention output."""
     import torch.nn.functional as F
 
-    import kernels
-    from kernels import reference
+    import gpt_kernels
+    from gpt_kernels import reference
 
     def triton_attention(q, k, v, dropout_p=0.0):
-        with kernels.use_backend("triton"):
-            return kernels.attention(q, k, v, causal=True, dropout_p=dropout_p)
+        with gpt_kernels.use_backend("triton"):
+            return gpt_kernels.attention(q, k, v, causal=True, dropout_p=dropout_p)
 
     def triton_atomic(q, k, v):
         with _setting("ATOMIC_DQ_BACKWARD", True):  # read at the forward, kept for its backward
@@ -115,8 +115,8 @@ def _providers(smoke: bool) -> dict:
 
 @contextlib.contextmanager
 def _setting(name: str, value):
-    """Set ``kernels.flash_attention.<name>`` for the block (the path switches the benchmark compares)."""
-    from kernels import flash_attention as fa
+    """Set ``gpt_kernels.flash_attention.<name>`` for the block (the path switches the benchmark compares)."""
+    from gpt_kernels import flash_attention as fa
 
     old = getattr(fa, name)
     setattr(fa, name, value)
@@ -130,12 +130,12 @@ def _decode_providers(smoke: bool) -> dict:
     """name -> fn(q, k, v) for decoding: Tq queries at the end of Tk keys, causal (end-aligned)."""
     import torch.nn.functional as F
 
-    import kernels
-    from kernels import reference
+    import gpt_kernels
+    from gpt_kernels import reference
 
     def triton_attention(q, k, v):
-        with kernels.use_backend("triton"):
-            return kernels.attention(q, k, v, causal=True)
+        with gpt_kernels.use_backend("triton"):
+            return gpt_kernels.attention(q, k, v, causal=True)
 
     def triton_nosplit(q, k, v):
         with _setting("SPLIT_K", 1):
@@ -221,7 +221,7 @@ def run(quick: bool = False, smoke: bool = False, seq_lens=None, head_dims=None,
     if decode is None:
         decode = smoke or not quick
     if smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `kernels` is not imported yet
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `gpt_kernels` is not imported yet
         device, dtype, tokens, hidden = "cpu", torch.float32, 128, 32
         seq_lens, head_dims, repeats_kw = seq_lens or (32, 64), head_dims or (16,), {"repeats": 1, "warmup": 1}
     else:

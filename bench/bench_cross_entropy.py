@@ -3,10 +3,10 @@
 For N = 4K..64K tokens, V = 50,257, bf16, forward + backward, each measured in the same run:
 
 - ``F.cross_entropy`` on (N, V) logits, ``torch.compile`` of it, and our fused Triton loss
-  (``kernels.cross_entropy``). Unit: GB/s of the least traffic a fused loss needs, reading the logits
+  (``gpt_kernels.cross_entropy``). Unit: GB/s of the least traffic a fused loss needs, reading the logits
   once and writing their gradient once: ``bytes = 2 * N * V * 2`` (bf16).
 - projection + ``F.cross_entropy`` (``hidden (N, C) @ weight.T`` then the loss, C = 768) against our
-  chunked ``kernels.linear_cross_entropy``, the projection counted in both. Unit: TFLOP/s of the three
+  chunked ``gpt_kernels.linear_cross_entropy``, the projection counted in both. Unit: TFLOP/s of the three
   matmuls, ``flops = 6 * N * V * C`` (forward 2NVC, d_hidden 2NVC, d_weight 2NVC).
 
 Peak memory is the most CUDA memory allocated above the inputs during one forward + backward (the
@@ -94,7 +94,7 @@ def _bench_loss(n: int, V: int, dtype, device: str, with_compile: bool) -> list[
     """The loss alone on (N, V) logits: F.cross_entropy, torch.compile of it, ours."""
     import torch.nn.functional as F
 
-    import kernels
+    import gpt_kernels
 
     cuda = device == "cuda"
     t = torch.randint(0, V, (n,), device=device)  # (N,)
@@ -107,8 +107,8 @@ def _bench_loss(n: int, V: int, dtype, device: str, with_compile: bool) -> list[
                          *_measure(_step(lambda: compiled(x, t), [x]), [x], cuda), base=base))
 
     def fused():
-        with kernels.use_backend("triton"):
-            return kernels.cross_entropy(x, t)
+        with gpt_kernels.use_backend("triton"):
+            return gpt_kernels.cross_entropy(x, t)
 
     rows.append(_row(n, V, None, dtype, "fused cross_entropy (ours)", *_measure(_step(fused, [x]), [x], cuda),
                      base=base))
@@ -119,7 +119,7 @@ def _bench_linear(n: int, V: int, C: int, dtype, device: str) -> list[dict]:
     """Projection + loss, the projection counted in: hidden @ weight.T then F.cross_entropy, against ours."""
     import torch.nn.functional as F
 
-    import kernels
+    import gpt_kernels
 
     cuda = device == "cuda"
     t = torch.randint(0, V, (n,), device=device)  # (N,)
@@ -129,8 +129,8 @@ def _bench_linear(n: int, V: int, C: int, dtype, device: str) -> list[dict]:
                 *_measure(_step(lambda: F.cross_entropy(h @ w.t(), t), [h, w]), [h, w], cuda), ce=False)
 
     def chunked():
-        with kernels.use_backend("triton"):
-            return kernels.linear_cross_entropy(h, w, t)
+        with gpt_kernels.use_backend("triton"):
+            return gpt_kernels.linear_cross_entropy(h, w, t)
 
     ours = _row(n, V, C, dtype, "chunked linear_cross_entropy (ours)", *_measure(_step(chunked, [h, w]), [h, w], cuda),
                 ce=False, base=base)
@@ -140,7 +140,7 @@ def _bench_linear(n: int, V: int, C: int, dtype, device: str) -> list[dict]:
 def run(quick: bool = False, sizes=None, smoke: bool = False) -> list[dict]:
     """All rows of the sweep (GPU), or a tiny CPU pass through every code path with ``smoke``."""
     if smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `kernels` is not imported yet
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `gpt_kernels` is not imported yet
         sizes, V, C, dtype, device = (64,), 1000, 32, torch.float32, "cpu"
     else:
         if not torch.cuda.is_available():

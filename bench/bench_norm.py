@@ -3,7 +3,7 @@
 For widths N = 768..6400 (GPT-2's) and M = 4K..64K rows, bf16, forward and forward + backward of
 ``layer_norm`` and ``add_layer_norm``, each provider measured in the same run:
 
-- ``triton``: ``kernels.layer_norm`` / ``kernels.add_layer_norm`` on the Triton backend (ours);
+- ``triton``: ``gpt_kernels.layer_norm`` / ``gpt_kernels.add_layer_norm`` on the Triton backend (ours);
 - ``torch``: ``F.layer_norm`` (and ``x + r`` first for add_layer_norm), eager;
 - ``compile``: ``torch.compile`` of that torch code;
 - ``copy``: ``dst.copy_(src)`` of one (M, N) tensor, the ceiling a memory-bound op can approach.
@@ -162,7 +162,7 @@ def summary(rows: list[dict], fwd_bwd_speedup: float = 1.3) -> str:
 def _norm_ops() -> dict:
     import torch.nn.functional as F
 
-    import kernels
+    import gpt_kernels
 
     def make_ln(m, n, device, dtype):
         x = torch.randn(m, n, device=device).to(dtype).requires_grad_()  # (M, N)
@@ -179,16 +179,16 @@ def _norm_ops() -> dict:
         return F.layer_norm(x, (x.shape[-1],), w, b)
 
     def ln_triton(x, w, b):
-        with kernels.use_backend("triton"):
-            return kernels.layer_norm(x, (x.shape[-1],), w, b)
+        with gpt_kernels.use_backend("triton"):
+            return gpt_kernels.layer_norm(x, (x.shape[-1],), w, b)
 
     def add_ln_torch(x, r, w, b):
         s = x + r
         return s, F.layer_norm(s, (s.shape[-1],), w, b)
 
     def add_ln_triton(x, r, w, b):
-        with kernels.use_backend("triton"):
-            return kernels.add_layer_norm(x, r, w, b)
+        with gpt_kernels.use_backend("triton"):
+            return gpt_kernels.add_layer_norm(x, r, w, b)
 
     return {
         "layer_norm": (make_ln, {"triton": ln_triton, "torch": ln_torch, "compile": torch.compile(ln_torch)},
@@ -204,7 +204,7 @@ def _norm_ops() -> dict:
 def sweep_run(name: str, ops: dict, quick: bool, smoke: bool, widths, rows) -> list[dict]:
     """Every number of a sweep (GPU), one dict each; or a tiny CPU pass through the code with ``smoke``."""
     if smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `kernels` is not imported yet
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `gpt_kernels` is not imported yet
         widths, rows, providers = widths or SMOKE_WIDTHS, rows or SMOKE_ROWS, ("triton", "torch")
     else:
         if not torch.cuda.is_available():

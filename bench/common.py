@@ -148,7 +148,7 @@ def add_kernel_bench_args(p) -> None:
 def start_kernel_bench(name: str, smoke: bool) -> bool:
     """Set up a kernel benchmark run: the interpreter for ``smoke``, else a GPU is needed. False: nothing to run.
 
-    ``TRITON_INTERPRET`` is read when ``kernels`` is first imported, so the scripts import it after this.
+    ``TRITON_INTERPRET`` is read when ``gpt_kernels`` is first imported, so the scripts import it after this.
     """
     if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -2,7 +2,7 @@
 
 Variants, each measured in the same run on the same card:
 
-- ``eager-reference``: the readable PyTorch ops of ``kernels.reference`` (manual attention);
+- ``eager-reference``: the readable PyTorch ops of ``gpt_kernels.reference`` (manual attention);
 - ``eager-torch``: PyTorch's own fused ops (``F.layer_norm``, ``F.gelu``, SDPA, ``F.cross_entropy``);
 - ``compile-torch``: ``torch.compile`` of ``eager-torch``;
 - ``ours``: the Triton kernels (LayerNorm, add+LayerNorm, bias+GELU, FlashAttention, chunked linear CE);
@@ -130,7 +130,7 @@ def _release(device: str) -> None:
 def run(quick: bool = False, batch: int = 16, variants=None, smoke: bool = False) -> list[dict]:
     """One row per variant: tokens/s, TFLOP/s, MFU and peak memory, or the ``error`` that stopped it."""
     if smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `kernels` is not imported yet
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `gpt_kernels` is not imported yet
         device, preset, T, batch = "cpu", SMOKE["preset"], SMOKE["T"], SMOKE["batch"]
         steps, warmup = SMOKE["steps"], SMOKE["warmup"]
     elif not torch.cuda.is_available():

@@ -7,7 +7,7 @@
 Shapes (bf16, causal): 16K tokens per batch (``bench_attention.TOKENS``; B = TOKENS / T), H = HIDDEN / D
 heads (``bench_attention.HIDDEN``), T = 1K..8K, D = 64 and 128, attention dropout 0 and 0.1.
 
-- Attention: every config of ``kernels.flash_attention``'s FWD_CONFIGS, DKDV_CONFIGS and DQ_CONFIGS that
+- Attention: every config of ``gpt_kernels.flash_attention``'s FWD_CONFIGS, DKDV_CONFIGS and DQ_CONFIGS that
   serves the shape (``_Config.serves``: head dim, dropout, 16-bit inputs), read from the module when this
   runs, so the lists can change without touching this file. Each is forced through
   ``flash_attention.FORCE_CONFIGS`` (the hook test_gpu_every_autotune_config uses) and timed with
@@ -61,8 +61,8 @@ DRY = {"tokens": 64, "hidden": 32, "seq_lens": (32,), "head_dims": (16, 80), "N"
 
 
 def _fa():
-    """kernels.flash_attention, imported only after a dry run has set TRITON_INTERPRET."""
-    from kernels import flash_attention
+    """gpt_kernels.flash_attention, imported only after a dry run has set TRITON_INTERPRET."""
+    from gpt_kernels import flash_attention
 
     return flash_attention
 
@@ -113,19 +113,19 @@ class Tuner:
 
     def _run_forced(self, forced: dict, q, k, v, do, dropout: float, backward: bool, timed: bool):
         """One forward (or forward + backward) with ``forced`` configs; its median ms if ``timed``."""
-        import kernels
+        import gpt_kernels
 
         fa = _fa()
         saved = fa.FORCE_CONFIGS
         fa.FORCE_CONFIGS = forced
         try:
-            with kernels.use_backend("triton"):
+            with gpt_kernels.use_backend("triton"):
                 if not backward:
                     def fn():
                         with torch.no_grad():
-                            kernels.attention(q, k, v, causal=True, dropout_p=dropout)
+                            gpt_kernels.attention(q, k, v, causal=True, dropout_p=dropout)
                 else:
-                    out = kernels.attention(q, k, v, causal=True, dropout_p=dropout)
+                    out = gpt_kernels.attention(q, k, v, causal=True, dropout_p=dropout)
 
                     def fn():
                         torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
@@ -185,7 +185,7 @@ class Tuner:
 
     def ce_candidates(self, V: int) -> list[tuple[int, int]]:
         """The launcher's (BLOCK_V, num_warps) for V and its neighbours, at least one element per thread."""
-        from kernels import fused_cross_entropy as fce
+        from gpt_kernels import fused_cross_entropy as fce
 
         bv0, nw0 = fce._launch_config(V)
         return [(bv, nw) for bv in sorted({max(16, bv0 // 2), bv0, bv0 * 2})
@@ -204,9 +204,9 @@ class Tuner:
         return rows
 
     def _loss_rows(self, n: int, V: int) -> list[dict]:
-        """kernels.cross_entropy's forward + backward (the training call) at each (BLOCK_V, num_warps)."""
-        import kernels
-        from kernels import fused_cross_entropy as fce
+        """gpt_kernels.cross_entropy's forward + backward (the training call) at each (BLOCK_V, num_warps)."""
+        import gpt_kernels
+        from gpt_kernels import fused_cross_entropy as fce
 
         x = (torch.randn(n, V, device=self.device) * 2).to(self.dtype).requires_grad_()  # (N, V)
         t = torch.randint(0, V, (n,), device=self.device)  # (N,)
@@ -217,8 +217,9 @@ class Tuner:
             row = {"op": "cross_entropy", "kernel": "cross_entropy", "config": f"BLOCK_V={bv} w{nw}", "V": V, "N": n,
                    "launcher's pick": (bv, nw) == pick}
             try:
-                with mock.patch.object(fce, "_launch_config", lambda V, c=(bv, nw): c), kernels.use_backend("triton"):
-                    ms = self.time(lambda: torch.autograd.grad(kernels.cross_entropy(x, t), x))
+                with (mock.patch.object(fce, "_launch_config", lambda V, c=(bv, nw): c),
+                      gpt_kernels.use_backend("triton")):
+                    ms = self.time(lambda: torch.autograd.grad(gpt_kernels.cross_entropy(x, t), x))
                 row.update(ms=ms, **{"GB/s (2NV*e)": 2 * n * V * e / (ms * 1e-3) / 1e9})
             except Exception as err:
                 row["error"] = _error(err)
@@ -227,9 +228,9 @@ class Tuner:
         return rows
 
     def _chunk_rows(self, n: int, V: int, C: int) -> list[dict]:
-        """kernels.linear_cross_entropy forward + backward at 1/4..4 times its default chunk."""
-        import kernels
-        from kernels import fused_cross_entropy as fce
+        """gpt_kernels.linear_cross_entropy forward + backward at 1/4..4 times its default chunk."""
+        import gpt_kernels
+        from gpt_kernels import fused_cross_entropy as fce
 
         h = torch.randn(n, C, device=self.device).to(self.dtype).requires_grad_()  # (N, C)
         w = (torch.randn(V, C, device=self.device) * 0.02).to(self.dtype).requires_grad_()  # (V, C)
@@ -238,8 +239,8 @@ class Tuner:
         default = fce._default_chunk(V, self.dtype)
 
         def step(chunk):
-            with kernels.use_backend("triton"):
-                loss = kernels.linear_cross_entropy(h, w, t, chunk_size=chunk)
+            with gpt_kernels.use_backend("triton"):
+                loss = gpt_kernels.linear_cross_entropy(h, w, t, chunk_size=chunk)
             torch.autograd.grad(loss, (h, w))
 
         rows = []
@@ -278,8 +279,8 @@ class Tuner:
                 print(f"warm {g}: {_error(e)}", flush=True)
 
     def _warm_ce(self) -> None:
-        import kernels
-        from kernels import fused_cross_entropy as fce
+        import gpt_kernels
+        from gpt_kernels import fused_cross_entropy as fce
 
         n = DRY["N"] if self.dry_run else 64  # the row count is the grid, not part of the specialisation
         for V in DRY["V"] if self.dry_run else VOCABS:
@@ -287,8 +288,8 @@ class Tuner:
             t = torch.randint(0, V, (n,), device=self.device)  # (n,)
             for c in self.ce_candidates(V):
                 try:
-                    with mock.patch.object(fce, "_launch_config", lambda V, c=c: c), kernels.use_backend("triton"):
-                        torch.autograd.grad(kernels.cross_entropy(x, t), x)
+                    with mock.patch.object(fce, "_launch_config", lambda V, c=c: c), gpt_kernels.use_backend("triton"):
+                        torch.autograd.grad(gpt_kernels.cross_entropy(x, t), x)
                 except Exception as e:
                     print(f"warm ce {c}: {_error(e)}", flush=True)
         print("warm: cross-entropy candidates", flush=True)
@@ -389,7 +390,7 @@ def main(argv=None) -> int:
     p.add_argument("--warm", help=argparse.SUPPRESS)  # internal: compile these groups in this process
     args = p.parse_args(argv)
     if args.dry_run:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before `kernels` is imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before `gpt_kernels` is imported
     elif not torch.cuda.is_available():
         print("bench.tune needs a CUDA GPU; `python -m bench.tune --dry-run` runs the same loop on the CPU.",
               file=sys.stderr)

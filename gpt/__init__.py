@@ -11,9 +11,9 @@
     spam.metrics["test_accuracy"], spam.out_dir
 
 How the package is built; calls go one way, from the command line to the jobs to the engine to the model
-(and the job support) to ``kernels``:
+(and the job support) to ``gpt_kernels``:
 
-- the model: ``config`` (GPTConfig and presets), ``model`` (GPT and the classifier head, on the ``kernels``
+- the model: ``config`` (GPTConfig and presets), ``model`` (GPT and the classifier head, on the ``gpt_kernels``
   API), ``kv_cache``, ``lora``, ``tokenizer``, ``generate``, ``weights`` (checkpoints, Hugging Face GPT-2,
   ``load_model`` for any of them plus presets);
 - what jobs run on: ``runtime`` (device, precision, process group, RNG, signals), ``rundir`` (run

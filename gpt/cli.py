@@ -3,7 +3,7 @@
 Every argparse detail lives here and nowhere else. A training command turns its options into the job's
 config dataclass (:class:`gpt.pretrain.TrainConfig`, :class:`gpt.finetune.FinetuneConfig`) and calls the job
 (``train``, ``finetune_classifier``, ``finetune_instruct``); the options' defaults and choices come from
-those configs, :data:`kernels.backend.BACKENDS` and :data:`gpt.runtime.DTYPES`. A user's mistake (a bad
+those configs, :data:`gpt_kernels.backend.BACKENDS` and :data:`gpt.runtime.DTYPES`. A user's mistake (a bad
 path, a bad setting) prints one line on stderr and exits non-zero; set ``GPT_DEBUG=1`` to see the traceback.
 """
 
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from kernels.backend import BACKENDS
+from gpt_kernels.backend import BACKENDS
 
 from . import classify, instruct
 from .config import PRESETS
@@ -357,7 +357,7 @@ def cmd_lora_merge(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import kernels.backend as kb
+    import gpt_kernels.backend as kb
 
     print(f"kernels: {kb.describe()}")
     print(f"torch {torch.__version__}", end="")

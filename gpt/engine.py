@@ -102,7 +102,7 @@ class RunConfig:
 
     def check(self) -> None:
         """Clear errors for settings that make no sense (before anything is loaded or written)."""
-        from kernels.backend import BACKENDS
+        from gpt_kernels.backend import BACKENDS
 
         for name in ("batch_size",):
             check_positive(self, name)

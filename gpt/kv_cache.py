@@ -13,16 +13,16 @@ slots ``[0, length)`` are filled, the same number in every row.
 Prompts of different lengths are *left-padded* (right-aligned): row b's first ``pad[b]`` slots hold
 padding and its real tokens start at slot ``pad[b]`` with position 0. Every row then writes its next token
 into the same slot, so a step is one batched forward. The price is a mask: a real query must never attend
-to a padding key, which ``kernels.attention`` (causal only, no mask argument) cannot express, so a padded
+to a padding key, which ``gpt_kernels.attention`` (causal only, no mask argument) cannot express, so a padded
 batch runs torch's ``scaled_dot_product_attention`` with an explicit boolean mask, while a batch whose
-rows all start at slot 0 stays on ``kernels.attention`` (and its Triton decode path on a GPU).
+rows all start at slot 0 stays on ``gpt_kernels.attention`` (and its Triton decode path on a GPU).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.autocast import matmul_dtype
+from gpt_kernels.autocast import matmul_dtype
 
 
 class LayerKVCache:
@@ -101,7 +101,7 @@ class KVCache:
         slots = torch.arange(end, device=device)  # (L,) every key slot
         new = slots[start:]  # (T,) the new tokens' slots
         if self.pad is None:
-            self.mask = None  # kernels.attention's end-aligned causal mask is exactly right
+            self.mask = None  # gpt_kernels.attention's end-aligned causal mask is exactly right
             return new  # (T,): slot = position
         pad = self.pad.to(device)
         causal = slots[None, :] <= new[:, None]  # (T, L)

@@ -1,8 +1,8 @@
 """GPT-2: token and position embeddings, pre-LayerNorm transformer blocks, a final norm and the head.
 
-Every hot op goes through ``kernels``' functional API (``layer_norm``, ``add_layer_norm``, ``bias_gelu``,
+Every hot op goes through ``gpt_kernels``' functional API (``layer_norm``, ``add_layer_norm``, ``bias_gelu``,
 ``attention``, ``linear_cross_entropy``, ``cross_entropy``), which runs the Triton kernels on CUDA tensors
-and PyTorch's ops on CPU tensors (see ``kernels.backend``). The matmuls are cuBLAS through ``nn.Linear``.
+and PyTorch's ops on CPU tensors (see ``gpt_kernels.backend``). The matmuls are cuBLAS through ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from kernels.backend import use_backend
+import gpt_kernels
+from gpt_kernels.backend import use_backend
 
 from .config import GPTConfig
 from .kv_cache import KVCache, LayerKVCache
 
 
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` whose forward runs ``kernels.layer_norm`` (same parameters, same state dict)."""
+    """``nn.LayerNorm`` whose forward runs ``gpt_kernels.layer_norm`` (same parameters, same state dict)."""
 
     def forward(self, x):
-        return kernels.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return gpt_kernels.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class CausalSelfAttention(nn.Module):
@@ -44,12 +44,12 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D), strided views, no copy
         p = self.dropout if self.training else 0.0
         if cache is None:
-            y = kernels.attention(q, k, v, causal=True, dropout_p=p)  # (B, H, T, D)
+            y = gpt_kernels.attention(q, k, v, causal=True, dropout_p=p)  # (B, H, T, D)
         else:
             k, v = cache.update(k, v)  # (B, H, L, D) each: the cached keys/values, then these T; T <= L
             if cache.mask is None:  # every row starts at slot 0: causal, aligned to the end (key j <= i + L - T)
-                y = kernels.attention(q, k, v, causal=True, dropout_p=p)  # (B, H, T, D)
-            else:  # left-padded rows: padding keys masked out, which kernels.attention cannot express
+                y = gpt_kernels.attention(q, k, v, causal=True, dropout_p=p)  # (B, H, T, D)
+            else:  # left-padded rows: padding keys masked out, which gpt_kernels.attention cannot express
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, dropout_p=p)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
@@ -73,7 +73,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.fc.matmul(x)  # (B, T, 4C); the bias is added in the fused bias + GELU below
-        h = kernels.bias_gelu(h, self.fc.bias, approximate="tanh")  # (B, T, 4C)
+        h = gpt_kernels.bias_gelu(h, self.fc.bias, approximate="tanh")  # (B, T, 4C)
         return self.proj(h)  # (B, T, C)
 
 
@@ -90,7 +90,7 @@ class Block(nn.Module):
 
     def forward(self, x, cache: LayerKVCache | None = None):
         a = self.drop(self.attn(self.ln1(x), cache))  # (B, T, C)
-        x, h = kernels.add_layer_norm(a, x, self.ln2.weight, self.ln2.bias, self.ln2.eps)  # both (B, T, C)
+        x, h = gpt_kernels.add_layer_norm(a, x, self.ln2.weight, self.ln2.bias, self.ln2.eps)  # both (B, T, C)
         return x + self.drop(self.mlp(h))
 
 
@@ -226,9 +226,9 @@ class GPT(nn.Module):
             flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # (B*T, C), (B*T,)
             if return_logits:
                 logits = self._logits(h)  # (B, T, V)
-                return logits, kernels.cross_entropy(logits.reshape(-1, V), flat_t)
+                return logits, gpt_kernels.cross_entropy(logits.reshape(-1, V), flat_t)
             # the whole (padded) head: its GEMMs and the loss kernel's rows stay aligned; padding is no class
-            return None, kernels.linear_cross_entropy(flat_h, self.head.weight, flat_t, num_classes=V)
+            return None, gpt_kernels.linear_cross_entropy(flat_h, self.head.weight, flat_t, num_classes=V)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, V) logits of the hidden states h (B, T, C): the padded head's GEMM, padding columns sliced

@@ -32,7 +32,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def check_backend(name: str | None, device: torch.device) -> None:
     """Raise now, before anything is written, if kernel backend ``name`` cannot run on ``device``."""
-    from kernels.backend import select, use_backend
+    from gpt_kernels.backend import select, use_backend
 
     try:
         with use_backend(name):

@@ -1,7 +1,7 @@
 """Shared test set-up.
 
 On a machine with no CUDA GPU the Triton kernels run in Triton's CPU interpreter. TRITON_INTERPRET is
-read when ``@triton.jit`` runs, i.e. when ``kernels`` is first imported, so it is set here, before any
+read when ``@triton.jit`` runs, i.e. when ``gpt_kernels`` is first imported, so it is set here, before any
 test module imports the package.
 """
 
@@ -14,7 +14,7 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Triton 3.9's notice for kernels that leave FMA contraction to its default (ours state it: kernels.common)
+# Triton 3.9's notice for kernels that leave FMA contraction to its default (ours state it: gpt_kernels.common)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import triton
 
 from bench import tune
-from kernels import flash_attention as fa
+from gpt_kernels import flash_attention as fa
 
 REPO = Path(__file__).resolve().parents[2]
 

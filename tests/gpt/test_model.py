@@ -5,7 +5,7 @@ import torch
 
 from gpt import GPT, GPTClassifier, GPTConfig
 from gpt.config import PRESETS
-from kernels.backend import get_backend
+from gpt_kernels.backend import get_backend
 
 
 def _count(cfg):

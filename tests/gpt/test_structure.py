@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("gpt", "kernels")
+PACKAGES = ("gpt", "gpt_kernels")
 MAX_FUNCTION_LINES = 80  # outside the Triton kernels
 MAX_MODULE_LINES = 500  # in gpt/
 
@@ -46,11 +46,11 @@ def imported(name: str, path: Path) -> set[str]:
     return {m for m in found if m.split(".")[0] in PACKAGES}
 
 
-ALL_MODULES = set(modules("gpt")) | set(modules("kernels")) | set(modules("bench"))
+ALL_MODULES = set(modules("gpt")) | set(modules("gpt_kernels")) | set(modules("bench"))
 
 
 def graph() -> dict[str, set[str]]:
-    mods = {**modules("gpt"), **modules("kernels")}
+    mods = {**modules("gpt"), **modules("gpt_kernels")}
     return {name: {m for m in imported(name, path) if m in mods and m != name} for name, path in mods.items()}
 
 
@@ -75,12 +75,12 @@ def test_no_import_cycles_in_gpt_or_kernels():
 
 
 def test_only_main_imports_the_command_line_and_kernels_never_import_gpt():
-    for package in ("gpt", "kernels", "bench"):
+    for package in ("gpt", "gpt_kernels", "bench"):
         for name, path in modules(package).items():
             deps = imported(name, path)
             if name != "gpt.__main__":
                 assert "gpt.cli" not in deps, f"{path.relative_to(REPO)} imports gpt.cli"
-            if package == "kernels":
+            if package == "gpt_kernels":
                 assert not any(d.split(".")[0] == "gpt" for d in deps), f"{path.relative_to(REPO)} imports gpt"
 
 
@@ -101,7 +101,7 @@ def _is_triton_kernel(node) -> bool:
 
 def test_no_function_longer_than_80_lines_and_no_gpt_module_longer_than_500():
     long = []
-    for package in ("gpt", "kernels", "bench"):
+    for package in ("gpt", "gpt_kernels", "bench"):
         for path in modules(package).values():
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not _is_triton_kernel(node):

@@ -1,12 +1,12 @@
 """Every kernel configuration a launcher or autotuner can pick compiles for sm_80 and sm_90, unspilled.
 
 The compile runs once per session in a subprocess without TRITON_INTERPRET (the interpreter has nothing
-to compile): the ``compile_report`` fixture of tests/kernels/conftest.py, shared with test_sass.py.
+to compile): the ``compile_report`` fixture of tests/gpt_kernels/conftest.py, shared with test_sass.py.
 """
 
 import pytest
 
-from kernels.compile_check import ARCHS, collect_cases
+from gpt_kernels.compile_check import ARCHS, collect_cases
 
 
 def _case_ids():

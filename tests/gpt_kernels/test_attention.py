@@ -1,7 +1,7 @@
 """The fused attention kernel against the float64 reference: output, log-sum-exp, dq, dk, dv.
 
-Three-way rule (kernels.testing): the kernel's error against float64 may be at most 2x what PyTorch
-makes at the same dtype (kernels.reference at that dtype, or SDPA on a GPU), plus a small atol.
+Three-way rule (gpt_kernels.testing): the kernel's error against float64 may be at most 2x what PyTorch
+makes at the same dtype (gpt_kernels.reference at that dtype, or SDPA on a GPU), plus a small atol.
 Outputs and gradient buffers are NaN-poisoned before each launch. On the CPU the kernels run in
 Triton's interpreter with small tiles (flash_attention.INTERPRET_CONFIGS), so the shapes stay small; a
 covering set of shapes is tested rather than the full cross product.
@@ -12,11 +12,11 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels import flash_attention as fa
-from kernels import reference
-from kernels.backend import use_backend
-from kernels.testing import assert_close_to_ref, max_err, poison_
+import gpt_kernels
+from gpt_kernels import flash_attention as fa
+from gpt_kernels import reference
+from gpt_kernels.backend import use_backend
+from gpt_kernels.testing import assert_close_to_ref, max_err, poison_
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -29,7 +29,7 @@ def _qkv(B, H, Tq, Tk, D, dtype, device):
 
 
 def _reference(q, k, v, do, causal, dropout_p, scale, mask, dtype):
-    """Output and (dq, dk, dv) of kernels.reference.attention at ``dtype`` (float64: the exact answer), with
+    """Output and (dq, dk, dv) of gpt_kernels.reference.attention at ``dtype`` (float64: the exact answer), with
     the dropout probability the kernels apply (a multiple of 1/256) and their mask."""
     xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
     out = reference.attention(*xs, causal=causal, dropout_p=fa.effective_dropout_p(dropout_p), scale=scale,
@@ -307,10 +307,10 @@ def test_public_dropout_draws_the_seed_from_torch(device):
     q, k, v = (x.requires_grad_() for x in _qkv(B, H, T, T, D, f32, device))
     with use_backend("triton"):
         torch.manual_seed(11)
-        out = kernels.attention(q, k, v, causal=True, dropout_p=p)
+        out = gpt_kernels.attention(q, k, v, causal=True, dropout_p=p)
         torch.manual_seed(11)
-        again = kernels.attention(q, k, v, causal=True, dropout_p=p)
-        other = kernels.attention(q, k, v, causal=True, dropout_p=p)
+        again = gpt_kernels.attention(q, k, v, causal=True, dropout_p=p)
+        other = gpt_kernels.attention(q, k, v, causal=True, dropout_p=p)
     assert torch.equal(out, again) and not torch.equal(out, other)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
@@ -331,7 +331,7 @@ def test_noncontiguous_fused_qkv_through_autograd(device):
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views, time stride 3*H*D
     assert not q.is_contiguous()
     with use_backend("triton"):
-        out = kernels.attention(q, k, v, causal=True)
+        out = gpt_kernels.attention(q, k, v, causal=True)
     assert out.transpose(1, 2).is_contiguous()  # laid out (B, T, H, D): merging the heads is free
     do = torch.randn_like(out)
     (g,) = torch.autograd.grad(out, (qkv,), do)
@@ -354,9 +354,9 @@ def test_odd_strides(device):
 def test_backend_dispatch_and_grad_of_every_input(device):
     q, k, v = (x.requires_grad_() for x in _qkv(1, 2, 9, 9, 16, f32, device))
     with use_backend("triton"):
-        out = kernels.attention(q, k, v, causal=False, scale=0.5)
+        out = gpt_kernels.attention(q, k, v, causal=False, scale=0.5)
     with use_backend("reference"):
-        ref = kernels.attention(q, k, v, causal=False, scale=0.5)
+        ref = gpt_kernels.attention(q, k, v, causal=False, scale=0.5)
     assert_close_to_ref("out", out, ref.detach(), atol=1e-5)
     out.sum().backward()  # dO with every stride 0
     gq, gk, gv = q.grad, k.grad, v.grad
@@ -379,7 +379,7 @@ def test_backward_is_deterministic(device):
 def test_empty_batch(device):
     q, k, v = _qkv(0, 2, 5, 5, 16, f32, device)
     with use_backend("triton"):
-        assert kernels.attention(q, k, v).shape == (0, 2, 5, 16)
+        assert gpt_kernels.attention(q, k, v).shape == (0, 2, 5, 16)
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -414,7 +414,7 @@ def _bad(device, **over):
         "dropout-1", "dropout-negative", "tq-gt-tk", "no-keys"])
 def test_bad_input(device, over, error, match):
     with pytest.raises(error, match=match), use_backend("triton"):
-        kernels.attention(**_bad(device, **over(device)))
+        gpt_kernels.attention(**_bad(device, **over(device)))
 
 
 def test_not_a_tensor(device):
@@ -494,7 +494,7 @@ def test_gpu_memory_is_linear_in_T():
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         with use_backend("triton"):
-            kernels.attention(q, k, v).sum().backward()
+            gpt_kernels.attention(q, k, v).sum().backward()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
 
@@ -509,7 +509,7 @@ def test_gpu_matches_sdpa_on_model_shapes():
     B, T, H, D = 4, 1024, 12, 64
     qkv = torch.randn(B, T, 3, H, D, device="cuda", dtype=bf16, requires_grad=True)
     with use_backend("triton"):
-        out = kernels.attention(*(qkv[:, :, i].transpose(1, 2) for i in range(3)), causal=True)
+        out = gpt_kernels.attention(*(qkv[:, :, i].transpose(1, 2) for i in range(3)), causal=True)
     ref = torch.nn.functional.scaled_dot_product_attention(*(qkv[:, :, i].transpose(1, 2) for i in range(3)),
                                                            is_causal=True)
     assert max_err(out, ref) < 2e-2

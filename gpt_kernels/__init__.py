@@ -2,15 +2,15 @@
 
 Nothing here knows what a GPT is. The functional API mirrors ``torch.nn.functional``::
 
-    import kernels
-    y = kernels.layer_norm(x, (C,), weight, bias, eps=1e-5)
-    h = kernels.gelu(x, approximate="tanh")
-    o = kernels.attention(q, k, v, causal=True)          # (B, H, T, D)
-    loss = kernels.cross_entropy(logits, targets)
+    import gpt_kernels
+    y = gpt_kernels.layer_norm(x, (C,), weight, bias, eps=1e-5)
+    h = gpt_kernels.gelu(x, approximate="tanh")
+    o = gpt_kernels.attention(q, k, v, causal=True)          # (B, H, T, D)
+    loss = gpt_kernels.cross_entropy(logits, targets)
 
-Which implementation runs is chosen per call by :mod:`kernels.backend` (``GPT_KERNELS=auto|triton|torch|
+Which implementation runs is chosen per call by :mod:`gpt_kernels.backend` (``GPT_KERNELS=auto|triton|torch|
 reference``, :func:`use_backend`, :func:`set_backend`). Under ``torch.autocast`` every backend returns the
-same dtypes, by the policy in :mod:`kernels.autocast` (the fp32 residual stream stays fp32, norms feed the
+same dtypes, by the policy in :mod:`gpt_kernels.autocast` (the fp32 residual stream stays fp32, norms feed the
 next matmul in autocast's dtype, losses are fp32).
 
 The Triton kernels are registered as ``torch.library`` custom ops (``torch.ops.gpt_triton.*``) with fake

@@ -79,7 +79,7 @@ def check_tensor(op: str, name: str, t, dtypes=FLOAT_DTYPES, like: torch.Tensor 
         names = [str(d).replace("torch.", "") for d in dtypes]
         names = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
         raise TypeError(f"{op}: {name} must be {names} for the Triton kernel, got {t.dtype}; cast it, or "
-                        "use kernels.use_backend('torch') for other dtypes")
+                        "use gpt_kernels.use_backend('torch') for other dtypes")
     if like is not None and t.device != like.device:
         raise ValueError(f"{op}: {name} is on {t.device} but the input is on {like.device}; move them to one device")
 

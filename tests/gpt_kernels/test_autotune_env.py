@@ -7,7 +7,7 @@ keeps only the first config it would otherwise weigh, without it every one of th
 import pytest
 import torch
 
-from kernels import flash_attention as fa
+from gpt_kernels import flash_attention as fa
 
 
 def _prune(kernel_configs, per_program, length, block_d=64, dropout=False):

@@ -10,7 +10,7 @@ dtype mixes autocast produces, so the fakes are checked where they are easiest t
 import pytest
 import torch
 
-import kernels  # noqa: F401  (registers torch.ops.gpt_triton.*)
+import gpt_kernels  # noqa: F401  (registers torch.ops.gpt_triton.*)
 
 pytestmark = pytest.mark.gpu_path  # bench.gpu_check runs these on CUDA as well
 

@@ -1,4 +1,4 @@
-"""Plain PyTorch versions of every op in ``kernels``: readable first, slow, and the ground truth.
+"""Plain PyTorch versions of every op in ``gpt_kernels``: readable first, slow, and the ground truth.
 
 Each function has the same signature as its fused twin plus ``upcast``: with ``upcast=True`` the math
 runs in float32 (or stays in float64 for float64 inputs) and the result is cast back to the input dtype,

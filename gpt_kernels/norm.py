@@ -5,7 +5,7 @@ the width rounded up to a power of two, masked), two-pass mean and variance in f
 float32 mean and 1/std of every row for the backward. ``add_layer_norm`` adds the residual in the same
 pass and writes the sum (the new residual stream) beside the norm. Input, residual, sum and output may
 each have their own dtype: under autocast the fp32 residual stream meets a bf16 branch, and the norm's
-output goes to the next matmul in bf16 (the policy is in :mod:`kernels.autocast`).
+output goes to the next matmul in bf16 (the policy is in :mod:`gpt_kernels.autocast`).
 
 Backward: dx = rstd * (w*dy - mean(w*dy) - xhat * mean(xhat * w*dy)) per row (plus the gradient that
 arrives on the sum output for ``add_layer_norm``, written once per input dtype). The weight and bias
@@ -407,7 +407,7 @@ def _check_inputs(op: str, x, weight, bias, residual=None) -> None:
     n = x.shape[-1]
     if n > MAX_N:
         raise ValueError(f"{op}: width {n} exceeds the Triton kernel's one-block limit of {MAX_N} "
-                         "(a whole row lives in registers); use kernels.use_backend('torch') for wider rows")
+                         "(a whole row lives in registers); use gpt_kernels.use_backend('torch') for wider rows")
     if residual is not None:
         check_tensor(op, "residual", residual, like=x)
         if residual.shape != x.shape:
@@ -422,7 +422,7 @@ def _check_normalized_shape(input, normalized_shape) -> None:
     if len(shape) != 1:
         raise ValueError(f"layer_norm: the Triton kernel normalizes over the last dimension only, so "
                          f"normalized_shape must be (input.shape[-1],); got {shape}. Use "
-                         "kernels.use_backend('torch') to normalize over several dimensions")
+                         "gpt_kernels.use_backend('torch') to normalize over several dimensions")
     if input.dim() == 0 or shape[0] != input.shape[-1]:
         raise ValueError(f"layer_norm: normalized_shape {shape} does not match the input's last dimension "
                          f"(input shape {tuple(input.shape)})")
@@ -431,7 +431,7 @@ def _check_normalized_shape(input, normalized_shape) -> None:
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """``torch.nn.functional.layer_norm`` over the last dimension, on the selected backend.
 
-    Under autocast the output is in autocast's dtype (what the next matmul reads); see :mod:`kernels.autocast`.
+    Under autocast the output is in autocast's dtype (what the next matmul reads); see :mod:`gpt_kernels.autocast`.
     """
     impl = select(input)
     if impl == "torch":
@@ -514,6 +514,6 @@ def compile_cases():
                 variants += [("fp32", False), ("fp32", True)]
             for ty, extra in variants:
                 consts, tag = flags(which, ty, extra)
-                cases.append(CompileCase("kernels.norm", kernel, sig(base, ty, which), {**cfg, **consts},
+                cases.append(CompileCase("gpt_kernels.norm", kernel, sig(base, ty, which), {**cfg, **consts},
                                          num_warps=warps, label=f"N={n} {ty}{tag}", extra=aligned(base)))
     return cases

@@ -50,9 +50,9 @@ Choices, and why:
   (one matmul more) with the kernel scaling each row by its incoming gradient.
 - Class ``weight`` in ``cross_entropy`` is not supported by the kernel: with it, every backend uses torch.
 - Where every target is ``ignore_index`` the mean is 0, not torch's 0/0 = NaN, on every backend (the
-  torch path is guarded the same way; see ``kernels.reference.cross_entropy``).
+  torch path is guarded the same way; see ``gpt_kernels.reference.cross_entropy``).
 - Under autocast the loss is float32 on every backend, as autocast runs torch's cross-entropy
-  (:mod:`kernels.autocast`); the projection of ``linear_cross_entropy`` runs in autocast's dtype.
+  (:mod:`gpt_kernels.autocast`); the projection of ``linear_cross_entropy`` runs in autocast's dtype.
 
 Layers: the ``@triton.jit`` kernel; the launcher ``_cross_entropy_rows`` and the chunk loop
 ``_chunked_linear_ce``; the ``torch.library`` custom ops (``gpt_triton::cross_entropy`` and its
@@ -464,7 +464,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 
     The Triton path takes 2-D logits only (flatten (B, T, V) first), int64/int32 targets, no class weight
     (with ``weight`` every backend runs torch). Where every target is ignored the mean is 0, not NaN. The
-    loss is in the logits' dtype, or float32 under autocast (see :mod:`kernels.autocast`).
+    loss is in the logits' dtype, or float32 under autocast (see :mod:`gpt_kernels.autocast`).
     """
     impl = select(input)
     out_dtype = torch.float32 if autocast_dtype(input) is not None else input.dtype

@@ -12,7 +12,7 @@ the bias is loaded once per tile; it saves only x and the bias and recomputes x 
 whose bias gradient (a sum of dz over rows) is reduced in float32 per group of rows into a (G, N)
 buffer and finished with ``.sum(0)``: no atomics, deterministic. The bias may be float32 beside a bf16
 activation (under autocast it is rounded to the activation's dtype in the kernel, as ``nn.Linear`` casts
-its bias; see :mod:`kernels.autocast`); its gradient comes back in its own dtype.
+its bias; see :mod:`gpt_kernels.autocast`); its gradient comes back in its own dtype.
 
 Layers: the ``@triton.jit`` kernels; the launchers; the ``torch.library`` custom ops
 ``gpt_triton::gelu`` / ``gelu_backward`` and ``gpt_triton::bias_gelu`` / ``bias_gelu_backward`` with fake
@@ -403,11 +403,11 @@ def compile_cases():
             form = "tanh" if tanh else "erf"
             if ty == "bf16":
                 cases.append(CompileCase(
-                    "kernels.activation", "_gelu_fwd_kernel", {"X": f"*{ty}", "Y": f"*{ty}", "n_elements": "i32"},
+                    "gpt_kernels.activation", "_gelu_fwd_kernel", {"X": f"*{ty}", "Y": f"*{ty}", "n_elements": "i32"},
                     {"BLOCK": GELU_BLOCK, "APPROX_TANH": tanh}, num_warps=GELU_WARPS, label=f"{form} {ty}",
                     extra={"divisible_by_16": ["X", "Y", "n_elements"]}))
             cases.append(CompileCase(
-                "kernels.activation", "_gelu_bwd_kernel",
+                "gpt_kernels.activation", "_gelu_bwd_kernel",
                 {"X": f"*{ty}", "DY": f"*{ty}", "DX": f"*{ty}", "n_elements": "i32"},
                 {"BLOCK": GELU_BLOCK, "APPROX_TANH": tanh}, num_warps=GELU_WARPS, label=f"{form} {ty}",
                 extra={"divisible_by_16": ["X", "DY", "DX", "n_elements"]}))
@@ -431,7 +431,7 @@ def compile_cases():
                     if ty == "amp":
                         sig["BIAS"] = "*fp32"
                     cases.append(CompileCase(
-                        "kernels.activation", kernel, sig, {**cfg, "APPROX_TANH": tanh, "ROUND_BIAS": ty == "amp"},
+                        "gpt_kernels.activation", kernel, sig, {**cfg, "APPROX_TANH": tanh, "ROUND_BIAS": ty == "amp"},
                         num_warps=warps, label=f"N>={n} {form} {ty}",
                         extra={"divisible_by_16": [k for k in base if k not in ("M", "rows_per_program")]}))
     return cases

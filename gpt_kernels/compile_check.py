@@ -7,8 +7,8 @@ its resource usage with the ``cuobjdump`` that ships in Triton's wheel.
 
 Each op module lists its cases in a ``compile_cases()`` function returning :class:`CompileCase` objects.
 
-    python -m kernels.compile_check            # table: kernel, config, arch, registers, spills, smem
-    python -m kernels.compile_check --json F   # the same, as JSON (the test suite reads this)
+    python -m gpt_kernels.compile_check            # table: kernel, config, arch, registers, spills, smem
+    python -m gpt_kernels.compile_check --json F   # the same, as JSON (the test suite reads this)
 
 This must run without ``TRITON_INTERPRET=1``: under the interpreter ``@triton.jit`` gives interpreted
 functions and there is nothing to compile (the test suite runs it in a subprocess with it unset).
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from .common import LAUNCH_OPTIONS
 
-OP_MODULES = ("kernels.norm", "kernels.activation", "kernels.flash_attention", "kernels.fused_cross_entropy")
+OP_MODULES = tuple(f"gpt_kernels.{op}" for op in ("norm", "activation", "flash_attention", "fused_cross_entropy"))
 ARCHS = (80, 90)
 # Row widths the row-wise kernels are compiled at: the hidden widths of the common transformer sizes
 # (768 .. 1600) and their 4x feed-forward widths. Their launch configs depend on the width alone.
@@ -40,7 +40,7 @@ WIDTHS = (768, 1024, 1280, 1600, 3072, 4096, 5120, 6400)
 class CompileCase:
     """One kernel at one configuration: what ``triton.compile`` needs, and a name for the report."""
 
-    module: str  # the op module that lists it, e.g. "kernels.norm"
+    module: str  # the op module that lists it, e.g. "gpt_kernels.norm"
     kernel: str  # attribute name of the @triton.jit function in that module
     signature: dict  # argument name -> Triton type ("*fp16", "i32", "fp32", "constexpr")
     constexprs: dict  # constexpr name -> value
@@ -239,7 +239,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m gpt_kernels.compile_check", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE ('-' for stdout only)")
     p.add_argument("--kernel", action="append", help="only kernels whose name contains this (repeatable)")
     p.add_argument("--arch", type=int, action="append", choices=ARCHS, help="only this compute capability")

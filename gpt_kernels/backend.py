@@ -4,10 +4,10 @@ One setting, read per call:
 
 - ``auto`` (default): Triton for CUDA tensors, PyTorch's ops for CPU tensors.
 - ``triton``: always the Triton kernels. On CPU tensors this needs the Triton interpreter
-  (``TRITON_INTERPRET=1`` set before ``kernels`` is imported), otherwise it raises.
+  (``TRITON_INTERPRET=1`` set before ``gpt_kernels`` is imported), otherwise it raises.
 - ``torch``: PyTorch's own fused ops (``F.layer_norm``, ``F.gelu``, ``F.scaled_dot_product_attention``,
   ``F.cross_entropy``): the baseline the kernels are measured against.
-- ``reference``: the plain, readable PyTorch math of ``kernels.reference`` (slow; for reading and tests).
+- ``reference``: the plain, readable PyTorch math of ``gpt_kernels.reference`` (slow; for reading and tests).
 
 Set it with the environment variable ``GPT_KERNELS``, with :func:`set_backend`, or for a block of code
 with ``with use_backend("torch"): ...``. Every functional entry point calls :func:`select` once, before
@@ -102,7 +102,7 @@ def select(*tensors: torch.Tensor) -> str:
         if not on_cuda and not interpreter_enabled():
             raise RuntimeError(
                 "kernel backend 'triton' got CPU tensors: move them to a CUDA device, or set "
-                "TRITON_INTERPRET=1 before importing `kernels` to run the kernels in Triton's (slow) "
+                "TRITON_INTERPRET=1 before importing `gpt_kernels` to run the kernels in Triton's (slow) "
                 "CPU interpreter, or use GPT_KERNELS=torch")
     return backend
 

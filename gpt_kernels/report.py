@@ -1,22 +1,22 @@
 """What each kernel config compiles to on sm_80 / sm_90: resources, occupancy and the shape of its SASS.
 
-The speed evidence that needs no GPU. Every config of :mod:`kernels.compile_check` (the same case lists
+The speed evidence that needs no GPU. Every config of :mod:`gpt_kernels.compile_check` (the same case lists
 and the same compile path) is built for the target and its machine code read with the ``cuobjdump``
 in Triton's wheel:
 
 - ``regs``, ``spill`` (local + stack bytes), ``smem`` (shared memory, KB) per CTA;
 - ``CTA/SM``: CTAs one SM holds at once (registers, threads, CTA slots, shared memory; see
-  :func:`kernels.compile_check.resident_ctas`);
+  :func:`gpt_kernels.compile_check.resident_ctas`);
 - ``mma``: the matrix instructions by shape and count (``HGMMA.64x128x16 x24``; ``HMMA.16816`` on
   sm_80; ``-`` for none): an HGMMA with N = 16 wastes most of a warpgroup MMA's issue slots;
 - ``ldg`` / ``stg``: the widest global load / store per thread in bits (128 = ``LDG.E.128``: 16 bytes
   a thread, what a bandwidth-bound kernel needs);
 - ``instrs``: SASS instructions in the whole kernel (NOP padding not counted).
 
-    python -m kernels.report                       # both archs
-    python -m kernels.report --arch 90             # the table bench/README.md shows
-    python -m kernels.report --arch 90 --json F    # also the rows as JSON
-    python -m kernels.report --kernel _attn_fwd    # only kernels whose name contains this
+    python -m gpt_kernels.report                       # both archs
+    python -m gpt_kernels.report --arch 90             # the table bench/README.md shows
+    python -m gpt_kernels.report --arch 90 --json F    # also the rows as JSON
+    python -m gpt_kernels.report --kernel _attn_fwd    # only kernels whose name contains this
 
 Like the compile check, it must run without ``TRITON_INTERPRET=1``.
 """
@@ -74,7 +74,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m gpt_kernels.report", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, choices=ARCHS, action="append", help="only this compute capability")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
     p.add_argument("--kernel", action="append", help="only kernels whose name contains this (repeatable)")

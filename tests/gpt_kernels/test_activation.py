@@ -1,6 +1,6 @@
 """GELU and bias + GELU kernels against the float64 reference (Triton interpreter on CPU).
 
-Every output and every gradient is held to ``kernels.testing.assert_close_to_ref``: the kernel's error
+Every output and every gradient is held to ``gpt_kernels.testing.assert_close_to_ref``: the kernel's error
 against float64 may be at most twice PyTorch's own at the same dtype, plus an atol of four units in the
 last place of the largest reference value (the kernels compute in float32 and round each output once).
 Every buffer the launchers allocate is filled with NaN first, so an element no program writes fails.
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import common, reference
-from kernels.testing import assert_close_to_ref
+import gpt_kernels
+from gpt_kernels import common, reference
+from gpt_kernels.testing import assert_close_to_ref
 
 _EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
@@ -47,8 +47,8 @@ def _check_gelu(x, approximate, call=None):
     """gelu on the Triton backend vs the float64 reference vs F.gelu at x's dtype: y and dx."""
     dtype = x.dtype
     x = x.detach().requires_grad_()
-    with kernels.use_backend("triton"):
-        y = call(x) if call else kernels.gelu(x, approximate=approximate)
+    with gpt_kernels.use_backend("triton"):
+        y = call(x) if call else gpt_kernels.gelu(x, approximate=approximate)
     dy = torch.randn_like(y)
     (dx,) = torch.autograd.grad(y, x, dy)
     x64 = x.detach().double().requires_grad_()
@@ -65,8 +65,8 @@ def _check_bias_gelu(x, bias, approximate):
     """bias_gelu on the Triton backend vs the float64 reference vs torch at x's dtype: y, dx, dbias."""
     dtype = x.dtype
     x, bias = x.detach().requires_grad_(), bias.detach().requires_grad_()
-    with kernels.use_backend("triton"):
-        y = kernels.bias_gelu(x, bias, approximate=approximate)
+    with gpt_kernels.use_backend("triton"):
+        y = gpt_kernels.bias_gelu(x, bias, approximate=approximate)
     dy = torch.randn_like(y)
     got = [y, *torch.autograd.grad(y, (x, bias), dy)]
     x64, b64 = (t.detach().double().requires_grad_() for t in (x, bias))
@@ -107,8 +107,8 @@ def test_gelu_tails(device, dtype, approximate):
     big = 60000.0 if dtype == torch.float16 else 1e30
     x = torch.tensor([-big, -1e4, -100.0, -20.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 20.0, 100.0, 1e4, big],
                      device=device).to(dtype).requires_grad_()
-    with kernels.use_backend("triton"):
-        y = kernels.gelu(x, approximate=approximate)
+    with gpt_kernels.use_backend("triton"):
+        y = gpt_kernels.gelu(x, approximate=approximate)
     (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
     far = x.detach().abs() >= 100
     assert torch.equal(y[far], torch.where(x[far] > 0, x[far], 0.0).detach()), y
@@ -124,13 +124,13 @@ def test_gelu_tails(device, dtype, approximate):
 
 def test_gelu_default_is_erf_like_torch(device):
     x = _make((64,), torch.float32, device)
-    _check_gelu(x, "none", call=kernels.gelu)  # no approximate argument: the exact form, as F.gelu
+    _check_gelu(x, "none", call=gpt_kernels.gelu)  # no approximate argument: the exact form, as F.gelu
 
 
 def test_gelu_zero_size(device):
     x = torch.randn(0, 5, device=device, requires_grad=True)
-    with kernels.use_backend("triton"):
-        y = kernels.gelu(x, approximate="tanh")
+    with gpt_kernels.use_backend("triton"):
+        y = gpt_kernels.gelu(x, approximate="tanh")
     assert y.shape == (0, 5)
     (dx,) = torch.autograd.grad(y.sum(), x)
     assert dx.shape == (0, 5)
@@ -138,13 +138,13 @@ def test_gelu_zero_size(device):
 
 def test_gelu_bad_input(device):
     x = torch.randn(4, device=device)
-    with kernels.use_backend("triton"):
+    with gpt_kernels.use_backend("triton"):
         with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh', got 'fast'"):
-            kernels.gelu(x, approximate="fast")
+            gpt_kernels.gelu(x, approximate="fast")
         with pytest.raises(TypeError, match="got torch.float64"):
-            kernels.gelu(x.double())
+            gpt_kernels.gelu(x.double())
         with pytest.raises(TypeError, match="got torch.int32"):
-            kernels.gelu(torch.ones(4, dtype=torch.int32, device=device))
+            gpt_kernels.gelu(torch.ones(4, dtype=torch.int32, device=device))
 
 
 # ----------------------------------------------------------------------------------------- bias_gelu
@@ -171,16 +171,16 @@ def test_bias_gelu_non_contiguous(device, layout):
 
 def test_bias_gelu_default_is_tanh(device):
     x, bias = _make((3, 16), torch.float32, device), torch.randn(16, device=device)
-    with kernels.use_backend("triton"):
-        y = kernels.bias_gelu(x, bias)
+    with gpt_kernels.use_backend("triton"):
+        y = gpt_kernels.bias_gelu(x, bias)
     torch.testing.assert_close(y, F.gelu(x + bias, approximate="tanh"))
 
 
 def test_bias_gelu_non_contiguous_grad(device):
     x = _make((6, 130), torch.float32, device).requires_grad_()
     bias = torch.randn(130, device=device, requires_grad=True)
-    with kernels.use_backend("triton"):
-        y = kernels.bias_gelu(x, bias)
+    with gpt_kernels.use_backend("triton"):
+        y = gpt_kernels.bias_gelu(x, bias)
     for dy in (torch.randn(12, 130, device=device)[::2], torch.randn(1, 130, device=device).expand(6, 130)):
         got = torch.autograd.grad(y, (x, bias), dy, retain_graph=True)
         want = torch.autograd.grad(F.gelu(x + bias, approximate="tanh"), (x, bias), dy.contiguous())
@@ -194,8 +194,8 @@ def test_bias_gelu_is_deterministic(device):
     dy = torch.randn(70, 24, device=device)
     runs = []
     for _ in range(2):
-        with kernels.use_backend("triton"):
-            y = kernels.bias_gelu(x, bias)
+        with gpt_kernels.use_backend("triton"):
+            y = gpt_kernels.bias_gelu(x, bias)
         runs.append(torch.autograd.grad(y, (x, bias), dy))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -204,8 +204,8 @@ def test_bias_gelu_is_deterministic(device):
 def test_bias_gelu_zero_rows(device):
     x = torch.randn(0, 5, device=device, requires_grad=True)
     bias = torch.randn(5, device=device, requires_grad=True)
-    with kernels.use_backend("triton"):
-        y = kernels.bias_gelu(x, bias)
+    with gpt_kernels.use_backend("triton"):
+        y = gpt_kernels.bias_gelu(x, bias)
     assert y.shape == (0, 5)
     dx, db = torch.autograd.grad(y.sum(), (x, bias))
     assert dx.shape == (0, 5) and torch.equal(db, torch.zeros_like(bias))
@@ -213,17 +213,17 @@ def test_bias_gelu_zero_rows(device):
 
 def test_bias_gelu_bad_input(device):
     x = torch.randn(2, 8, device=device)
-    with kernels.use_backend("triton"):
+    with gpt_kernels.use_backend("triton"):
         with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
-            kernels.bias_gelu(x, torch.randn(7, device=device))
+            gpt_kernels.bias_gelu(x, torch.randn(7, device=device))
         with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
-            kernels.bias_gelu(x, torch.randn(2, 8, device=device))
+            gpt_kernels.bias_gelu(x, torch.randn(2, 8, device=device))
         with pytest.raises(TypeError, match="bias must be float16, bfloat16 or float32 .*torch.int64"):
-            kernels.bias_gelu(x, torch.ones(8, device=device, dtype=torch.long))
+            gpt_kernels.bias_gelu(x, torch.ones(8, device=device, dtype=torch.long))
         with pytest.raises(TypeError, match="got torch.float64"):
-            kernels.bias_gelu(x.double(), torch.randn(8, device=device).double())
+            gpt_kernels.bias_gelu(x.double(), torch.randn(8, device=device).double())
         with pytest.raises(ValueError, match="approximate must be"):
-            kernels.bias_gelu(x, torch.randn(8, device=device), approximate="erf")
+            gpt_kernels.bias_gelu(x, torch.randn(8, device=device), approximate="erf")
 
 
 # ---------------------------------------------------------------------------------------- GPU only

@@ -1,6 +1,6 @@
 """LayerNorm and residual-add + LayerNorm kernels against the float64 reference (Triton interpreter on CPU).
 
-Every output and every gradient is held to ``kernels.testing.assert_close_to_ref``: the kernel's error
+Every output and every gradient is held to ``gpt_kernels.testing.assert_close_to_ref``: the kernel's error
 against float64 may be at most twice PyTorch's own at the same dtype, plus an atol of two units in the
 last place of the largest reference value (``_atol``): the kernels compute in float32 and round each
 output once. Every buffer the launchers allocate is filled with NaN first (``_poison`` fixture), so an
@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import common, norm, reference
-from kernels.testing import assert_close_to_ref
+import gpt_kernels
+from gpt_kernels import common, norm, reference
+from gpt_kernels.testing import assert_close_to_ref
 
 _EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
@@ -65,8 +65,8 @@ def _check_layer_norm(x, w, b, eps=1e-5, name="layer_norm"):
     """layer_norm on the Triton backend vs float64 reference vs F.layer_norm at x's dtype: y, dx, dw, db."""
     dtype, n = x.dtype, x.shape[-1]
     x = x.detach().requires_grad_()
-    with kernels.use_backend("triton"):
-        y = kernels.layer_norm(x, (n,), w, b, eps)
+    with gpt_kernels.use_backend("triton"):
+        y = gpt_kernels.layer_norm(x, (n,), w, b, eps)
     dy = torch.randn_like(y)
     got = [y, *_grads(y, (x, w, b), dy)]
 
@@ -128,8 +128,8 @@ def test_layer_norm_non_contiguous_grad(device):
     """An incoming gradient with strided rows (from a later slice) and one expanded along rows."""
     x = _make((6, 130), torch.float32, device).requires_grad_()
     w, b = _params(130, torch.float32, device, True, True)
-    with kernels.use_backend("triton"):
-        y = kernels.layer_norm(x, (130,), w, b)
+    with gpt_kernels.use_backend("triton"):
+        y = gpt_kernels.layer_norm(x, (130,), w, b)
     g = torch.randn(6, 130, device=device)
     for dy in (torch.randn(12, 130, device=device)[::2], g[:1].expand(6, 130)):
         got = torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
@@ -142,8 +142,8 @@ def test_add_layer_norm_non_contiguous_grads(device):
     """Incoming gradients on both outputs with strided rows, each a different stride."""
     x, r = _make((6, 130), torch.float32, device).requires_grad_(), _make((6, 130), torch.float32, device)
     w, b = _params(130, torch.float32, device, True, True)
-    with kernels.use_backend("triton"):
-        s, y = kernels.add_layer_norm(x, r, w, b)
+    with gpt_kernels.use_backend("triton"):
+        s, y = gpt_kernels.add_layer_norm(x, r, w, b)
     ds, dy = torch.randn(12, 130, device=device)[::2], torch.randn(18, 130, device=device)[::3]
     got = torch.autograd.grad((s, y), (x, w, b), (ds, dy))
     st = x + r
@@ -170,8 +170,8 @@ def test_layer_norm_float32_weight_with_half_input(device):
 
 def test_layer_norm_int_normalized_shape(device):
     x = _make((3, 16), torch.float32, device)
-    with kernels.use_backend("triton"):
-        y = kernels.layer_norm(x, 16)
+    with gpt_kernels.use_backend("triton"):
+        y = gpt_kernels.layer_norm(x, 16)
     torch.testing.assert_close(y, F.layer_norm(x, (16,)))
 
 
@@ -181,8 +181,8 @@ def test_layer_norm_is_deterministic(device):
     dy = torch.randn(150, 24, device=device)
     runs = []
     for _ in range(2):
-        with kernels.use_backend("triton"):
-            y = kernels.layer_norm(x, (24,), w, b)
+        with gpt_kernels.use_backend("triton"):
+            y = gpt_kernels.layer_norm(x, (24,), w, b)
         runs.append(torch.autograd.grad(y, (x, w, b), dy))
     for a, b_ in zip(*runs):
         assert torch.equal(a, b_)
@@ -196,8 +196,8 @@ def _check_add_layer_norm(x, r, w, b, use_s=True, use_y=True, eps=1e-5):
     with gradients arriving on the sum (``use_s``), on the norm (``use_y``) or on both."""
     dtype, n = x.dtype, x.shape[-1]
     x, r = x.detach().requires_grad_(), r.detach().requires_grad_()
-    with kernels.use_backend("triton"):
-        s, y = kernels.add_layer_norm(x, r, w, b, eps)
+    with gpt_kernels.use_backend("triton"):
+        s, y = gpt_kernels.add_layer_norm(x, r, w, b, eps)
     ds, dy = torch.randn_like(s), torch.randn_like(y)
     outs = [o for o, u in ((s, use_s), (y, use_y)) if u]
     gos = [g for g, u in ((ds, use_s), (dy, use_y)) if u]
@@ -242,8 +242,8 @@ def test_add_layer_norm_param_grads_without_norm_gradient(device):
     """Only the sum used: the weight and bias get no gradient (None, as torch gives for unused)."""
     x, r = _make((4, 16), torch.float32, device).requires_grad_(), _make((4, 16), torch.float32, device)
     w, b = _params(16, torch.float32, device, True, True)
-    with kernels.use_backend("triton"):
-        s, _ = kernels.add_layer_norm(x, r, w, b)
+    with gpt_kernels.use_backend("triton"):
+        s, _ = gpt_kernels.add_layer_norm(x, r, w, b)
     dx, dw, db = torch.autograd.grad(s, (x, w, b), torch.ones_like(s), allow_unused=True)
     assert torch.equal(dx, torch.ones_like(x)) and dw is None and db is None
 
@@ -261,15 +261,15 @@ def test_add_layer_norm_non_contiguous_and_optional_params(device, layout, has_w
 
 
 def _triton():
-    return kernels.use_backend("triton")
+    return gpt_kernels.use_backend("triton")
 
 
 def test_zero_rows_give_empty_outputs_and_zero_param_grads(device):
     x = torch.randn(0, 8, device=device, requires_grad=True)
     w, b = _params(8, torch.float32, device, True, True)
     with _triton():
-        y = kernels.layer_norm(x, (8,), w, b)
-        s, y2 = kernels.add_layer_norm(x, torch.randn(0, 8, device=device), w, b)
+        y = gpt_kernels.layer_norm(x, (8,), w, b)
+        s, y2 = gpt_kernels.add_layer_norm(x, torch.randn(0, 8, device=device), w, b)
     assert y.shape == s.shape == y2.shape == (0, 8)
     dx, dw, db = torch.autograd.grad(y.sum() + y2.sum(), (x, w, b))
     assert dx.shape == (0, 8) and torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(b))
@@ -278,7 +278,7 @@ def test_zero_rows_give_empty_outputs_and_zero_param_grads(device):
 def test_zero_width_gives_empty_output(device):
     x = torch.randn(3, 0, device=device, requires_grad=True)
     with _triton():
-        y = kernels.layer_norm(x, (0,))
+        y = gpt_kernels.layer_norm(x, (0,))
     assert y.shape == (3, 0)
     (dx,) = torch.autograd.grad(y.sum(), (x,))
     assert dx.shape == (3, 0)
@@ -287,41 +287,41 @@ def test_zero_width_gives_empty_output(device):
 def test_bad_weight_shape(device):
     x = torch.randn(2, 8, device=device)
     with _triton(), pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
-        kernels.layer_norm(x, (8,), torch.ones(7, device=device))
+        gpt_kernels.layer_norm(x, (8,), torch.ones(7, device=device))
     with _triton(), pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
-        kernels.add_layer_norm(x, x, torch.ones(8, device=device), torch.ones(2, 8, device=device))
+        gpt_kernels.add_layer_norm(x, x, torch.ones(8, device=device), torch.ones(2, 8, device=device))
 
 
 def test_bad_normalized_shape(device):
     x = torch.randn(2, 4, 8, device=device)
     with _triton(), pytest.raises(ValueError, match="last dimension only"):
-        kernels.layer_norm(x, (4, 8))
+        gpt_kernels.layer_norm(x, (4, 8))
     with _triton(), pytest.raises(ValueError, match="does not match"):
-        kernels.layer_norm(x, (4,))
+        gpt_kernels.layer_norm(x, (4,))
 
 
 def test_bad_dtypes(device):
     x = torch.randn(2, 8, device=device)
     with _triton(), pytest.raises(TypeError, match="input must be float16, bfloat16 or float32 .*got torch.float64"):
-        kernels.layer_norm(x.double(), (8,))
+        gpt_kernels.layer_norm(x.double(), (8,))
     with _triton(), pytest.raises(TypeError, match="got torch.int64"):
-        kernels.layer_norm(torch.ones(2, 8, dtype=torch.long, device=device), (8,))
+        gpt_kernels.layer_norm(torch.ones(2, 8, dtype=torch.long, device=device), (8,))
     with _triton(), pytest.raises(TypeError, match="weight must be float16, bfloat16 or float32"):
-        kernels.layer_norm(x, (8,), torch.ones(8, dtype=torch.float64, device=device))
+        gpt_kernels.layer_norm(x, (8,), torch.ones(8, dtype=torch.float64, device=device))
     with _triton(), pytest.raises(TypeError, match="residual must be float16, bfloat16 or float32 .*torch.int64"):
-        kernels.add_layer_norm(x, x.long())
+        gpt_kernels.add_layer_norm(x, x.long())
 
 
 def test_bad_residual_shape(device):
     x = torch.randn(2, 8, device=device)
     with _triton(), pytest.raises(ValueError, match="no broadcasting"):
-        kernels.add_layer_norm(x, x[:1])
+        gpt_kernels.add_layer_norm(x, x[:1])
 
 
 def test_width_beyond_one_block_limit(device):
     x = torch.randn(1, norm.MAX_N + 1, device=device)
     with _triton(), pytest.raises(ValueError, match=f"one-block limit of {norm.MAX_N}.*torch"):
-        kernels.layer_norm(x, (norm.MAX_N + 1,))
+        gpt_kernels.layer_norm(x, (norm.MAX_N + 1,))
 
 
 # ---------------------------------------------------------------------------------------- GPU only

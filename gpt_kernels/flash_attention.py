@@ -55,7 +55,7 @@ qkv projection, and outputs are laid out like the inputs); the ``torch.library``
 ``gpt_triton::attention`` and ``gpt_triton::attention_backward`` (fake implementations for
 ``torch.compile``; the autograd formula registered on the forward); ``_attention`` (the Triton path, with
 a ``seed`` for tests) and the public ``attention``, which applies the autocast policy
-(:mod:`kernels.autocast`) and picks the backend once, before any op runs.
+(:mod:`gpt_kernels.autocast`) and picks the backend once, before any op runs.
 """
 
 from __future__ import annotations
@@ -690,7 +690,7 @@ class _Config:
 # Forward and dQ: one program per BLOCK_M query rows, looping over BLOCK_N keys; dK/dV: one program per
 # BLOCK_N keys, looping over BLOCK_M query rows (its products have BLOCK_N rows). On sm_90 every 16-bit
 # config whose products have >= 64 rows runs them all as warpgroup MMAs (HGMMA) at least 32 wide:
-# 8 warps on a 64-row product would split it into two HGMMA.64x16 halves (tests/kernels/test_sass.py).
+# 8 warps on a 64-row product would split it into two HGMMA.64x16 halves (tests/gpt_kernels/test_sass.py).
 # Short lengths prune the big tiles (see _prune_for). bench/README.md has the SASS figures behind them.
 FWD_CONFIGS = (
     _Config(128, 128, 8, 3, block_d=(64,), dropout_block_d=()),  # with dropout 1.66x the SASS: 64 masks/thread
@@ -1212,7 +1212,7 @@ def compile_cases():
     """
     from .compile_check import CompileCase
 
-    mod = "kernels.flash_attention"
+    mod = "gpt_kernels.flash_attention"
     scalars = {"H": "i32", "Tq": "i32", "Tk": "i32", "sm_scale": "fp32", "dropout_p": "fp32",
                "TQ_KEY": "i32", "TK_KEY": "i32"}
 

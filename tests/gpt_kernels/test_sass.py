@@ -1,15 +1,15 @@
 """What the kernels compile to, checked in the machine code (SASS) of every config for sm_80 and sm_90.
 
-No GPU needed: the ``compile_report`` fixture (tests/kernels/conftest.py) builds every case of the
+No GPU needed: the ``compile_report`` fixture (tests/gpt_kernels/conftest.py) builds every case of the
 compile check once per session and reads its SASS with the ``cuobjdump`` in Triton's wheel
-(``kernels.compile_check.sass_stats``). These are the properties issue 13 found to decide speed:
+(``gpt_kernels.compile_check.sass_stats``). These are the properties issue 13 found to decide speed:
 
 - attention's matrix products run on Hopper's warpgroup MMA (HGMMA), none of them 16 wide in N (an
   HGMMA.64x16x16 issues a quarter of the work of a 64x64x16 for the same overhead);
 - the memory-bound kernels move 16 bytes per thread per load and store (``LDG.E.128``/``STG.E.128``);
 - attention with dropout costs at most 1.6x the instructions of the same config without it.
 
-No spills: tests/kernels/test_compile.py. ``python -m kernels.report`` prints all of it as a table.
+No spills: tests/gpt_kernels/test_compile.py. ``python -m gpt_kernels.report`` prints all of it as a table.
 """
 
 import re

@@ -1,6 +1,6 @@
 """Fused cross-entropy and chunked linear + cross-entropy against float64 references.
 
-Every loss and every gradient is held to ``kernels.testing.assert_close_to_ref``: the error against the
+Every loss and every gradient is held to ``gpt_kernels.testing.assert_close_to_ref``: the error against the
 float64 reference may be at most twice PyTorch's own error at the same dtype, plus an atol of a few units
 in the last place of the largest reference element (``_atol``): the kernel computes in fp32 and rounds
 each output once to the working dtype, so one rounding of the output is the floor of what it can reach.
@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import fused_cross_entropy as fce
-from kernels import reference
-from kernels.testing import assert_close_to_ref, poison_
+import gpt_kernels
+from gpt_kernels import fused_cross_entropy as fce
+from gpt_kernels import reference
+from gpt_kernels.testing import assert_close_to_ref, poison_
 
 GPT2_V = 50257
 _EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -36,10 +36,10 @@ def _grad_out(loss):
 
 
 def _run_ce(x, t, **kw):
-    """Loss and d logits of kernels.cross_entropy on the Triton backend, for a random incoming gradient."""
+    """Loss and d logits of gpt_kernels.cross_entropy on the Triton backend, for a random incoming gradient."""
     x = x.detach().clone().requires_grad_()
-    with kernels.use_backend("triton"):
-        loss = kernels.cross_entropy(x, t, **kw)
+    with gpt_kernels.use_backend("triton"):
+        loss = gpt_kernels.cross_entropy(x, t, **kw)
     go = _grad_out(loss)
     (g,) = torch.autograd.grad(loss, x, go)
     return loss, g, go
@@ -125,8 +125,8 @@ def test_all_rows_ignored(device, backend, smoothing):
     x = torch.randn(4, 11, device=device, requires_grad=True)  # (4, 11)
     t = torch.full((4,), -100, device=device)
     for reduction in ("mean", "sum", "none"):
-        with kernels.use_backend(backend):
-            loss = kernels.cross_entropy(x, t, reduction=reduction, label_smoothing=smoothing)
+        with gpt_kernels.use_backend(backend):
+            loss = gpt_kernels.cross_entropy(x, t, reduction=reduction, label_smoothing=smoothing)
         (g,) = torch.autograd.grad(loss.sum(), x)
         assert torch.equal(loss, torch.zeros_like(loss)), f"{backend} {reduction}: loss {loss}"
         assert torch.equal(g, torch.zeros_like(g)), f"{backend} {reduction}: gradient not zero"
@@ -136,11 +136,11 @@ def test_torch_path_with_class_weight_guard(device):
     x = torch.randn(4, 6, device=device, requires_grad=True)  # (4, 6)
     w = torch.rand(6, device=device)
     t = torch.tensor([1, -100, 3, 5], device=device)
-    with kernels.use_backend("triton"):  # class weights: torch on every backend
-        loss = kernels.cross_entropy(x, t, weight=w)
+    with gpt_kernels.use_backend("triton"):  # class weights: torch on every backend
+        loss = gpt_kernels.cross_entropy(x, t, weight=w)
     assert torch.allclose(loss, F.cross_entropy(x, t, weight=w))
-    with kernels.use_backend("triton"):
-        loss = kernels.cross_entropy(x, torch.full_like(t, -100), weight=w)
+    with gpt_kernels.use_backend("triton"):
+        loss = gpt_kernels.cross_entropy(x, torch.full_like(t, -100), weight=w)
     assert loss.item() == 0.0
 
 
@@ -149,15 +149,15 @@ def test_input_untouched_gradient_in_own_buffer(device, reduction):
     x = torch.randn(6, 300, device=device, requires_grad=True)  # (6, 300)
     before = x.detach().clone()
     t = _targets(6, 300, device)
-    with kernels.use_backend("triton"):
-        loss = kernels.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+    with gpt_kernels.use_backend("triton"):
+        loss = gpt_kernels.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
     loss.backward(torch.ones_like(loss))
     assert torch.equal(x.detach(), before), "the forward or backward wrote into the logits"
     assert x.grad.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
     # a second backward through a retained graph gives the same gradient (nothing saved is consumed)
     x.grad = None
-    with kernels.use_backend("triton"):
-        loss = kernels.cross_entropy(x, t, reduction=reduction)
+    with gpt_kernels.use_backend("triton"):
+        loss = gpt_kernels.cross_entropy(x, t, reduction=reduction)
     (g1,) = torch.autograd.grad(loss.sum(), x, retain_graph=True)
     (g2,) = torch.autograd.grad(loss.sum(), x)
     assert torch.equal(g1, g2)
@@ -172,8 +172,8 @@ def test_forward_op_gives_loss_rows_and_logsumexp(device):
     assert_close_to_ref("lse", lse, torch.logsumexp(x.double(), dim=1), atol=1e-5)
     ref = reference.cross_entropy(x.double(), t, reduction="none")
     assert_close_to_ref("loss rows", loss_rows, ref, atol=1e-5)
-    with kernels.use_backend("triton"), torch.no_grad():
-        loss = kernels.cross_entropy(x.clone().requires_grad_(), t)
+    with gpt_kernels.use_backend("triton"), torch.no_grad():
+        loss = gpt_kernels.cross_entropy(x.clone().requires_grad_(), t)
     assert not loss.requires_grad
     assert_close_to_ref("no_grad loss", loss, reference.cross_entropy(x.double(), t), atol=1e-5)
 
@@ -245,25 +245,25 @@ def test_launch_config():
 def test_cross_entropy_bad_inputs(device):
     x = torch.randn(4, 10, device=device)  # (4, 10)
     t = torch.tensor([1, 2, 3, 4], device=device)
-    with kernels.use_backend("triton"):
+    with gpt_kernels.use_backend("triton"):
         with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
-            kernels.cross_entropy(x, torch.tensor([1, 10, 3, 4], device=device))
+            gpt_kernels.cross_entropy(x, torch.tensor([1, 10, 3, 4], device=device))
         with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
-            kernels.cross_entropy(x, torch.tensor([1, -1, 3, 4], device=device))
+            gpt_kernels.cross_entropy(x, torch.tensor([1, -1, 3, 4], device=device))
         with pytest.raises(TypeError, match="integer class ids"):
-            kernels.cross_entropy(x, t.float())
+            gpt_kernels.cross_entropy(x, t.float())
         with pytest.raises(ValueError, match=r"shape \(4,\)"):
-            kernels.cross_entropy(x, t[:3])
+            gpt_kernels.cross_entropy(x, t[:3])
         with pytest.raises(ValueError, match=r"\(N, V\) logits"):
-            kernels.cross_entropy(x.view(2, 2, 10), t.view(2, 2))
+            gpt_kernels.cross_entropy(x.view(2, 2, 10), t.view(2, 2))
         with pytest.raises(ValueError, match=r"\(N, V\) logits"):
-            kernels.cross_entropy(x[0], t[0])
+            gpt_kernels.cross_entropy(x[0], t[0])
         with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-            kernels.cross_entropy(x.double(), t)
+            gpt_kernels.cross_entropy(x.double(), t)
         with pytest.raises(ValueError, match="reduction must be"):
-            kernels.cross_entropy(x, t, reduction="avg")
+            gpt_kernels.cross_entropy(x, t, reduction="avg")
         with pytest.raises(ValueError, match="label_smoothing"):
-            kernels.cross_entropy(x, t, label_smoothing=1.5)
+            gpt_kernels.cross_entropy(x, t, label_smoothing=1.5)
 
 
 # ------------------------------------------------------------------------------ linear_cross_entropy
@@ -280,8 +280,8 @@ def _run_linear(h, w, b, t, go=None, backend="triton", **kw):
     ins = [h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()]
     if b is not None:
         ins.append(b.detach().clone().requires_grad_())
-    with kernels.use_backend(backend):
-        loss = kernels.linear_cross_entropy(ins[0], ins[1], t, ins[2] if b is not None else None, **kw)
+    with gpt_kernels.use_backend(backend):
+        loss = gpt_kernels.linear_cross_entropy(ins[0], ins[1], t, ins[2] if b is not None else None, **kw)
     go = _grad_out(loss) if go is None else go
     return loss, torch.autograd.grad(loss, ins, go), go
 
@@ -359,15 +359,15 @@ def test_linear_requires_grad_awareness(device):
     # frozen weight (a fine-tune of everything but the head): only d_hidden flows
     _, _, go = _run_linear(h, w, b, t)
     hg = h.clone().requires_grad_()
-    with kernels.use_backend("triton"):
-        loss = kernels.linear_cross_entropy(hg, w, t, b, chunk_size=4)
+    with gpt_kernels.use_backend("triton"):
+        loss = gpt_kernels.linear_cross_entropy(hg, w, t, b, chunk_size=4)
     (g,) = torch.autograd.grad(loss, hg, go)
     ref_loss, ref_grads = _ref_linear(h, w, b, t, go)
     base_loss, base_grads, _ = _run_linear(h, w, b, t, go, backend="torch")
     assert_close_to_ref("d_hidden, frozen weight", g, ref_grads[0], base_grads[0], atol=_atol(ref_grads[0],
                                                                                           torch.float32))
-    with kernels.use_backend("triton"), torch.no_grad():
-        loss = kernels.linear_cross_entropy(h, w, t, b, chunk_size=4)
+    with gpt_kernels.use_backend("triton"), torch.no_grad():
+        loss = gpt_kernels.linear_cross_entropy(h, w, t, b, chunk_size=4)
     assert_close_to_ref("no_grad loss", loss, ref_loss, base_loss, atol=_atol(ref_loss, torch.float32))
 
 
@@ -376,8 +376,8 @@ def test_linear_inputs_untouched(device):
     h0, w0, b0 = h.clone(), w.clone(), b.clone()
     _run_linear(h, w, b, _targets(10, 40, device), chunk_size=3)
     hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
-    with kernels.use_backend("triton"):
-        kernels.linear_cross_entropy(hh, ww, _targets(10, 40, device), bb, chunk_size=3).backward()
+    with gpt_kernels.use_backend("triton"):
+        gpt_kernels.linear_cross_entropy(hh, ww, _targets(10, 40, device), bb, chunk_size=3).backward()
     assert torch.equal(hh.detach(), h0) and torch.equal(ww.detach(), w0) and torch.equal(bb.detach(), b0)
 
 
@@ -399,8 +399,8 @@ def test_linear_num_classes_ignores_padding_rows(device, backend, reduction):
     assert_close_to_ref("d_weight classes", d_w[:V], ref_grads[1], atol=1e-5)
     assert_close_to_ref("d_bias classes", d_b[:V], ref_grads[2], atol=1e-5)
     assert torch.equal(d_w[V:], torch.zeros_like(d_w[V:])) and torch.equal(d_b[V:], torch.zeros_like(d_b[V:]))
-    with kernels.use_backend(backend), pytest.raises(ValueError, match="num_classes"):
-        kernels.linear_cross_entropy(h, w, t, num_classes=Vp + 1)
+    with gpt_kernels.use_backend(backend), pytest.raises(ValueError, match="num_classes"):
+        gpt_kernels.linear_cross_entropy(h, w, t, num_classes=Vp + 1)
 
 
 def test_linear_default_chunk():
@@ -412,25 +412,25 @@ def test_linear_default_chunk():
 def test_linear_bad_inputs(device):
     h, w, _ = _linear_inputs(4, 8, 10, torch.float32, device, bias=False)
     t = torch.tensor([1, 2, 3, 4], device=device)
-    with kernels.use_backend("triton"):
+    with gpt_kernels.use_backend("triton"):
         with pytest.raises(ValueError, match=r"hidden \(N, C\) and weight \(V, C\)"):
-            kernels.linear_cross_entropy(h, w[:, :7], t)
+            gpt_kernels.linear_cross_entropy(h, w[:, :7], t)
         with pytest.raises(ValueError, match=r"hidden \(N, C\) and weight \(V, C\)"):
-            kernels.linear_cross_entropy(h.view(2, 2, 8), w, t)
+            gpt_kernels.linear_cross_entropy(h.view(2, 2, 8), w, t)
         with pytest.raises(ValueError, match="bias must have shape"):
-            kernels.linear_cross_entropy(h, w, t, torch.zeros(9, device=device))
+            gpt_kernels.linear_cross_entropy(h, w, t, torch.zeros(9, device=device))
         with pytest.raises(TypeError, match="share one dtype"):
-            kernels.linear_cross_entropy(h.half(), w, t)
+            gpt_kernels.linear_cross_entropy(h.half(), w, t)
         with pytest.raises(ValueError, match=r"shape \(4,\)"):
-            kernels.linear_cross_entropy(h, w, t[:2])
+            gpt_kernels.linear_cross_entropy(h, w, t[:2])
         with pytest.raises(TypeError, match="integer class ids"):
-            kernels.linear_cross_entropy(h, w, t.float())
+            gpt_kernels.linear_cross_entropy(h, w, t.float())
         with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
-            kernels.linear_cross_entropy(h, w, torch.tensor([1, 2, 30, 4], device=device))
+            gpt_kernels.linear_cross_entropy(h, w, torch.tensor([1, 2, 30, 4], device=device))
         with pytest.raises(ValueError, match="chunk_size"):
-            kernels.linear_cross_entropy(h, w, t, chunk_size=0)
+            gpt_kernels.linear_cross_entropy(h, w, t, chunk_size=0)
         with pytest.raises(ValueError, match="reduction must be"):
-            kernels.linear_cross_entropy(h, w, t, reduction="avg")
+            gpt_kernels.linear_cross_entropy(h, w, t, reduction="avg")
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
@@ -475,8 +475,8 @@ def test_linear_cross_entropy_autocast_gpu(device):
     h, w, _ = _linear_inputs(N, C, V, torch.float32, device, bias=False)
     t = _targets(N, V, device)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    with kernels.use_backend("triton"), torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = kernels.linear_cross_entropy(hh, ww, t)
+    with gpt_kernels.use_backend("triton"), torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = gpt_kernels.linear_cross_entropy(hh, ww, t)
     loss.backward()
     assert ww.grad.dtype == torch.float32 and hh.grad.dtype == torch.float32
     ref_loss, ref_grads = _ref_linear(h, w, None, t, torch.ones((), device=device))

@@ -13,9 +13,9 @@ import textwrap
 import pytest
 import torch
 
-import kernels
-from kernels import backend
-from kernels.backend import get_backend, select, set_backend, use_backend
+import gpt_kernels
+from gpt_kernels import backend
+from gpt_kernels.backend import get_backend, select, set_backend, use_backend
 
 
 @pytest.fixture(autouse=True)
@@ -94,12 +94,12 @@ def test_triton_on_cpu_runs_under_the_interpreter():
 # ---------------------------------------------------------------------------------------- dispatch
 
 _OPS = {
-    "layer_norm": lambda x: kernels.layer_norm(x, (x.shape[-1],), torch.ones(x.shape[-1]), torch.zeros(x.shape[-1])),
-    "add_layer_norm": lambda x: kernels.add_layer_norm(x, torch.ones_like(x), torch.ones(x.shape[-1]))[1],
-    "gelu": lambda x: kernels.gelu(x, approximate="tanh"),
-    "bias_gelu": lambda x: kernels.bias_gelu(x, torch.zeros(x.shape[-1])),
+    "layer_norm": lambda x: gpt_kernels.layer_norm(x, x.shape[-1:], torch.ones(x.shape[-1]), torch.zeros(x.shape[-1])),
+    "add_layer_norm": lambda x: gpt_kernels.add_layer_norm(x, torch.ones_like(x), torch.ones(x.shape[-1]))[1],
+    "gelu": lambda x: gpt_kernels.gelu(x, approximate="tanh"),
+    "bias_gelu": lambda x: gpt_kernels.bias_gelu(x, torch.zeros(x.shape[-1])),
 }
-# the autograd node torch.library makes for each custom op (kernels registers them as gpt_triton::<op>)
+# the autograd node torch.library makes for each custom op (gpt_kernels registers them as gpt_triton::<op>)
 _TRITON_NODE = {op: f"GeneratedBackwardFor_gpt_triton_{op}_defaultBackward" for op in _OPS}
 _TORCH_NODE = {"layer_norm": "NativeLayerNormBackward0", "add_layer_norm": "NativeLayerNormBackward0",
                "gelu": "GeluBackward0", "bias_gelu": "GeluBackward0"}
@@ -117,8 +117,8 @@ def test_each_op_dispatches_to_the_chosen_backend(op, monkeypatch):
 
     calls = []
     name = op  # the reference function of the same name
-    real = getattr(kernels.reference, name)
-    monkeypatch.setattr(kernels.reference, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+    real = getattr(gpt_kernels.reference, name)
+    monkeypatch.setattr(gpt_kernels.reference, name, lambda *a, **k: calls.append(name) or real(*a, **k))
     with use_backend("reference"):
         _OPS[op](x)
     assert calls == [name]
@@ -128,7 +128,7 @@ def test_backend_is_read_per_call_not_per_autograd_pass():
     """Switching the backend between forward and backward does not change the backward that runs."""
     x = torch.randn(3, 8, requires_grad=True)
     with use_backend("triton"):
-        y = kernels.gelu(x, approximate="tanh")
+        y = gpt_kernels.gelu(x, approximate="tanh")
     with use_backend("torch"):
         (dx,) = torch.autograd.grad(y.sum(), x)
     assert type(y.grad_fn).__name__ == _TRITON_NODE["gelu"]
@@ -138,10 +138,10 @@ def test_backend_is_read_per_call_not_per_autograd_pass():
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     """GPT_KERNELS=triton with CPU tensors and TRITON_INTERPRET unset: every op says what to do."""
     script = textwrap.dedent("""
-        import torch, kernels
+        import torch, gpt_kernels
         x = torch.randn(2, 8)
-        calls = [lambda: kernels.layer_norm(x, (8,)), lambda: kernels.add_layer_norm(x, x),
-                 lambda: kernels.gelu(x), lambda: kernels.bias_gelu(x, torch.zeros(8))]
+        calls = [lambda: gpt_kernels.layer_norm(x, (8,)), lambda: gpt_kernels.add_layer_norm(x, x),
+                 lambda: gpt_kernels.gelu(x), lambda: gpt_kernels.bias_gelu(x, torch.zeros(8))]
         for call in calls:
             try:
                 call()

@@ -1,6 +1,6 @@
 """The compile report the compile and SASS tests share: every kernel config built once per test session.
 
-``python -m kernels.compile_check --json`` compiles every case of every op module for sm_80 and sm_90
+``python -m gpt_kernels.compile_check --json`` compiles every case of every op module for sm_80 and sm_90
 (in a process pool, without TRITON_INTERPRET: the interpreter has nothing to compile) and reads each
 cubin's resources and SASS. That is the slow part, so it runs once per session; under pytest-xdist the
 workers share one run through a file in the session's common temp directory, guarded by a lock.
@@ -19,7 +19,7 @@ from filelock import FileLock
 
 
 class CompileReport:
-    """The rows of one compile check run (see ``kernels.compile_check.compile_one`` for their fields)."""
+    """The rows of one compile check run (see ``gpt_kernels.compile_check.compile_one`` for their fields)."""
 
     def __init__(self, rows: list[dict]):
         self.all = rows
@@ -33,7 +33,7 @@ class CompileReport:
 
 def _run_compile_check(out) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "gpt_kernels.compile_check", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=1800)
     assert out.exists(), f"compile check wrote no report:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 

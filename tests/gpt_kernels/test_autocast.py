@@ -1,4 +1,4 @@
-"""Every fused op under torch.autocast: the dtypes of kernels.autocast's policy, on every backend, and values.
+"""Every fused op under torch.autocast: the dtypes of gpt_kernels.autocast's policy, on every backend, and values.
 
 Each op runs as the model runs it under autocast (fp32 master weights, an fp32 residual stream, bf16/fp16
 activations out of the matmuls) on the Triton backend and on the torch backend: on the CPU the kernels run
@@ -11,9 +11,9 @@ function is at most twice the torch backend's error plus a few units in the last
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.testing import assert_close_to_ref
+import gpt_kernels
+from gpt_kernels import reference
+from gpt_kernels.testing import assert_close_to_ref
 
 pytestmark = pytest.mark.gpu_path  # bench.gpu_check runs these on CUDA as well
 
@@ -31,7 +31,7 @@ def _leaf(*shape, dtype=torch.float32, scale=1.0):
 def _run(backend, amp, fn, inputs, grad_seed=0):
     """fn(*inputs) on ``backend`` under autocast(amp): (outputs, gradients of the inputs for random dys)."""
     inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
-    with kernels.use_backend(backend), torch.autocast(DEVICE, dtype=amp):
+    with gpt_kernels.use_backend(backend), torch.autocast(DEVICE, dtype=amp):
         outs = fn(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
     gen = torch.Generator().manual_seed(grad_seed)
@@ -67,7 +67,7 @@ def _check(name, amp, fn, fn64, inputs, out_dtypes):
 @pytest.mark.parametrize("amp", AMP, ids=str)
 def test_layer_norm_fp32_stream_gives_amp_output(amp):
     x, w, b = _leaf(5, 2, 48), _leaf(48, scale=0.5), _leaf(48, scale=0.5)
-    _check("layer_norm", amp, lambda x, w, b: kernels.layer_norm(x, (48,), w, b),
+    _check("layer_norm", amp, lambda x, w, b: gpt_kernels.layer_norm(x, (48,), w, b),
            lambda x, w, b: reference.layer_norm(x, (48,), w, b), [x, w, b], [amp])
 
 
@@ -76,7 +76,7 @@ def test_add_layer_norm_bf16_branch_onto_fp32_stream(amp):
     """The attention branch (amp, out of a matmul) added to the fp32 residual: the sum stays fp32, the norm
     goes to the next matmul in amp; each input's gradient comes back in its own dtype."""
     a, x, w, b = _leaf(7, 40, dtype=amp), _leaf(7, 40), _leaf(40, scale=0.5), _leaf(40, scale=0.5)
-    _check("add_layer_norm", amp, lambda a, x, w, b: kernels.add_layer_norm(a, x, w, b),
+    _check("add_layer_norm", amp, lambda a, x, w, b: gpt_kernels.add_layer_norm(a, x, w, b),
            lambda a, x, w, b: reference.add_layer_norm(a, x, w, b), [a, x, w, b], [torch.float32, amp])
 
 
@@ -84,7 +84,7 @@ def test_add_layer_norm_bf16_branch_onto_fp32_stream(amp):
 def test_bias_gelu_fp32_bias_with_amp_activation(amp):
     """As nn.Linear under autocast: the bias rounded to amp, the output in amp, dbias in the bias' fp32."""
     h, b = _leaf(6, 33, dtype=amp, scale=2.0), _leaf(33)
-    _check("bias_gelu", amp, lambda h, b: kernels.bias_gelu(h, b),
+    _check("bias_gelu", amp, lambda h, b: gpt_kernels.bias_gelu(h, b),
            lambda h, b: reference.bias_gelu(h, b.to(amp).double()), [h, b], [amp])
 
 
@@ -92,7 +92,7 @@ def test_bias_gelu_fp32_bias_with_amp_activation(amp):
 @pytest.mark.parametrize("dtype", [torch.float32, "amp"])
 def test_gelu_keeps_its_input_dtype(amp, dtype):
     x = _leaf(4, 30, dtype=amp if dtype == "amp" else dtype, scale=2.0)
-    _check("gelu", amp, lambda x: kernels.gelu(x, approximate="tanh"),
+    _check("gelu", amp, lambda x: gpt_kernels.gelu(x, approximate="tanh"),
            lambda x: reference.gelu(x, "tanh"), [x], [x.dtype])
 
 
@@ -100,7 +100,7 @@ def test_gelu_keeps_its_input_dtype(amp, dtype):
 def test_attention_casts_q_k_v_to_amp(amp):
     """fp32 q with k, v of another dtype (a cache kept in fp32): all three run in amp, as SDPA's autocast."""
     q, k, v = _leaf(1, 2, 19, 16), _leaf(1, 2, 19, 16, dtype=amp), _leaf(1, 2, 19, 16)
-    _check("attention", amp, lambda q, k, v: kernels.attention(q, k, v, causal=True),
+    _check("attention", amp, lambda q, k, v: gpt_kernels.attention(q, k, v, causal=True),
            lambda q, k, v: reference.attention(q, k, v, causal=True), [q, k, v], [amp])
 
 
@@ -108,7 +108,7 @@ def test_attention_casts_q_k_v_to_amp(amp):
 def test_cross_entropy_loss_is_fp32(amp):
     logits, t = _leaf(9, 301, dtype=amp, scale=3.0), torch.randint(0, 301, (9,), device=DEVICE)
     t[2] = -100
-    _check("cross_entropy", amp, lambda x: kernels.cross_entropy(x, t, label_smoothing=0.1),
+    _check("cross_entropy", amp, lambda x: gpt_kernels.cross_entropy(x, t, label_smoothing=0.1),
            lambda x: reference.cross_entropy(x, t, label_smoothing=0.1), [logits], [torch.float32])
 
 
@@ -116,7 +116,7 @@ def test_cross_entropy_loss_is_fp32(amp):
 def test_linear_cross_entropy_projects_in_amp(amp):
     h, w, t = _leaf(13, 16), _leaf(70, 16, scale=0.5), torch.randint(0, 64, (13,), device=DEVICE)
     _check("linear_cross_entropy", amp,
-           lambda h, w: kernels.linear_cross_entropy(h, w, t, num_classes=64, chunk_size=5),
+           lambda h, w: gpt_kernels.linear_cross_entropy(h, w, t, num_classes=64, chunk_size=5),
            lambda h, w: reference.linear_cross_entropy(h, w[:64], t), [h, w], [torch.float32])
 
 
@@ -126,10 +126,10 @@ def test_mixed_dtypes_without_autocast_follow_torch_promotion():
     h, b = torch.randn(3, 24, device=DEVICE).bfloat16(), torch.randn(24, device=DEVICE)
     w, b0 = torch.ones(24, device=DEVICE), torch.zeros(24, device=DEVICE)
     for backend in ("triton", "torch", "reference"):
-        with kernels.use_backend(backend):
-            s, y = kernels.add_layer_norm(a, x)
-            z = kernels.bias_gelu(h, b)
-            ln = kernels.layer_norm(a, (24,), w, b0)
+        with gpt_kernels.use_backend(backend):
+            s, y = gpt_kernels.add_layer_norm(a, x)
+            z = gpt_kernels.bias_gelu(h, b)
+            ln = gpt_kernels.layer_norm(a, (24,), w, b0)
         assert (s.dtype, y.dtype, z.dtype, ln.dtype) == (torch.float32, torch.float32, torch.float32,
                                                          torch.bfloat16), backend
         torch.testing.assert_close(s, a.float() + x)
