@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _pytest_bench(*args, cwd=REPO):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs them
+    # as a user runs them: no interpreter, and not as an xdist worker (pytest-benchmark reads PYTEST_XDIST_WORKER
+    # and then times nothing)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")}
     return subprocess.run([sys.executable, "-m", "pytest", "bench/test_speed.py", "-q", "-p", "no:cacheprovider",
                            "-k", "layer_norm-fwd-", "--benchmark-only", "--benchmark-min-rounds=3",
                            "--benchmark-max-time=0.01", *args], cwd=cwd, env=env, capture_output=True, text=True,
