@@ -433,6 +433,46 @@ def test_linear_bad_inputs(device):
             gpt_kernels.linear_cross_entropy(h, w, t, reduction="avg")
 
 
+def _rowwise_err(g: torch.Tensor, ref: torch.Tensor) -> float:
+    """The worst row's error relative to that row's largest reference value: a head row (one class) or a
+    token whose gradient is lost counts in full, however small its values. (The error over the whole
+    tensor is set by the few large target rows and would hide every other class.)"""
+    err = (g.double() - ref).abs().amax(dim=1)  # (rows,)
+    scale = ref.abs().amax(dim=1)  # (rows,)
+    if not torch.isfinite(g).all():
+        return float("inf")
+    return torch.where(scale > 0, err / scale.clamp_min(1e-300), err * 1e300).max().item()
+
+
+@pytest.mark.parametrize("loss_scale", [1024.0, 65536.0])
+def test_linear_fp16_gradients_under_a_loss_scale(device, loss_scale):
+    """fp16 training as ``gpt train --dtype float16`` runs it: autocast fp16 over fp32 master weights, the
+    loss multiplied by a GradScaler's factor before the backward (65,536 is its initial one) and the
+    gradients divided by it after. Every row of d_weight (one per class, most of them no token's target)
+    and of d_hidden must be as close to float64 as torch's own fp16 loss gets them, and finite. At 128
+    tokens and V = 4096 the gradient of a non-target logit, p / 128, is ~2e-6: below fp16's normal range
+    (6.1e-5) unless the loss scale reaches it before it is rounded to fp16."""
+    N, C, V = 128, 16, 4096
+    h = torch.randn(N, C, device=device).half().float()  # fp16 values: the float64 reference sees the inputs
+    w = (torch.randn(V, C, device=device) / C**0.5 * 2).half().float()  # that autocast's fp16 matmuls see
+    t = _targets(N, V, device, n_ignored=3)
+    hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
+    exact = torch.autograd.grad(reference.linear_cross_entropy(hr, wr, t), (hr, wr))
+    grads = {}
+    for backend in ("triton", "torch"):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with gpt_kernels.use_backend(backend), torch.autocast(torch.device(device).type, dtype=torch.float16):
+            loss = gpt_kernels.linear_cross_entropy(hh, ww, t)
+        assert loss.dtype == torch.float32
+        (loss * loss_scale).backward()
+        grads[backend] = (hh.grad / loss_scale, ww.grad / loss_scale)  # the scaler's unscale_
+    for name, g, base, ref in zip(("d_hidden", "d_weight"), grads["triton"], grads["torch"], exact):
+        assert torch.isfinite(g).all(), f"{name}: inf or NaN at loss scale {loss_scale:g}"
+        err, base_err = _rowwise_err(g, ref), _rowwise_err(base, ref)
+        assert err <= 2 * base_err + 1e-6, (f"{name}: worst row's error {err:.2e} vs float64 at loss scale "
+                                            f"{loss_scale:g}; torch's fp16 gets {base_err:.2e}")
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_linear_backends_agree(device, backend):
     h, w, b = _linear_inputs(12, 8, 25, torch.float32, device, bias=True)
