@@ -5,6 +5,7 @@ Nothing here launches a kernel or knows a model: it is the plumbing every launch
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -95,7 +96,43 @@ def check_vector(op: str, name: str, p, n: int, like: torch.Tensor) -> None:
                          f"got {tuple(p.shape)}")
 
 
-# ------------------------------------------------------------------------------- the GPU's shared memory
+# ------------------------------------------------------------------------------------- the tensors' GPU
+
+
+def device_guard(device: torch.device):
+    """A context in which ``device`` is the current CUDA device (a no-op for any other device).
+
+    Triton launches (and compiles for) the *current* device, not the tensors': without this, a kernel
+    on cuda:1 tensors would run on cuda:0 with cuda:1 pointers. Every launcher runs inside one
+    (:func:`on_inputs_device`); ``torch.cuda.device`` restores the previous device on exit.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_inputs_device(fn):
+    """Run ``fn`` (a launcher or custom op) inside :func:`device_guard` for the device of its first tensor
+    argument, so that every kernel it launches, and every compile, is on the inputs' GPU."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None:
+            return fn(*args, **kwargs)
+        with device_guard(first.device):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def check_same_device(op: str, **tensors) -> None:
+    """Raise a clear error unless every tensor given (None skipped) is on one device."""
+    given = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    devices = {t.device for t in given.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in given.items())
+        raise ValueError(f"{op}: all inputs must be on one device, got {where}; move them with .to(device)")
 
 
 # Shared memory one program (CTA) may use, in bytes, by compute capability, with the opt-in above 48 KB

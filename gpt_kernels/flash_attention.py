@@ -74,7 +74,7 @@ import triton.language as tl
 from . import reference
 from .autocast import autocast_dtype
 from .backend import interpreter_enabled, select
-from .common import INTERPRETER, LAUNCH_OPTIONS, LN2, LOG2E, smem_per_block
+from .common import INTERPRETER, LAUNCH_OPTIONS, LN2, LOG2E, on_inputs_device, smem_per_block
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 
@@ -927,39 +927,55 @@ def _launch(name: str, kernel, grid_rows: int, grid_other: int, args: dict, tile
 # =========================================================================================== launchers
 
 
-def _check_inputs(q, k, v, causal, dropout_p, scale) -> None:
-    """Raise a clear error for anything the kernels do not support."""
+def _check_tensors(q, k, v) -> None:
+    """q, k, v are 4-D tensors (what autocast's cast needs before the other checks)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"attention: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}; "
                              f"split heads first, e.g. x.view(B, T, H, D).transpose(1, 2)")
+
+
+def _check_args(q, k, v, causal, dropout_p, scale) -> None:
+    """Raise a clear error for arguments no backend computes attention for: every backend runs this
+    before its path is chosen, so each refuses the same inputs with the same message."""
+    _check_tensors(q, k, v)
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; "
+                         f"move them with .to(device)")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"attention: dtype {q.dtype} is not supported: use float16, bfloat16 or float32")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not q.is_floating_point():
+        raise TypeError(f"attention: q, k, v must be floating point, got {q.dtype}")
     if k.shape != v.shape:
         raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     B, H, Tq, D = q.shape
     if (k.shape[0], k.shape[1], k.shape[3]) != (B, H, D):
         raise ValueError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and "
                          f"head dim (B, H, T, D); only the lengths may differ")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"attention: head dim {D} is not supported by the Triton kernel; supported head dims: "
-                         f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))} (or use GPT_KERNELS=torch)")
     Tk = k.shape[2]
     if Tk == 0 and Tq > 0:
         raise ValueError("attention: k and v have no positions (Tk = 0): every query needs at least one key")
     if causal and Tq > Tk:
         raise ValueError(f"attention: causal attention needs Tq <= Tk (queries are the last Tq of the Tk "
                          f"positions), got Tq={Tq} > Tk={Tk}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"attention: dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
+
+
+def _check_inputs(q, k, v, causal, dropout_p, scale) -> None:
+    """:func:`_check_args`, then what the Triton kernels add: their dtypes, head dims and grid."""
+    _check_args(q, k, v, causal, dropout_p, scale)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"attention: dtype {q.dtype} is not supported by the Triton kernel: use float16, "
+                        f"bfloat16 or float32 (or GPT_KERNELS=torch)")
+    B, H, _, D = q.shape
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"attention: head dim {D} is not supported by the Triton kernel; supported head dims: "
+                         f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))} (or use GPT_KERNELS=torch)")
     if B * H > 65535:
         raise ValueError(f"attention: B * H = {B * H} exceeds the kernels' grid limit of 65535; split the batch")
 
@@ -1008,6 +1024,7 @@ def _seed_tensor(seed, device) -> torch.Tensor | None:
     return torch.tensor([int(seed)], dtype=torch.int64, device=device)
 
 
+@on_inputs_device
 def _forward(q, k, v, causal: bool, dropout_p: float, scale: float, seed, o=None, lse=None):
     """Run the forward kernel (or flash-decoding, see _splitk_plan); returns ``(o, lse)``: (B, H, Tq, D)
     output and (B, H, Tq) fp32 log-sum-exp.
@@ -1103,6 +1120,7 @@ def _new_grads(q, k):
     return dq, dk, dv
 
 
+@on_inputs_device
 def _backward(do, q, k, v, o, lse, causal: bool, dropout_p: float, scale: float, seed, grads=None,
               atomic_dq: bool = False):
     """Run the backward kernels; returns fresh ``(dq, dk, dv)``, laid out like q, k, v.
@@ -1169,12 +1187,19 @@ def attention_dropout_mask(seed, B: int, H: int, Tq: int, Tk: int, dropout_p: fl
     """
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    keep = torch.empty(B, H, Tq, Tk, device=device, dtype=torch.int8)
+    keep = torch.empty(B, H, Tq, Tk, device=device, dtype=torch.int8)  # (B, H, Tq, Tk)
     if keep.numel():
-        grid = (B * H, triton.cdiv(Tq, MASK_BLOCK), triton.cdiv(Tk, MASK_BLOCK))
-        _dropout_mask_kernel[grid](keep, Tq, Tk, effective_dropout_p(dropout_p), _seed_tensor(seed, device).to(device),
-                                   BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK, **LAUNCH_OPTIONS)
+        _fill_dropout_mask(keep, _seed_tensor(seed, keep.device).to(keep.device), effective_dropout_p(dropout_p))
     return keep.bool()
+
+
+@on_inputs_device
+def _fill_dropout_mask(keep: torch.Tensor, seed: torch.Tensor, dropout_p: float) -> None:
+    """Launch the mask kernel into ``keep`` (B, H, Tq, Tk) int8, on keep's GPU."""
+    B, H, Tq, Tk = keep.shape
+    grid = (B * H, triton.cdiv(Tq, MASK_BLOCK), triton.cdiv(Tk, MASK_BLOCK))
+    _dropout_mask_kernel[grid](keep, Tq, Tk, dropout_p, seed, BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK,
+                               **LAUNCH_OPTIONS)
 
 
 # ========================================================================================= custom ops
@@ -1249,11 +1274,15 @@ def attention(q, k, v, causal=True, dropout_p=0.0, scale=None):
 
     With ``causal`` the mask is aligned to the end: query i sees keys j <= i + Tk - Tq. On the Triton
     backend dropout_p is applied in steps of 1/256 (:func:`effective_dropout_p`). Under autocast
-    q, k and v are cast to autocast's dtype first (as autocast does for SDPA), on every backend.
+    q, k and v are cast to autocast's dtype first (as autocast does for SDPA), on every backend. Every
+    backend refuses the same inputs (:func:`_check_args`: ranks, shapes, dtypes, devices, causal Tq > Tk,
+    dropout_p outside [0, 1)); the Triton one also head dims outside SUPPORTED_HEAD_DIMS and float64.
     """
-    amp = autocast_dtype(q) if isinstance(q, torch.Tensor) else None
+    _check_tensors(q, k, v)
+    amp = autocast_dtype(q)
     if amp is not None:
         q, k, v = q.to(amp), k.to(amp), v.to(amp)
+    _check_args(q, k, v, causal, dropout_p, scale)  # the same refusals on every backend, before choosing one
     impl = select(q, k, v)
     if impl == "torch":
         tq, tk = q.shape[-2], k.shape[-2]

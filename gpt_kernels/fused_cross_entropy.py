@@ -79,7 +79,7 @@ import triton.language as tl
 from . import reference
 from .autocast import autocast_dtype
 from .backend import select
-from .common import FLOAT_DTYPES, LAUNCH_OPTIONS, new_buffer
+from .common import FLOAT_DTYPES, LAUNCH_OPTIONS, check_same_device, new_buffer, on_inputs_device
 
 _REDUCTIONS = ("mean", "sum", "none")
 _MAX_BLOCK_V = 4096  # widest vocabulary chunk one program loads at a time: 16 fp32 per thread at 8 warps
@@ -190,6 +190,7 @@ def _launch_config(V: int) -> tuple[int, int]:
     return block_v, num_warps
 
 
+@on_inputs_device
 def _cross_entropy_rows(x, target, V, ignore_index, label_smoothing, loss=None, lse=None, grad=None,
                         row_scale=None, forward=True):
     """Launch the kernel on (n, >= V) rows ``x`` with unit column stride.
@@ -475,6 +476,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     (with ``weight`` every backend runs torch). Where every target is ignored the mean is 0, not NaN. The
     loss is in the logits' dtype, or float32 under autocast (see :mod:`gpt_kernels.autocast`).
     """
+    check_same_device("cross_entropy", input=input, target=target, weight=weight)
     impl = select(input)
     out_dtype = torch.float32 if autocast_dtype(input) is not None else input.dtype
     if impl != "triton":
@@ -537,6 +539,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, r
     full logits. Returns the loss in hidden's dtype, or float32 under autocast (the projection then runs
     in autocast's dtype, as ``F.linear`` would).
     """
+    check_same_device("linear_cross_entropy", hidden=hidden, weight=weight, target=target, bias=bias)
     V = _check_linear(hidden, weight, bias, num_classes)
     impl = select(hidden, weight)
     amp = autocast_dtype(hidden)

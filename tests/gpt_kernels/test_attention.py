@@ -392,29 +392,68 @@ def _bad(device, **over):
     return args
 
 
-@pytest.mark.parametrize("over,error,match", [
-    (lambda d: {"q": torch.randn(2, 8, 16, device=d)}, ValueError, "4-D"),
-    (lambda d: {"k": torch.randn(1, 2, 8, 32, device=d), "v": torch.randn(1, 2, 8, 32, device=d)}, ValueError,
-     "head dim"),
-    (lambda d: {"k": torch.randn(1, 3, 8, 16, device=d), "v": torch.randn(1, 3, 8, 16, device=d)}, ValueError,
-     "agree in batch, heads"),
-    (lambda d: {"v": torch.randn(1, 2, 9, 16, device=d)}, ValueError, "k and v must have the same shape"),
-    (lambda d: {"v": torch.randn(1, 2, 8, 16, device=d, dtype=torch.float16)}, TypeError, "share a dtype"),
-    (lambda d: {"q": torch.randn(1, 2, 8, 16, device=d, dtype=torch.float64),
-                "k": torch.randn(1, 2, 8, 16, device=d, dtype=torch.float64),
-                "v": torch.randn(1, 2, 8, 16, device=d, dtype=torch.float64)}, TypeError, "float16, bfloat16"),
-    (lambda d: {"q": torch.randn(1, 2, 8, 48, device=d), "k": torch.randn(1, 2, 8, 48, device=d),
-                "v": torch.randn(1, 2, 8, 48, device=d)}, ValueError, r"16, 32, 64, 80, 96, 128"),
-    (lambda d: {"dropout_p": 1.0}, ValueError, r"dropout_p must be a number in \[0, 1\)"),
-    (lambda d: {"dropout_p": -0.1}, ValueError, "dropout_p"),
-    (lambda d: {"q": torch.randn(1, 2, 9, 16, device=d)}, ValueError, "Tq <= Tk"),
-    (lambda d: {"k": torch.randn(1, 2, 0, 16, device=d), "v": torch.randn(1, 2, 0, 16, device=d),
-                "causal": False}, ValueError, "at least one key"),
-], ids=["rank", "head-dim-mismatch", "heads-mismatch", "kv-shape", "dtype-mismatch", "float64", "unsupported-D",
-        "dropout-1", "dropout-negative", "tq-gt-tk", "no-keys"])
-def test_bad_input(device, over, error, match):
+# every backend refuses these, with the same message, before choosing its path (issue 27, item 4)
+BAD_EVERYWHERE = {
+    "rank": (lambda d: {"q": torch.randn(2, 8, 16, device=d)}, ValueError, "4-D"),
+    "rank-v": (lambda d: {"v": torch.randn(1, 2, 8, 16, 1, device=d)}, ValueError, "v must be 4-D"),
+    "head-dim-mismatch": (lambda d: {"k": torch.randn(1, 2, 8, 32, device=d), "v": torch.randn(1, 2, 8, 32, device=d)},
+                          ValueError, "head dim"),
+    "heads-mismatch": (lambda d: {"k": torch.randn(1, 3, 8, 16, device=d), "v": torch.randn(1, 3, 8, 16, device=d)},
+                       ValueError, "agree in batch, heads"),
+    "batch-mismatch": (lambda d: {"k": torch.randn(2, 2, 8, 16, device=d), "v": torch.randn(2, 2, 8, 16, device=d)},
+                       ValueError, "agree in batch, heads"),
+    "kv-lengths": (lambda d: {"k": torch.randn(1, 2, 12, 16, device=d), "v": torch.randn(1, 2, 9, 16, device=d)},
+                   ValueError, "k and v must have the same shape"),
+    "dtype-mismatch": (lambda d: {"v": torch.randn(1, 2, 8, 16, device=d, dtype=torch.float16)}, TypeError,
+                       "share a dtype"),
+    "integer": (lambda d: {x: torch.ones(1, 2, 8, 16, device=d, dtype=torch.int32) for x in "qkv"}, TypeError,
+                "floating point"),
+    "devices": (lambda d: {"k": torch.randn(1, 2, 8, 16, device="meta")}, ValueError, "one device"),
+    "dropout-1": (lambda d: {"dropout_p": 1.0}, ValueError, r"dropout_p must be a number in \[0, 1\)"),
+    "dropout-1.5": (lambda d: {"dropout_p": 1.5}, ValueError, r"dropout_p must be a number in \[0, 1\)"),
+    "dropout-negative": (lambda d: {"dropout_p": -0.1}, ValueError, "dropout_p"),
+    "tq-gt-tk": (lambda d: {"q": torch.randn(1, 2, 9, 16, device=d)}, ValueError, "Tq <= Tk"),
+    "no-keys": (lambda d: {"k": torch.randn(1, 2, 0, 16, device=d), "v": torch.randn(1, 2, 0, 16, device=d),
+                           "causal": False}, ValueError, "at least one key"),
+    "scale": (lambda d: {"scale": "0.5"}, TypeError, "scale must be a float"),
+}
+# only the Triton kernels refuse these (the torch and reference backends compute them)
+BAD_FOR_TRITON = {
+    "float64": (lambda d: {x: torch.randn(1, 2, 8, 16, device=d, dtype=torch.float64) for x in "qkv"}, TypeError,
+                "float16, bfloat16"),
+    "unsupported-D": (lambda d: {x: torch.randn(1, 2, 8, 48, device=d) for x in "qkv"}, ValueError,
+                      r"16, 32, 64, 80, 96, 128"),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference", "triton"])
+@pytest.mark.parametrize("case", BAD_EVERYWHERE)
+def test_bad_input_every_backend(device, backend, case):
+    over, error, match = BAD_EVERYWHERE[case]
+    with pytest.raises(error, match=match), use_backend(backend):
+        gpt_kernels.attention(**_bad(device, **over(device)))
+
+
+@pytest.mark.parametrize("case", BAD_FOR_TRITON)
+def test_bad_input_for_the_kernels(device, case):
+    over, error, match = BAD_FOR_TRITON[case]
     with pytest.raises(error, match=match), use_backend("triton"):
         gpt_kernels.attention(**_bad(device, **over(device)))
+    with use_backend("torch"):  # computable: the torch backend takes it
+        gpt_kernels.attention(**_bad(device, **over(device)))
+
+
+def test_causal_tq_gt_tk_is_fine_without_causal(device):
+    """Cross-attention shapes (Tq > Tk) are refused only with ``causal``; without it every backend computes
+    the same finite answer."""
+    q, k, v = _qkv(1, 2, 9, 5, 16, f32, device)
+    outs = {}
+    for backend in ("torch", "reference", "triton"):
+        with use_backend(backend):
+            outs[backend] = gpt_kernels.attention(q, k, v, causal=False)
+    assert torch.isfinite(outs["reference"]).all()
+    for backend in ("torch", "triton"):
+        torch.testing.assert_close(outs[backend], outs["reference"], rtol=1e-4, atol=1e-5)
 
 
 def test_not_a_tensor(device):
