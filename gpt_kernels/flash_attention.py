@@ -875,7 +875,8 @@ def _prune_for(name: str, kernel):
     length_key = "TQ_KEY" if _kernel_table(name)[1] == "BLOCK_M" else "TK_KEY"
 
     def prune(triton_configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
+        # the launch's arguments, without what Triton's launch machinery adds to them (grid, warmup)
+        args = {k: v for k, v in {**named_args, **kwargs}.items() if k not in ("grid", "warmup")}
         q = args["Q"]
         limit = _smem_limit(q.device)
         fits = None if limit is None else (lambda launch: _smem_used(kernel, launch, args) <= limit)

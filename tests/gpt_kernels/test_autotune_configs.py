@@ -150,6 +150,33 @@ def test_pruning_drops_what_exceeds_the_gpus_shared_memory(compile_report, monke
         assert ("dq", 128, (64, 64, 4, 3)) in dropped
 
 
+def test_a_launch_through_the_autotuner_measures_with_the_kernels_arguments(monkeypatch, device):
+    """As a GPU launch runs it: through Triton's autotuner, which hands the pruning the launch's arguments
+    plus its own (grid, warmup). Each candidate's shared memory is read by compiling the kernel with exactly
+    its arguments and compile options. (GPT_KERNELS_AUTOTUNE=first: one candidate, so no timing, which
+    needs a GPU; the interpreter then runs it.)"""
+    from gpt_kernels.common import LAUNCH_OPTIONS
+
+    monkeypatch.setenv(fa.AUTOTUNE_ENV, "first")
+    monkeypatch.setattr(fa, "interpreter_enabled", lambda: False)  # through the autotuner, not the fixed configs
+    monkeypatch.setattr(fa, "_AUTOTUNED", {})
+    monkeypatch.setattr(fa, "_smem_limit", lambda device: 100_000)
+    measured = []
+
+    def smem_used(kernel, launch, args):
+        unknown = set(args) - set(kernel.arg_names) - set(LAUNCH_OPTIONS)
+        assert not unknown, f"{kernel.fn.__name__} would be compiled with {sorted(unknown)}"
+        measured.append((kernel.fn.__name__, launch))
+        return 50_000
+
+    monkeypatch.setattr(fa, "_smem_used", smem_used)
+    q, k, v = (torch.randn(1, 1, 64, 16, device=device) for _ in range(3))
+    o, _ = fa._forward(q, k, v, True, 0.0, 0.25, None)
+    assert [name for name, _ in measured] == ["_attn_fwd"]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25)
+    torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_no_config_fits_says_so(monkeypatch):
     monkeypatch.setattr(fa, "_smem_limit", lambda device: 1024)
     monkeypatch.setattr(fa, "_smem_used", lambda kernel, launch, args: 4096)
