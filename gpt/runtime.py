@@ -19,15 +19,26 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: the GPU when there is one, else the CPU; or a name such as ``cpu``, ``cuda``, ``cuda:1``."""
+    """``auto``: the GPU when there is one, else the CPU; or a name such as ``cpu``, ``cuda``, ``cuda:1``.
+
+    A GPU named by index must exist, and becomes the current CUDA device: what reads the current device
+    (``torch.cuda.is_bf16_supported()``, an allocation on plain ``"cuda"``) then means the chosen GPU. (The
+    kernels launch on their tensors' GPU whichever is current: ``gpt_kernels.common.device_guard``.)
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(name).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+        torch.cuda.set_device(device)
+    return device
 
 
 def check_backend(name: str | None, device: torch.device) -> None:
