@@ -21,6 +21,7 @@ import torch
 from gpt_kernels.backend import BACKENDS
 
 from . import classify, instruct
+from .cli_data import add_prepare_command
 from .config import PRESETS
 from .engine import RunConfig
 from .finetune import (
@@ -449,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_command(sub)
     add_finetune_commands(sub)
     add_use_commands(sub)
+    add_prepare_command(sub)
     return p
 
 
