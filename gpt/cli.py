@@ -130,8 +130,9 @@ def add_train_command(sub) -> None:
                  "this project) as a new run; --resume continues a run instead", "runs/<date-time>")
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="FILE_OR_DIR", default=None,
-                   help="a UTF-8 text file or a directory of .txt files (big ones are tokenized once into a "
-                        "memory-mapped token file beside them) (default: The Verdict, bundled)")
+                   help="a UTF-8 text file, a directory of .txt files (big ones are tokenized once into a "
+                        "memory-mapped token file beside them), or a folder of gpt prepare-data (its shards streamed "
+                        "in order, its validation shard evaluated) (default: The Verdict, bundled)")
     g.add_argument("--val-ratio", type=float, default=d.val_ratio,
                    help=f"share of the tokens (the last ones) kept for validation (default {d.val_ratio:g})")
     g.add_argument("--context-length", type=int, metavar="T", default=None,

@@ -11,6 +11,10 @@ follows a cosine down to ``min_lr`` (the book's appendix D), gradient clipping a
 ``tokens_per_step``, bf16 autocast (or fp16 with a gradient scaler) on CUDA, ``torch.compile``,
 DistributedDataParallel under ``torchrun``, checkpoints that resume exactly, and Ctrl-C to save and stop.
 
+``data`` may also be a folder of ``gpt prepare-data`` (:mod:`gpt.shards`, a corpus of any size): its
+training shards are streamed by memory map, in order, each process reading its own windows of each step
+(:mod:`gpt.stream`), and the evaluations read its validation shard.
+
 A run directory (``--out``, default ``runs/<date-time>``) holds:
 
     config.json, model.safetensors   the latest weights: ``gpt.weights.load_checkpoint(run_dir)`` loads them
@@ -36,7 +40,8 @@ from .job import run
 from .model import GPT
 from .plot import plot_losses
 from .runtime import Processes
-from .tokenizer import decode, encode
+from .stream import ShardCorpus, is_shard_folder
+from .tokenizer import VOCAB_SIZE, decode, encode
 from .weights import load_checkpoint, load_model, model_source, save_checkpoint
 
 DEFAULT_PRESET = "mini"  # trains on The Verdict in minutes on a laptop CPU
@@ -56,8 +61,9 @@ class TrainConfig(RunConfig):
     # multiple of this; None: 64 on CUDA (50,304 rows: the head's matmuls and the loss kernel get 16-byte
     # aligned rows and vector loads), 1 elsewhere. A checkpoint keeps its own.
     # the data
-    data: str | None = None  # a text file or a directory of .txt files; None: The Verdict (bundled)
-    val_ratio: float = 0.1  # the last 10% of the tokens are the validation split, as in the book
+    data: str | None = None  # a text file, a directory of .txt files, or a folder of gpt prepare-data's shards
+    # (streamed in order; validation: its validation shard); None: The Verdict (bundled)
+    val_ratio: float = 0.1  # the last 10% of the tokens are the validation split, as in the book (not for shards)
     context_length: int | None = None  # tokens per window; None: the model's context length
     stride: int | None = None  # tokens between window starts; None: context_length (no overlap)
     tokens_per_step: int | None = None  # tokens per optimizer step (accumulating micro-batches to reach it);
@@ -111,7 +117,11 @@ class PretrainTask(Task):
         if ctx > model.config.context_length:
             raise ValueError(f"context length {ctx} is longer than the model's {model.config.context_length}: "
                              f"use --context-length {model.config.context_length} or less")
-        self.data = _Data(cfg, ctx, env)
+        self.shuffle = not is_shard_folder(cfg.data)  # prepared shards are streamed in order
+        self.data = _Data(cfg, ctx, env) if self.shuffle else ShardCorpus(cfg.data, ctx, cfg.stride)
+        if self.data.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the data's tokenizer has {self.data.vocab_size:,} token ids, more than the model's "
+                             f"vocabulary of {model.config.vocab_size:,}")
         self.train_set = self.data.train
         accum = _accumulation(cfg, ctx, env.world)
         self.examples_per_step, self.ctx, self.main = cfg.batch_size * env.world * accum, ctx, env.main
@@ -237,7 +247,7 @@ class _Data:
 
     def __init__(self, cfg: TrainConfig, context_length: int, env: Processes):
         source = cfg.data or default_text_path()
-        self.source = source
+        self.source, self.vocab_size = source, VOCAB_SIZE
         # A big corpus is tokenized once into a token file beside it. Under torchrun, process 0 does that
         # first, then the first process of each other machine (whose disk may not be shared), then the rest
         # read the file, so no two processes ever write the same file.
