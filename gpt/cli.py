@@ -21,7 +21,7 @@ import torch
 from gpt_kernels.backend import BACKENDS
 
 from . import classify, instruct
-from .cli_data import add_prepare_command
+from .cli_data import add_eval_command, add_prepare_command, add_train_hellaswag_args
 from .config import PRESETS
 from .engine import RunConfig
 from .finetune import (
@@ -153,6 +153,7 @@ def add_train_command(sub) -> None:
                    help=f"text continued after each epoch (default \"{d.sample_prompt}\")")
     g.add_argument("--sample-tokens", type=int, metavar="N", default=d.sample_tokens,
                    help=f"tokens generated for the sample; 0 = no sample (default {d.sample_tokens})")
+    add_train_hellaswag_args(p.add_argument_group("HellaSwag"))
     p.set_defaults(func=cmd_train)
 
 
@@ -452,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_commands(sub)
     add_use_commands(sub)
     add_prepare_command(sub)
+    add_eval_command(sub)
     return p
 
 

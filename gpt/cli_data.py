@@ -1,8 +1,14 @@
-"""The command line's data command, ``gpt prepare-data``: argparse only, registered by :mod:`gpt.cli`
-(which prints a user's mistake as one line, as for every command)."""
+"""The command line's data and evaluation commands, ``gpt prepare-data`` and ``gpt eval``: argparse only,
+registered by :mod:`gpt.cli` (which prints a user's mistake as one line, as for every command)."""
 
 from __future__ import annotations
 
+import argparse
+
+from gpt_kernels.backend import BACKENDS
+
+from .hellaswag import EvalConfig, evaluate
+from .runtime import DTYPES
 from .shards import PrepareConfig, prepare_data
 
 
@@ -41,3 +47,41 @@ def cmd_prepare(args) -> int:
                                shard_tokens=args.shard_tokens, val_tokens=args.val_tokens, strict=args.strict,
                                workers=args.workers))
     return 0
+
+
+def add_eval_command(sub) -> None:
+    d = EvalConfig()
+    p = sub.add_parser(
+        "eval", help="score a model on HellaSwag (completion style, as build-nanogpt and llm.c)",
+        description="Score a model on HellaSwag as build-nanogpt and llm.c do: the ending with the lowest summed "
+                    "(acc) or mean (acc_norm) loss of its tokens after the context. The file is read from the path "
+                    "given, never downloaded: hellaswag_val.jsonl from https://github.com/rowanz/hellaswag "
+                    "(data/hellaswag_val.jsonl, 10,042 examples).")
+    p.add_argument("--hellaswag", required=True, metavar="FILE", help="a HellaSwag JSON-lines file")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory of this project (a run of gpt train)")
+    g.add_argument("--hf", metavar="DIR", help="a Hugging Face GPT-2 directory (config.json + weights)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="without --checkpoint/--hf: an untrained preset, for trying the command out")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N",
+                   help=f"examples per forward pass, 4 rows each (default {d.batch_size})")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="score the first N examples only")
+    p.add_argument("--device", default=d.device, help="auto (the default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPES,
+                   help="precision (default auto: bf16 autocast on CUDA, float32 on the CPU)")
+    p.add_argument("--kernels", default=d.kernels, choices=BACKENDS,
+                   help="implementation of the fused ops (default auto: Triton on CUDA, PyTorch on the CPU)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    evaluate(EvalConfig(**{k: getattr(args, k) for k in EvalConfig.__dataclass_fields__}))
+    return 0
+
+
+def add_train_hellaswag_args(g: argparse._ArgumentGroup) -> None:
+    """gpt train's options for HellaSwag at evaluations."""
+    g.add_argument("--hellaswag", metavar="FILE", default=None,
+                   help="score this HellaSwag file (hellaswag_val.jsonl) at evaluations, into log.jsonl (default: no)")
+    g.add_argument("--hellaswag-every", type=int, metavar="N", default=None,
+                   help="steps between HellaSwag scores, a multiple of --eval-every (default: every evaluation)")

@@ -36,10 +36,11 @@ import torch
 from .data import SlidingWindowDataset, default_text_path, load_tokens, split_tokens
 from .engine import RunConfig, RunResult, Task, Trainer, check_positive
 from .generate import generate
+from .hellaswag import read_hellaswag, score
 from .job import run
 from .model import GPT
 from .plot import plot_losses
-from .runtime import Processes
+from .runtime import Processes, rng_preserved
 from .stream import ShardCorpus, is_shard_folder
 from .tokenizer import VOCAB_SIZE, decode, encode
 from .weights import load_checkpoint, load_model, model_source, save_checkpoint
@@ -71,17 +72,27 @@ class TrainConfig(RunConfig):
     # the sample after each epoch
     sample_prompt: str = "Every effort moves you"  # continued greedily after each epoch
     sample_tokens: int = 50
+    # HellaSwag (gpt.hellaswag) at evaluations, into the log
+    hellaswag: str | None = None  # a HellaSwag JSON-lines file (hellaswag_val.jsonl); None: none
+    hellaswag_every: int | None = None  # steps between HellaSwag scores (a multiple of eval_every; and at the
+    # end); None: at every evaluation
 
-    RESUME_MAY_CHANGE: ClassVar[frozenset] = RunConfig.RESUME_MAY_CHANGE | {"sample_prompt", "sample_tokens"}
+    RESUME_MAY_CHANGE: ClassVar[frozenset] = RunConfig.RESUME_MAY_CHANGE | {"sample_prompt", "sample_tokens",
+                                                                            "hellaswag", "hellaswag_every"}
 
     def check(self) -> None:
         super().check()
-        for name in ("context_length", "stride", "tokens_per_step", "pad_vocab_multiple"):
+        for name in ("context_length", "stride", "tokens_per_step", "pad_vocab_multiple", "hellaswag_every"):
             check_positive(self, name, allow_none=True)
         if not isinstance(self.sample_tokens, int) or self.sample_tokens < 0:
             raise ValueError(f"--sample-tokens must be >= 0 (0: no samples), got {self.sample_tokens!r}")
         if not 0.0 <= self.val_ratio < 1.0:
             raise ValueError(f"--val-ratio must be in [0, 1), got {self.val_ratio}")
+        if self.hellaswag_every and self.eval_every and self.hellaswag_every % self.eval_every:
+            raise ValueError(f"--hellaswag-every {self.hellaswag_every} must be a multiple of --eval-every "
+                             f"{self.eval_every}: HellaSwag is scored at evaluations")
+        if self.hellaswag_every and not self.hellaswag:
+            raise ValueError("--hellaswag-every needs --hellaswag FILE.jsonl")
 
 
 def train(cfg: TrainConfig | None = None, *, on_step=None, **settings) -> RunResult:
@@ -123,6 +134,7 @@ class PretrainTask(Task):
             raise ValueError(f"the data's tokenizer has {self.data.vocab_size:,} token ids, more than the model's "
                              f"vocabulary of {model.config.vocab_size:,}")
         self.train_set = self.data.train
+        self.hellaswag = read_hellaswag(cfg.hellaswag) if cfg.hellaswag else None
         accum = _accumulation(cfg, ctx, env.world)
         self.examples_per_step, self.ctx, self.main = cfg.batch_size * env.world * accum, ctx, env.main
         self.tokens_per_step = self.examples_per_step * ctx
@@ -152,8 +164,20 @@ class PretrainTask(Task):
         return loss
 
     def evaluate(self, run: Trainer) -> dict:
-        return {"tokens": run.step * self.tokens_per_step, "train_loss": self._mean_loss(run, self.data.train),
-                "val_loss": self._mean_loss(run, self.data.val)}
+        record = {"tokens": run.step * self.tokens_per_step, "train_loss": self._mean_loss(run, self.data.train),
+                  "val_loss": self._mean_loss(run, self.data.val)}
+        every = self.config.hellaswag_every
+        if self.hellaswag and (not every or run.step % every == 0 or run.step == run.total_steps):
+            record.update(self._hellaswag(run))
+        return record
+
+    def _hellaswag(self, run: Trainer) -> dict:
+        """acc and acc_norm on the HellaSwag file, the examples shared out among the processes."""
+        with rng_preserved():
+            r = score(run.model, self.hellaswag, self.config.batch_size, run.env.device,
+                      run.precision.autocast, run.env.rank, run.env.world)
+        n, correct, norm = run.env.sum([r["n"], r["correct"], r["correct_norm"]])
+        return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": norm / n}
 
     @staticmethod
     def _mean_loss(run: Trainer, ds) -> float | None:
@@ -170,7 +194,8 @@ class PretrainTask(Task):
 
     def report(self, r: dict) -> str:
         return (f"Ep {max(1, math.ceil(r['epoch']))} (step {r['step']:06d}): train loss {r['train_loss']:.3f}"
-                + (f", val loss {r['val_loss']:.3f}" if r["val_loss"] is not None else ""))
+                + (f", val loss {r['val_loss']:.3f}" if r["val_loss"] is not None else "")
+                + (f", HellaSwag acc_norm {r['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in r else ""))
 
     def epoch_end(self, run: Trainer) -> None:
         c = self.config
