@@ -148,7 +148,7 @@ class PretrainTask(Task):
         return [f"model: {self.what}, {m.num_parameters() / 1e6:.1f}M parameters, context {self.ctx}, dropout "
                 f"{m.config.dropout}, kernels {c.kernels}" + (" with torch.compile" if c.compile else ""),
                 f"data: {d.source}: {d.num_train_tokens:,} training / {d.num_val_tokens:,} validation tokens; "
-                f"{len(d.train)} windows of {self.ctx}, {self.tokens_per_step:,} tokens per step"]
+                f"{len(d.train):,} windows of {self.ctx}, {self.tokens_per_step:,} tokens per step"]
 
     def collate(self, items):
         x = torch.stack([x for x, _ in items])  # (B, T)
