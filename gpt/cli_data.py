@@ -7,7 +7,8 @@ import argparse
 
 from gpt_kernels.backend import BACKENDS
 
-from .hellaswag import EvalConfig, evaluate
+from .config import PRESETS
+from .hellaswag import DEFAULT_EVAL_PRESET, EvalConfig, evaluate
 from .runtime import DTYPES
 from .shards import PrepareConfig, prepare_data
 
@@ -62,10 +63,12 @@ def add_eval_command(sub) -> None:
     g.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory of this project (a run of gpt train)")
     g.add_argument("--hf", metavar="DIR", help="a Hugging Face GPT-2 directory (config.json + weights)")
     p.add_argument("--preset", default=None, metavar="NAME",
-                   help="without --checkpoint/--hf: an untrained preset, for trying the command out")
+                   help=f"without --checkpoint/--hf: an untrained model of this size, for trying the command out: "
+                        f"{', '.join(PRESETS)} (default: {DEFAULT_EVAL_PRESET})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N",
                    help=f"examples per forward pass, 4 rows each (default {d.batch_size})")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="score the first N examples only")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="score the first N examples only (default: all)")
     p.add_argument("--device", default=d.device, help="auto (the default), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=d.dtype, choices=DTYPES,
                    help="precision (default auto: bf16 autocast on CUDA, float32 on the CPU)")

@@ -35,6 +35,7 @@ from .rundir import need
 from .tokenizer import get_tokenizer
 
 ENDINGS = 4
+DEFAULT_EVAL_PRESET = "gpt2-small"  # gpt eval with no model named: untrained, for trying the command out
 
 
 @dataclass
@@ -174,7 +175,7 @@ def evaluate(cfg: EvalConfig, say=print) -> dict:
     device = pick_device(cfg.device)
     check_backend(cfg.kernels, device)
     precision = Precision(device, cfg.dtype)
-    kind, source = model_source(cfg.checkpoint, cfg.hf, cfg.preset, "gpt2-small")
+    kind, source = model_source(cfg.checkpoint, cfg.hf, cfg.preset, DEFAULT_EVAL_PRESET)
     model = load_model(source, device, kind=kind, kernel_backend=cfg.kernels)
     say(f"model: {describe_source(kind, source)}; {len(examples):,} HellaSwag examples from {cfg.hellaswag}; "
         f"{precision.name} on {device}")

@@ -185,6 +185,7 @@ def test_a_killed_run_resumes_without_redoing_its_finished_shards(tmp_path):
     stdout, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr[-2000:]
     assert f"resuming after {len(kept)} finished shard(s)" in stdout
+    assert "tokenizing" in stderr and "tokens/s" in stderr  # the progress bar: bytes (with an ETA) and tokens/s
     for name, st in kept.items():  # the same files, never rewritten
         now = (out / name).stat()
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), name
