@@ -18,9 +18,9 @@ process, however they are split: one process with batch 8, two with batch 4, or 
 accumulation steps follow the same curve (up to float rounding).
 
 **Exact resume.** A checkpoint is taken between two steps and holds everything the later steps depend
-on: weights, optimizer, schedule, gradient scaler, the step, every process's position in the data,
-every process's random generators (CPU and GPU: dropout masks and the attention kernels' dropout seeds) and the running
-loss since the last evaluation. Evaluations and samples run with the generators saved and put back
+on: weights, optimizer, schedule, gradient scaler, the step, every process's position in the data and
+its random generators (CPU and GPU: dropout masks and the attention kernels' dropout seeds), and the
+running loss since the last evaluation. Evaluations and samples run with the generators saved and put back
 (:func:`gpt.runtime.rng_preserved`), so they never shift the training's random streams. A run stopped
 at any step and resumed ends bit-identical to one that was never stopped (tested for every task).
 """
