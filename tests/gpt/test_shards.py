@@ -122,6 +122,31 @@ def test_text_pieces_tokenize_as_the_whole_text():
     assert len(pieces) > 20 and "".join(pieces) == text
     enc = get_tokenizer()
     assert sum((enc.encode_ordinary(p) for p in pieces), []) == enc.encode_ordinary(text)
+    raw = io.BytesIO(text.encode("utf-8"))  # read again from piece 7 on (a resume): the same pieces
+    assert [u.text for u in text_pieces(raw, raw, start=7, piece_chars=300)] == pieces[7:]
+
+
+def test_a_run_resumed_after_any_finished_shard_equals_a_straight_run(corpus, tmp_path):
+    """Resume points inside every kind of source: text, JSON lines, gzip, Parquet row groups."""
+    root, sources, _ = corpus
+    cfg = dict(sources=sources, shard_tokens=3_000, val_tokens=1_000, workers=2)
+    straight = tmp_path / "straight"
+    index = prepare_data(PrepareConfig(out=str(straight), **cfg), say=lambda *a: None)
+    shards = index["shards"]
+    ends = {Path(index["sources"][s["end"]["source"]]["path"]).name for s in shards}
+    assert {"a0.txt", "b.jsonl", "c.jsonl.gz", "d.txt.gz", "e.parquet"} <= ends
+    assert any(0 < s["end"]["offset"] for s in shards)  # shards that end inside a document
+    for k in range(1, len(shards), 3):
+        out = tmp_path / f"after{k}"
+        out.mkdir()
+        for s in shards[:k]:
+            (out / s["file"]).write_bytes((straight / s["file"]).read_bytes())
+        partial = {key: v for key, v in index.items() if key not in ("tokens", "documents", "skipped")}
+        (out / INDEX_FILE).write_text(json.dumps({**partial, "complete": False, "shards": shards[:k]}))
+        said = []
+        prepare_data(PrepareConfig(out=str(out), **cfg), say=said.append)
+        assert said[0] == f"resuming after {k} finished shard(s) in {out}"
+        assert files(out) == files(straight), k
 
 
 def test_the_same_inputs_give_the_same_bytes_whatever_the_threads(corpus, tmp_path):
