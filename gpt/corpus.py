@@ -258,7 +258,7 @@ def text_pieces(f, raw, start: int = 0, piece_chars: int = PIECE_CHARS) -> Itera
         text += decoder.decode(block, final=not block)
         if index == 0:
             text = text.removeprefix("\ufeff")  # a byte-order mark is no text
-        while (cut := len(text) if not block else _cut(text, piece_chars)) and (text or index == 0):
+        while cut := len(text) if not block else _cut(text, piece_chars):
             if index >= start:
                 yield Unit(index, text[:cut], index == 0, raw.tell())
             index, text = index + 1, text[cut:]
