@@ -33,9 +33,10 @@ SUITES: dict[str, tuple[str, bool]] = {
     "e2e_train": ("bench.e2e_train", True),
     "generate": ("bench.bench_generate", False),
     "e2e_cpu": ("bench.e2e_cpu", False),
+    "prepare": ("bench.bench_prepare", False),
 }
 GROUPS = {
-    "cpu": ["e2e_cpu", "generate"],
+    "cpu": ["e2e_cpu", "generate", "prepare"],
     "gpu": ["norm", "activation", "attention", "cross_entropy", "e2e_train", "generate"],
 }
 _METRIC_GUESSES = ("tflops", "TFLOP/s", "gbps", "GB/s", "tokens_per_s", "per_s")

@@ -18,15 +18,18 @@ How the package is built; calls go one way, from the command line to the jobs to
   ``load_model`` for any of them plus presets);
 - what jobs run on: ``runtime`` (device, precision, process group, RNG, signals), ``rundir`` (run
   directories, atomic writes, the log, staged checkpoints), ``optim`` (the one optimizer rule and schedule),
-  ``data``, ``plot``;
+  ``data``, ``sources`` (which examples each step takes, and each process's position), ``plot``;
+- corpora and benchmarks: ``corpus`` (text, JSON-lines and Parquet sources read document by document),
+  ``shards`` (``gpt prepare-data``: a corpus tokenized into uint16 shards and an index), ``stream`` (those
+  shards as training windows, by memory map), ``hellaswag`` (HellaSwag scored completion-style: ``gpt eval``);
 - the one training engine, ``engine`` (RunConfig, the Task protocol, the loop) with ``clock`` (the estimate
   of a run's length), and ``job`` (how a run starts: settings checked, resume resolved, task built, engine
   run);
 - the jobs, each a function taking a config dataclass: ``pretrain`` (TrainConfig, train), ``finetune``
   (what finetuning shares: FinetuneConfig, trainable weights, finetuned models on disk), ``classify`` and
   ``instruct`` (the two finetuning tasks);
-- the command line, ``cli`` (imported only by ``__main__``), which turns options into configs and calls
-  the jobs.
+- the command line, ``cli`` (imported only by ``__main__``; ``cli_data`` holds prepare-data's and eval's
+  options), which turns options into configs and calls the jobs.
 
 ``import gpt`` loads the model layer only; the jobs and their configs load when first used.
 """

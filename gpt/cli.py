@@ -21,6 +21,7 @@ import torch
 from gpt_kernels.backend import BACKENDS
 
 from . import classify, instruct
+from .cli_data import add_eval_command, add_prepare_command, add_train_hellaswag_args
 from .config import PRESETS
 from .engine import RunConfig
 from .finetune import (
@@ -129,8 +130,9 @@ def add_train_command(sub) -> None:
                  "this project) as a new run; --resume continues a run instead", "runs/<date-time>")
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="FILE_OR_DIR", default=None,
-                   help="a UTF-8 text file or a directory of .txt files (big ones are tokenized once into a "
-                        "memory-mapped token file beside them) (default: The Verdict, bundled)")
+                   help="a UTF-8 text file, a directory of .txt files (big ones are tokenized once into a "
+                        "memory-mapped token file beside them), or a folder of gpt prepare-data (its shards streamed "
+                        "in order, its validation shard evaluated) (default: The Verdict, bundled)")
     g.add_argument("--val-ratio", type=float, default=d.val_ratio,
                    help=f"share of the tokens (the last ones) kept for validation (default {d.val_ratio:g})")
     g.add_argument("--context-length", type=int, metavar="T", default=None,
@@ -151,6 +153,7 @@ def add_train_command(sub) -> None:
                    help=f"text continued after each epoch (default \"{d.sample_prompt}\")")
     g.add_argument("--sample-tokens", type=int, metavar="N", default=d.sample_tokens,
                    help=f"tokens generated for the sample; 0 = no sample (default {d.sample_tokens})")
+    add_train_hellaswag_args(p.add_argument_group("HellaSwag"))
     p.set_defaults(func=cmd_train)
 
 
@@ -449,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_command(sub)
     add_finetune_commands(sub)
     add_use_commands(sub)
+    add_prepare_command(sub)
+    add_eval_command(sub)
     return p
 
 

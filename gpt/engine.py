@@ -8,8 +8,9 @@ torchrun, evaluations and checkpoints on a schedule, exact resume at any step, C
 step, save, stop), and an estimate of the run's length once its first steps are timed (:mod:`gpt.clock`).
 As nanoGPT's one loop serves every config and Lightning's ``Trainer`` every module.
 
-**Which examples a step sees.** Each epoch shuffles the training examples with a generator seeded by
-(seed, epoch). Optimizer step ``s`` of the epoch takes the next ``G`` examples of that order, where
+**Which examples a step sees** (:mod:`gpt.sources`). Each epoch shuffles the training examples with a
+generator seeded by (seed, epoch), or keeps their order (a task's ``shuffle = False``: prepared shards,
+streamed). Optimizer step ``s`` of the epoch takes the next ``G`` examples of that order, where
 ``G = batch_size * accumulation * processes``; micro-step ``m`` takes ``batch_size * processes`` of them
 and process ``r`` its ``r``-th ``batch_size``. Examples left over at an epoch's end are skipped (as
 ``drop_last``). The loss of a step is the mean over all its loss terms (tokens, or examples) on every
@@ -17,9 +18,9 @@ process, however they are split: one process with batch 8, two with batch 4, or 
 accumulation steps follow the same curve (up to float rounding).
 
 **Exact resume.** A checkpoint is taken between two steps and holds everything the later steps depend
-on: weights, optimizer, schedule, gradient scaler, the step (hence the data position), every process's
-random generators (CPU and GPU: dropout masks and the attention kernels' dropout seeds) and the running
-loss since the last evaluation. Evaluations and samples run with the generators saved and put back
+on: weights, optimizer, schedule, gradient scaler, the step, every process's position in the data and
+its random generators (CPU and GPU: dropout masks and the attention kernels' dropout seeds), and the
+running loss since the last evaluation. Evaluations and samples run with the generators saved and put back
 (:func:`gpt.runtime.rng_preserved`), so they never shift the training's random streams. A run stopped
 at any step and resumed ends bit-identical to one that was never stopped (tested for every task).
 """
@@ -52,8 +53,9 @@ from .runtime import (
     set_rng_state,
     to_device,
 )
+from .sources import ExampleSource
 
-STATE_FORMAT = "gpt-triton-trainer-2"
+STATE_FORMAT = "gpt-triton-trainer-3"  # 3: every process's data position ("data")
 
 
 @dataclass
@@ -161,6 +163,7 @@ class Task:
     config: RunConfig  # the job's settings with everything resolved (what a resume continues with)
     model: nn.Module  # on the device, with its trainable parameters marked (requires_grad)
     train_set: Sequence  # the training examples: the engine shuffles and deals them out
+    shuffle: bool = True  # a new order of train_set each epoch; False: its own order (streamed shards)
     examples_per_step: int | None = None  # all processes together; None: one batch per process
     eval_at_start: bool = False  # evaluate before the first step too
     after_training: str = ""  # untimed work after the last step, named in the time estimate
@@ -204,12 +207,6 @@ class Task:
         return {}
 
 
-def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled example indices of ``epoch``, (num_examples,): the same in every process and resume."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
-    return torch.randperm(num_examples, generator=g)
-
-
 # ------------------------------------------------------------------------------------------ the loop
 
 
@@ -229,7 +226,7 @@ class Trainer:
         self._plan(task.config)
         self.step, self.evals, self.losses = 0, [], []
         self._running = [0.0, 0]  # sum and count of the step losses since the last evaluation
-        self._order_epoch, self._order = -1, None
+        self.source = ExampleSource(task.train_set, self.config.seed if task.shuffle else None)
         self.clock = RunClock()
         fused = env.device.type in ("cuda", "cpu")
         self.optimizer = make_optimizer(self.model, self.config.lr, self.config.weight_decay, fused=fused)
@@ -282,6 +279,7 @@ class Trainer:
         if self.precision.scaler is not None and state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
         self.step, self._running = state["step"], list(state["running"])
+        self.source.load_state_dict(state["data"], self.env.rank)
         if state["world_size"] == self.env.world:
             set_rng_state(state["rng"][self.env.rank])
         else:
@@ -426,15 +424,8 @@ class Trainer:
 
     def _batches(self) -> list[tuple]:
         """This process's micro-batches of the next step (see the module's doc)."""
-        epoch, b = divmod(self.step, self.steps_per_epoch)
-        if epoch != self._order_epoch:
-            self._order_epoch, self._order = epoch, epoch_order(len(self.task.train_set), self.config.seed, epoch)
-        first, bs = b * self.per_step, self.config.batch_size
-        batches = []
-        for m in range(self.accum):
-            start = first + m * self.per_micro + self.env.rank * bs
-            batches.append(self.task.collate([self.task.train_set[int(i)] for i in self._order[start:start + bs]]))
-        return batches
+        items = self.source.next_step(self.accum, self.config.batch_size, self.env.world, self.env.rank)
+        return [self.task.collate(examples) for examples in items]
 
     def _train_step(self) -> tuple[float, float]:
         """One optimizer step; returns its loss (the mean over every loss term of every process) and lr."""
@@ -474,12 +465,14 @@ class Trainer:
 
     def _save(self) -> None:
         rng = self.env.gather(rng_state())  # every process's generators, so a resume continues them all
+        data = self.env.gather(self.source.state_dict())  # ... and its position in the data
         if not self.env.main:
             return
         state = {"format": STATE_FORMAT, "task": self.task.name, "step": self.step, "world_size": self.env.world,
                  "examples_per_step": self.per_step, "train_config": asdict(self.config), "running": self._running,
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None, "rng": rng}
+                 "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None, "rng": rng,
+                 "data": data}
 
         def write(staging: Path):
             self.task.save(self, staging)
