@@ -231,25 +231,26 @@ def _gpt2_scale(module, head_dim: int) -> float:
 
 def _wrap_forward(model: nn.Module, kernel_backend: str | None, fused_loss: bool) -> None:
     """The model's forward, refusing what the kernels cannot serve, and for a language model taking the
-    fused loss in training mode when labels are given."""
-    original = model.forward  # the bound method, with transformers' decorators
-    names = _positional_names(original)  # once: inspect has no place in a traced forward
+    fused loss in training mode when labels are given. Bound to the model (nothing in it refers to this
+    instance), so a deep copy of the model runs its own weights."""
+    cls_forward = type(model).forward  # the class's, with transformers' decorators
+    names = _positional_names(cls_forward)[1:]  # once, without self: inspect has no place in a traced forward
 
-    @functools.wraps(original)  # its signature: Trainer reads the argument names from it
-    def forward(*args, **kwargs):
+    @functools.wraps(cls_forward)  # its signature: the Trainer reads the argument names from it
+    def forward(self, *args, **kwargs):
         named = {**dict(zip(names, args)), **kwargs}
-        _refuse_call(model, named)
-        lm_head = getattr(model, "lm_head", None)
-        if (fused_loss and model.training and named.get("labels") is not None and type(lm_head) is nn.Linear
+        _refuse_call(self, named)
+        if (fused_loss and self.training and named.get("labels") is not None and type(self.lm_head) is nn.Linear
                 and not named.get("logits_to_keep")):
-            return _fused_loss_forward(model, named, kernel_backend)
-        return original(*args, **kwargs)
+            return _fused_loss_forward(self, named, self.gpt_triton_backend)
+        return cls_forward(self, *args, **kwargs)
 
-    model.forward = forward
+    model.forward = types.MethodType(forward, model)
+    model.gpt_triton_backend = kernel_backend
 
 
 def _positional_names(fn) -> list[str]:
-    """The names of ``fn``'s arguments that can be given by position, in order (``self`` bound already)."""
+    """The names of ``fn``'s arguments that can be given by position, in order."""
     return [p.name for p in inspect.signature(fn).parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
