@@ -34,10 +34,11 @@ SUITES: dict[str, tuple[str, bool]] = {
     "generate": ("bench.bench_generate", False),
     "e2e_cpu": ("bench.e2e_cpu", False),
     "prepare": ("bench.bench_prepare", False),
+    "hf_accelerate": ("bench.bench_hf_accelerate", False),
 }
 GROUPS = {
-    "cpu": ["e2e_cpu", "generate", "prepare"],
-    "gpu": ["norm", "activation", "attention", "cross_entropy", "e2e_train", "generate"],
+    "cpu": ["e2e_cpu", "generate", "prepare", "hf_accelerate"],
+    "gpu": ["norm", "activation", "attention", "cross_entropy", "e2e_train", "generate", "hf_accelerate"],
 }
 _METRIC_GUESSES = ("tflops", "TFLOP/s", "gbps", "GB/s", "tokens_per_s", "per_s")
 _IMPL_KEYS = ("impl", "provider", "variant", "method")

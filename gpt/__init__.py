@@ -16,6 +16,8 @@ How the package is built; calls go one way, from the command line to the jobs to
 - the model: ``config`` (GPTConfig and presets), ``model`` (GPT and the classifier head, on the ``gpt_kernels``
   API), ``kv_cache``, ``lora``, ``tokenizer``, ``generate``, ``weights`` (checkpoints, Hugging Face GPT-2,
   ``load_model`` for any of them plus presets);
+- meeting transformers: ``hf_export`` (``export_hf``: a model as a Hugging Face GPT-2 directory) and
+  ``hf_accelerate`` (``accelerate_hf``: a transformers GPT-2 on our kernels);
 - what jobs run on: ``runtime`` (device, precision, process group, RNG, signals), ``rundir`` (run
   directories, atomic writes, the log, staged checkpoints), ``optim`` (the one optimizer rule and schedule),
   ``data``, ``sources`` (which examples each step takes, and each process's position), ``plot``;
@@ -38,19 +40,21 @@ from .config import PRESETS, GPTConfig
 from .generate import generate
 from .model import GPT, GPTClassifier
 from .tokenizer import get_tokenizer
-from .weights import CheckpointError, load_checkpoint, load_hf, load_model, save_checkpoint
+from .weights import CheckpointError, load_checkpoint, load_hf, load_hf_classifier, load_model, save_checkpoint
 
-_JOBS = {"TrainConfig": "pretrain", "train": "pretrain", "RunResult": "engine", "FinetuneConfig": "finetune",
-         "finetune_classifier": "classify", "finetune_instruct": "instruct"}
+# imported on first use: the jobs and their configs, and the Hugging Face export and acceleration
+_LAZY = {"TrainConfig": "pretrain", "train": "pretrain", "RunResult": "engine", "FinetuneConfig": "finetune",
+         "finetune_classifier": "classify", "finetune_instruct": "instruct", "export_hf": "hf_export",
+         "accelerate_hf": "hf_accelerate"}
 
 __all__ = ["GPT", "PRESETS", "CheckpointError", "GPTClassifier", "GPTConfig", "generate", "get_tokenizer",
-           "load_checkpoint", "load_hf", "load_model", "save_checkpoint", *_JOBS]
+           "load_checkpoint", "load_hf", "load_hf_classifier", "load_model", "save_checkpoint", *_LAZY]
 
 
 def __getattr__(name: str):
-    """The jobs and their configs, imported on first use (so ``import gpt`` stays light)."""
-    if name in _JOBS:
+    """The names of ``_LAZY``, imported on first use (so ``import gpt`` stays light)."""
+    if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_JOBS[name]}", __name__), name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'gpt' has no attribute {name!r}")

@@ -446,6 +446,30 @@ def add_use_commands(sub) -> None:
     i.set_defaults(func=cmd_info)
 
 
+def cmd_export(args) -> int:
+    from .hf_export import export_run
+
+    out, what = export_run(args.run, args.to, force=args.force)
+    print(f"exported {what} from {args.run} to {out}: load it with transformers' from_pretrained({str(out)!r}) "
+          f"and AutoTokenizer.from_pretrained({str(out)!r})")
+    return 0
+
+
+def add_export_command(sub) -> None:
+    e = sub.add_parser("export", help="write a run as a Hugging Face GPT-2 directory (transformers loads it)",
+                       description="Write a run as a Hugging Face GPT-2 directory: config.json, model.safetensors, "
+                                   "generation_config.json and GPT-2's tokenizer files, which transformers' "
+                                   "from_pretrained and AutoTokenizer load offline. A pretraining or instruction run "
+                                   "becomes a GPT2LMHeadModel (LoRA adapters merged), a classifier run a "
+                                   "GPT2ForSequenceClassification with its labels.")
+    e.add_argument("run", metavar="RUN", help="a run directory of gpt train, gpt finetune-* or gpt lora-merge")
+    e.add_argument("--to", required=True, metavar="DIR", help="where to write it (a new or empty directory)")
+    e.add_argument("--force", action="store_true",
+                   help="write into a directory that holds other files, replacing the Hugging Face files there "
+                        "(default: refuse a directory that is not empty)")
+    e.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpt", description="A GPT-2 language model on handwritten Triton kernels.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -454,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_use_commands(sub)
     add_prepare_command(sub)
     add_eval_command(sub)
+    add_export_command(sub)
     return p
 
 
