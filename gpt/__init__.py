@@ -31,11 +31,18 @@ How the package is built; calls go one way, from the command line to the jobs to
 ``import gpt`` loads the model layer only; the jobs and their configs load when first used.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from .config import PRESETS, GPTConfig
 from .generate import generate
 from .model import GPT, GPTClassifier
 from .tokenizer import get_tokenizer
 from .weights import CheckpointError, load_checkpoint, load_hf, load_model, save_checkpoint
+
+try:
+    __version__ = version("gpt-triton")  # what `gpt --version` says
+except PackageNotFoundError:  # a checkout that was never installed
+    __version__ = "(not installed)"
 
 _JOBS = {"TrainConfig": "pretrain", "train": "pretrain", "RunResult": "engine", "FinetuneConfig": "finetune",
          "finetune_classifier": "classify", "finetune_instruct": "instruct"}
