@@ -68,13 +68,13 @@ class RunClock:
         the last step (a test set)."""
         step_s = sum(self.steps) / len(self.steps)
         left = steps * step_s + epoch_ends * self.epoch_end_s
-        parts = [f"{steps} steps of {duration(step_s)}"]
+        parts = [f"{steps:,} steps of {duration(step_s)}"]
         if evals and self.eval_s is None:
-            parts.append(f"{evals} evaluation{'s' if evals > 1 else ''} not timed yet")
+            parts.append(f"{evals:,} evaluation{'s' if evals > 1 else ''} not timed yet")
             self.shown_without_evals = True
         elif evals:
             left += evals * self.eval_s
-            parts.append(f"{evals} evaluation{'s' if evals > 1 else ''} of {duration(self.eval_s)}")
+            parts.append(f"{evals:,} evaluation{'s' if evals > 1 else ''} of {duration(self.eval_s)}")
         try:
             end = datetime.datetime.now() + datetime.timedelta(seconds=left)
             done = f"training done around {end:%H:%M}" if left < DAY else f"training done around {end:%Y-%m-%d %H:%M}"
