@@ -19,9 +19,9 @@ How the package is built; calls go one way, from the command line to the jobs to
 - what jobs run on: ``runtime`` (device, precision, process group, RNG, signals), ``rundir`` (run
   directories, atomic writes, the log, staged checkpoints), ``optim`` (the one optimizer rule and schedule),
   ``data``, ``plot``;
-- the one training engine, ``engine`` (RunConfig, the Task protocol, the loop) with ``clock`` (the estimate
-  of a run's length), and ``job`` (how a run starts: settings checked, resume resolved, task built, engine
-  run);
+- the one training engine, ``engine`` (RunConfig, the Task protocol, the loop) with ``checks`` (the
+  settings' checks) and ``clock`` (the estimate of a run's length), and ``job`` (how a run starts: settings
+  checked, resume resolved, task built, engine run);
 - the jobs, each a function taking a config dataclass: ``pretrain`` (TrainConfig, train), ``finetune``
   (what finetuning shares: FinetuneConfig, trainable weights, finetuned models on disk), ``classify`` and
   ``instruct`` (the two finetuning tasks);

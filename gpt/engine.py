@@ -5,7 +5,9 @@ is built from them, the loss, the evaluation, what a checkpoint's model files ar
 end. The engine owns the rest, the same for all: the learning-rate schedule, the optimizer rule
 (:mod:`gpt.optim`), mixed precision, gradient accumulation and clipping, DistributedDataParallel under
 torchrun, evaluations and checkpoints on a schedule, exact resume at any step, Ctrl-C (finish the
-step, save, stop), and an estimate of the run's length once its first steps are timed (:mod:`gpt.clock`).
+step, or cut the evaluation or sample after it short; save; stop), a run directory held from start to end
+(:func:`gpt.rundir.claim_run_dir`), and an estimate of the run's length once its first steps are timed
+(:mod:`gpt.clock`).
 As nanoGPT's one loop serves every config and Lightning's ``Trainer`` every module.
 
 **Which examples a step sees.** Each epoch shuffles the training examples with a generator seeded by
@@ -18,10 +20,11 @@ accumulation steps follow the same curve (up to float rounding).
 
 **Exact resume.** A checkpoint is taken between two steps and holds everything the later steps depend
 on: weights, optimizer, schedule, gradient scaler, the step (hence the data position), every process's
-random generators (CPU and GPU: dropout masks and the attention kernels' dropout seeds) and the running
-loss since the last evaluation. Evaluations and samples run with the generators saved and put back
-(:func:`gpt.runtime.rng_preserved`), so they never shift the training's random streams. A run stopped
-at any step and resumed ends bit-identical to one that was never stopped (tested for every task).
+random generators (CPU and GPU: dropout masks and the attention kernels' dropout seeds), the running loss
+since the last evaluation, and the step's evaluation or sample if Ctrl-C left it undone (a resume does it
+first). Evaluations and samples run with the generators saved and put back (:func:`gpt.runtime.rng_preserved`),
+so they never shift the training's random streams. A run stopped at any step and resumed ends bit-identical
+to one that was never stopped (tested for every task).
 """
 
 from __future__ import annotations
@@ -368,11 +371,12 @@ class Trainer:
         c, spe = self.config, self.steps_per_epoch
         estimate_due = stepped = False
         while True:
-            try:
-                with stop.at_once(self.env.world == 1):  # processes must stop together: after a step
-                    self._do_pending()
-                    if estimate_due:
-                        self._say_estimate()
+            try:  # (processes must stop together: after a step and its work, so never at once under DDP)
+                with stop.at_once(self.env.world == 1):
+                    if not (stop.requested and self.env.world == 1):  # stopped in the step: its work waits for resume
+                        self._do_pending()
+                        if estimate_due:
+                            self._say_estimate()
             except KeyboardInterrupt:
                 if not stop.requested:
                     raise

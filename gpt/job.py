@@ -38,8 +38,9 @@ def run(cfg: RunConfig, task_cls: type[Task], *, defaults: dict | None = None,
 
     # the kernels: --kernels, else $GPT_KERNELS (checked here), else auto; the rule of every command. A resume
     # takes this machine's setting too (it is in RESUME_MAY_CHANGE, and never left None)
-    kernels = f"--kernels {cfg.kernels}" if cfg.kernels else f"{ENV_VAR}={get_backend()}"
-    cfg = dataclasses.replace(_plain_paths(cfg), kernels=cfg.kernels or get_backend())
+    backend = cfg.kernels or get_backend()
+    kernels = f"--kernels {backend}" if cfg.kernels else f"{ENV_VAR}={backend}"  # (named so in errors)
+    cfg = dataclasses.replace(_plain_paths(cfg), kernels=backend)
     env = Processes(cfg.device)
     try:
         with contextlib.ExitStack() as held:

@@ -65,16 +65,17 @@ def test_a_billion_epochs_get_an_estimate_at_once_and_stop_on_one_ctrl_c(tmp_pat
             time.sleep(0.1)
         assert "Ep 1 (step 000000)" in seen, "".join(lines)  # the evaluation before the first step
         assert "estimate:" in seen, "".join(lines)
-        assert seen["estimate:"] - seen["Ep 1 (step 000000)"] < 30  # four tiny steps, then the estimate
+        assert seen["estimate:"] - seen["Ep 1 (step 000000)"] < 60  # four tiny steps (on a busy CPU), the estimate
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)  # one Ctrl-C
-        proc.wait(timeout=60)
+        proc.wait(timeout=120)
         stopped_in = time.monotonic() - sent
     finally:
         if proc.poll() is None:
             proc.kill()
         reader.join(timeout=10)
-    assert proc.returncode == 130 and stopped_in < 10, (proc.returncode, stopped_in)
+    # the step under way finishes and its checkpoint is saved: seconds, more on a machine busy with other work
+    assert proc.returncode == 130 and stopped_in < 60, (proc.returncode, stopped_in)
     estimate = next(line for line in lines if line.startswith("estimate:"))
     assert "years more" in estimate, estimate
     assert "stopped at step" in seen and (tmp_path / "run" / STATE_FILE).exists()
@@ -97,21 +98,27 @@ def records(run_dir: Path) -> list[dict]:
             for line in (run_dir / LOG_FILE).read_text().splitlines()]
 
 
-def test_ctrl_c_during_an_evaluation_stops_at_once_and_the_resume_does_that_evaluation_first(tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["during the evaluation", "during the step before it"])
+def test_ctrl_c_stops_before_a_long_evaluation_and_the_resume_does_it_first(tmp_path, monkeypatch, when):
     whole = train(config(tmp_path, "whole"))
     evaluate = PretrainTask.evaluate
 
     def slow_evaluation(self, run):
+        if run.step == 3 and when == "during the evaluation":
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C at the start of the evaluation
         if run.step == 3:
-            signal.raise_signal(signal.SIGINT)  # Ctrl-C at the start of a minute-long evaluation
-            time.sleep(60)
+            time.sleep(300)
         return evaluate(self, run)
+
+    def ctrl_c_in_the_step(step, loss):
+        if step == 3 and when == "during the step before it":
+            signal.raise_signal(signal.SIGINT)  # the step finishes, and the evaluation after it waits
 
     monkeypatch.setattr(PretrainTask, "evaluate", slow_evaluation)
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        train(config(tmp_path, "stopped"))
-    assert time.monotonic() - t0 < 30  # not the minute the evaluation would take
+        train(config(tmp_path, "stopped"), on_step=ctrl_c_in_the_step)
+    assert time.monotonic() - t0 < 120  # not the five minutes the evaluation would take
     monkeypatch.undo()
     state = torch.load(tmp_path / "stopped" / STATE_FILE, weights_only=True)
     assert state["step"] == 3 and state["pending"] == ["evaluate"]  # the step's checkpoint, its evaluation to do
