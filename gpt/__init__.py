@@ -24,23 +24,30 @@ How the package is built; calls go one way, from the command line to the jobs to
 - corpora and benchmarks: ``corpus`` (text, JSON-lines and Parquet sources read document by document),
   ``shards`` (``gpt prepare-data``: a corpus tokenized into uint16 shards and an index), ``stream`` (those
   shards as training windows, by memory map), ``hellaswag`` (HellaSwag scored completion-style: ``gpt eval``);
-- the one training engine, ``engine`` (RunConfig, the Task protocol, the loop) with ``clock`` (the estimate
-  of a run's length), and ``job`` (how a run starts: settings checked, resume resolved, task built, engine
-  run);
+- the one training engine, ``engine`` (RunConfig, the Task protocol, the loop) with ``checks`` (the
+  settings' checks) and ``clock`` (the estimate of a run's length), and ``job`` (how a run starts: settings
+  checked, resume resolved, task built, engine run);
 - the jobs, each a function taking a config dataclass: ``pretrain`` (TrainConfig, train), ``finetune``
   (what finetuning shares: FinetuneConfig, trainable weights, finetuned models on disk), ``classify`` and
   ``instruct`` (the two finetuning tasks);
-- the command line, ``cli`` (imported only by ``__main__``; ``cli_data`` holds prepare-data's and eval's
+- the command line, ``cli`` (imported only by ``__main__``; ``cli_tools`` holds prepare-data's, eval's and export's
   options), which turns options into configs and calls the jobs.
 
 ``import gpt`` loads the model layer only; the jobs and their configs load when first used.
 """
+
+from importlib.metadata import PackageNotFoundError, version
 
 from .config import PRESETS, GPTConfig
 from .generate import generate
 from .model import GPT, GPTClassifier
 from .tokenizer import get_tokenizer
 from .weights import CheckpointError, load_checkpoint, load_hf, load_hf_classifier, load_model, save_checkpoint
+
+try:
+    __version__ = version("gpt-triton")  # what `gpt --version` says
+except PackageNotFoundError:  # a checkout that was never installed
+    __version__ = "(not installed)"
 
 # imported on first use: the jobs and their configs, and the Hugging Face export and acceleration
 _LAZY = {"TrainConfig": "pretrain", "train": "pretrain", "RunResult": "engine", "FinetuneConfig": "finetune",

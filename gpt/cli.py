@@ -20,8 +20,8 @@ import torch
 
 from gpt_kernels.backend import BACKENDS
 
-from . import classify, instruct
-from .cli_data import add_eval_command, add_prepare_command, add_train_hellaswag_args
+from . import __version__, classify, instruct
+from .cli_tools import add_eval_command, add_export_command, add_prepare_command, add_train_hellaswag_args
 from .config import PRESETS
 from .engine import RunConfig
 from .finetune import (
@@ -36,7 +36,7 @@ from .finetune import (
 from .generate import check_sampling_args, decode_stream, generate_stream
 from .model import GPT
 from .pretrain import DEFAULT_EPOCHS, DEFAULT_PRESET, TrainConfig, train
-from .runtime import DTYPES, pick_device
+from .runtime import DTYPES, check_backend, pick_device
 from .tokenizer import EOT_ID, check_utf8_arg, decode_utf8, encode, not_utf8
 from .weights import describe_source, load_model, model_source
 
@@ -106,7 +106,8 @@ def add_run_args(p: argparse.ArgumentParser, d: RunConfig, epochs: int, checkpoi
                         "needs CUDA)")
     s.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
     s.add_argument("--kernels", default=d.kernels, choices=BACKENDS,
-                   help="implementation of the fused ops (default auto: Triton on CUDA, PyTorch on the CPU)")
+                   help="implementation of the fused ops (default: $GPT_KERNELS if set, as for every command, else "
+                        "auto: Triton on CUDA, PyTorch on the CPU)")
 
 
 def config_from_args(cls, args: argparse.Namespace):
@@ -241,7 +242,7 @@ def cmd_generate(args) -> int:
         raise ValueError("the prompt is empty: give some text with --prompt \"...\"")
     check_utf8_arg(args.prompt, "--prompt")
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, flags=True)
-    device = pick_device(args.device)
+    device = model_device(args.device)
     if args.dtype == "auto":  # bf16 halves the bytes each decode step reads on a GPU; CPUs are faster in fp32
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if bf16 else torch.float32
@@ -266,7 +267,9 @@ def cmd_generate(args) -> int:
             yield t
 
     t0 = time.perf_counter()
-    for piece in decode_stream(itertools.chain(ids, timed(stream))):  # the prompt, then each new token
+    tokens = timed(stream)
+    first = list(itertools.islice(tokens, 1))  # the first forward pass runs (or fails) before anything is printed
+    for piece in decode_stream(itertools.chain(ids, first, tokens)):  # the prompt, then each new token
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -276,6 +279,14 @@ def cmd_generate(args) -> int:
               f"{(t_first - t0) * 1e3:.0f} ms; KV cache {'off' if args.no_cache else 'on'}, "
               f"{str(dtype).removeprefix('torch.')}, {device})", file=sys.stderr)
     return 0
+
+
+def model_device(name: str) -> torch.device:
+    """The device a command runs a model on, with the kernel backend in force ($GPT_KERNELS, or auto) checked
+    there first: the rule every command follows (the training commands add --kernels)."""
+    device = pick_device(name)
+    check_backend(None, device)
+    return device
 
 
 def read_stdin() -> str:
@@ -306,7 +317,7 @@ def cmd_classify(args) -> int:
     if not texts:
         raise ValueError("no text to classify: give it as an argument (gpt classify --checkpoint DIR \"text\") "
                          "or one per line on stdin")
-    model, meta = load_finetuned(args.checkpoint, pick_device(args.device))
+    model, meta = load_finetuned(args.checkpoint, model_device(args.device))
     if meta.get("task") != "classifier":
         raise ValueError(f"{args.checkpoint} holds {task_name(meta)}, not a classifier: finetune one "
                          f"with `gpt finetune-classifier`")
@@ -318,27 +329,20 @@ def cmd_classify(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    """Answer each line of stdin; a line that cannot be answered is reported (stderr) and the rest go on."""
+    """Answer each line of stdin with one line of stdout (see :func:`gpt.instruct.chat_answers`); a line that
+    cannot be answered is also reported on stderr, the rest go on, and the exit status is 1."""
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k or None, None, flags=True)
-    model = instruct.load_chat_model(args.checkpoint, pick_device(args.device))
+    model = instruct.load_chat_model(args.checkpoint, model_device(args.device))
     interactive = sys.stdin.isatty()
     if interactive:
         print("type an instruction and press Enter; Ctrl-D quits", file=sys.stderr)
     failed = 0
-    for n, line in _prompted(stdin_lines(), interactive):
-        try:
-            if isinstance(line, Exception):
-                raise line
-            if not line.strip():
-                continue
-            response = instruct.generate_response(model, {"instruction": line.strip(), "input": ""},
-                                                  args.max_new_tokens, args.temperature, args.top_k or None,
-                                                  args.seed)
-        except ValueError as e:  # too long for the context, not UTF-8: say so, answer the next
+    for out, error in instruct.chat_answers(model, _prompted(stdin_lines(), interactive), args.max_new_tokens,
+                                            args.temperature, args.top_k or None, args.seed, args.jsonl):
+        if error:
             failed += 1
-            print(f"gpt chat: error: line {n}: {e}", file=sys.stderr)
-            continue
-        print(response, flush=True)
+            print(f"gpt chat: error: {error}", file=sys.stderr)
+        print(out, flush=True)
     return 1 if failed else 0
 
 
@@ -424,10 +428,15 @@ def add_use_commands(sub) -> None:
 
     c = sub.add_parser("chat", help="answer instructions with a model from gpt finetune-instruct",
                        description="Answer instructions with a model that gpt finetune-instruct made: one instruction "
-                                   "per line on stdin (UTF-8; typed, when stdin is a terminal), one answer per line on "
-                                   "stdout. A line it cannot answer (longer than the model's context, not UTF-8) is "
-                                   "reported on stderr, the others are answered, and the exit status is 1.")
+                                   "per line on stdin (UTF-8; typed, when stdin is a terminal), one line on stdout for "
+                                   "each: the answer (its line breaks written \\n), an empty line for an empty one. A "
+                                   "line it cannot answer (longer than the model's context, not UTF-8) gets the line "
+                                   "'[error] line N: why' (also on stderr), the others are answered, and the exit "
+                                   "status is 1.")
     c.add_argument("--checkpoint", required=True, metavar="DIR", help="the run directory of gpt finetune-instruct")
+    c.add_argument("--jsonl", action="store_true",
+                   help='JSON lines in and out: each input line a record {"instruction": ..., "input": ...}, each '
+                        'output line that record with its "response", or {"line": N, "error": ...} (default: text)')
     add_sampling_args(c, 256, 0.0, 0)
     c.add_argument("--device", default="auto", help=DEVICE_HELP)
     c.set_defaults(func=cmd_chat)
@@ -446,32 +455,9 @@ def add_use_commands(sub) -> None:
     i.set_defaults(func=cmd_info)
 
 
-def cmd_export(args) -> int:
-    from .hf_export import export_run
-
-    out, what = export_run(args.run, args.to, force=args.force)
-    print(f"exported {what} from {args.run} to {out}: load it with transformers' from_pretrained({str(out)!r}) "
-          f"and AutoTokenizer.from_pretrained({str(out)!r})")
-    return 0
-
-
-def add_export_command(sub) -> None:
-    e = sub.add_parser("export", help="write a run as a Hugging Face GPT-2 directory (transformers loads it)",
-                       description="Write a run as a Hugging Face GPT-2 directory: config.json, model.safetensors, "
-                                   "generation_config.json and GPT-2's tokenizer files, which transformers' "
-                                   "from_pretrained and AutoTokenizer load offline. A pretraining or instruction run "
-                                   "becomes a GPT2LMHeadModel (LoRA adapters merged), a classifier run a "
-                                   "GPT2ForSequenceClassification with its labels.")
-    e.add_argument("run", metavar="RUN", help="a run directory of gpt train, gpt finetune-* or gpt lora-merge")
-    e.add_argument("--to", required=True, metavar="DIR", help="where to write it (a new or empty directory)")
-    e.add_argument("--force", action="store_true",
-                   help="write into a directory that holds other files, replacing the Hugging Face files there "
-                        "(default: refuse a directory that is not empty)")
-    e.set_defaults(func=cmd_export)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpt", description="A GPT-2 language model on handwritten Triton kernels.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__} (the gpt-triton package)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     add_train_command(sub)
     add_finetune_commands(sub)
@@ -479,17 +465,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_command(sub)
     add_eval_command(sub)
     add_export_command(sub)
+    p.commands = sub.choices  # name -> the command's parser
     return p
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser, with its usage (argparse's top level would show gpt's)
+        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away (| head) is found here, not at exit
+        return code
+    except BrokenPipeError:  # gpt info | head -1: stop quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush goes nowhere
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool that the broken pipe stopped
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

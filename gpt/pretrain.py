@@ -33,8 +33,10 @@ from typing import ClassVar
 
 import torch
 
+from .checks import check_positive
+from .config import PRESETS
 from .data import SlidingWindowDataset, default_text_path, load_tokens, split_tokens
-from .engine import RunConfig, RunResult, Task, Trainer, check_positive
+from .engine import RunConfig, RunResult, Task, Trainer
 from .generate import generate
 from .hellaswag import read_hellaswag, score
 from .job import run
@@ -42,7 +44,7 @@ from .model import GPT
 from .plot import plot_losses
 from .runtime import Processes, rng_preserved
 from .stream import ShardCorpus, is_shard_folder
-from .tokenizer import VOCAB_SIZE, decode, encode
+from .tokenizer import VOCAB_SIZE, decode, encode, visible
 from .weights import load_checkpoint, load_model, model_source, save_checkpoint
 
 DEFAULT_PRESET = "mini"  # trains on The Verdict in minutes on a laptop CPU
@@ -104,8 +106,6 @@ def train(cfg: TrainConfig | None = None, *, on_step=None, **settings) -> RunRes
     KeyboardInterrupt after saving a checkpoint when stopped by Ctrl-C.
     """
     cfg = dataclasses.replace(cfg or TrainConfig(), **settings)
-    if cfg.data:  # absolute, so that a resume from another working directory finds the same data
-        cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
     return run(cfg, PretrainTask, defaults={"epochs": DEFAULT_EPOCHS}, on_step=on_step)
 
 
@@ -125,6 +125,9 @@ class PretrainTask(Task):
             model, what = _build_model(cfg, env.device)
         self.model, self.what = model.to(env.device), what
         ctx = cfg.context_length or model.config.context_length
+        preset_ctx = PRESETS[cfg.preset or DEFAULT_PRESET].context_length if what.startswith("preset") else ctx
+        self.grown = (f"note: a fresh model takes --context-length as its own: this one's is {ctx}, not the preset's "
+                      f"{preset_ctx} (its position table has {ctx} rows)") if ctx != preset_ctx else None
         if ctx > model.config.context_length:
             raise ValueError(f"context length {ctx} is longer than the model's {model.config.context_length}: "
                              f"use --context-length {model.config.context_length} or less")
@@ -147,6 +150,7 @@ class PretrainTask(Task):
         m, c, d = self.model, self.config, self.data
         return [f"model: {self.what}, {m.num_parameters() / 1e6:.1f}M parameters, context {self.ctx}, dropout "
                 f"{m.config.dropout}, kernels {c.kernels}" + (" with torch.compile" if c.compile else ""),
+                *([self.grown] if self.grown else []),
                 f"data: {d.source}: {d.num_train_tokens:,} training / {d.num_val_tokens:,} validation tokens; "
                 f"{len(d.train):,} windows of {self.ctx}, {self.tokens_per_step:,} tokens per step"]
 
@@ -221,12 +225,6 @@ class PretrainTask(Task):
                 f"Checkpoint, log.jsonl and loss.png in {run.run_dir}; try: gpt generate --checkpoint "
                 f"{run.run_dir} --prompt \"{self.config.sample_prompt}\"")
         return {"tokens_seen": run.step * self.tokens_per_step}
-
-
-def visible(text: str) -> str:
-    """``text`` on one line with its line breaks shown as ``\\n`` (a sample made of newlines would otherwise
-    print as blank space, or break up the progress output)."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _accumulation(cfg: TrainConfig, ctx: int, world: int) -> int:

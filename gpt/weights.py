@@ -92,6 +92,11 @@ def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> 
         if v.shape != expected[k].shape:
             raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(v.shape)} but the model expects "
                                   f"{tuple(expected[k].shape)}: the checkpoint is for another configuration")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(f"{source}: {len(broken)} tensor(s) hold nan or inf values ({', '.join(broken[:3])}"
+                              f"{', ...' if len(broken) > 3 else ''}): the run that saved them had diverged. Use "
+                              f"another checkpoint, or train again with a lower --lr")
     model.load_state_dict(state, strict=False)
     return model
 

@@ -1,5 +1,6 @@
-"""The command line's data and evaluation commands, ``gpt prepare-data`` and ``gpt eval``: argparse only,
-registered by :mod:`gpt.cli` (which prints a user's mistake as one line, as for every command)."""
+"""The command line's corpus, evaluation and export commands, ``gpt prepare-data``, ``gpt eval`` and
+``gpt export``: argparse only, registered by :mod:`gpt.cli` (which prints a user's mistake as one line, as for
+every command)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,27 @@ def add_train_hellaswag_args(g: argparse._ArgumentGroup) -> None:
                    help="score this HellaSwag file (hellaswag_val.jsonl) at evaluations, into log.jsonl (default: no)")
     g.add_argument("--hellaswag-every", type=int, metavar="N", default=None,
                    help="steps between HellaSwag scores, a multiple of --eval-every (default: every evaluation)")
+
+
+def cmd_export(args) -> int:
+    from .hf_export import export_run
+
+    out, what = export_run(args.run, args.to, force=args.force)
+    print(f"exported {what} from {args.run} to {out}: load it with transformers' from_pretrained({str(out)!r}) "
+          f"and AutoTokenizer.from_pretrained({str(out)!r})")
+    return 0
+
+
+def add_export_command(sub) -> None:
+    e = sub.add_parser("export", help="write a run as a Hugging Face GPT-2 directory (transformers loads it)",
+                       description="Write a run as a Hugging Face GPT-2 directory: config.json, model.safetensors, "
+                                   "generation_config.json and GPT-2's tokenizer files, which transformers' "
+                                   "from_pretrained and AutoTokenizer load offline. A pretraining or instruction run "
+                                   "becomes a GPT2LMHeadModel (LoRA adapters merged), a classifier run a "
+                                   "GPT2ForSequenceClassification with its labels.")
+    e.add_argument("run", metavar="RUN", help="a run directory of gpt train, gpt finetune-* or gpt lora-merge")
+    e.add_argument("--to", required=True, metavar="DIR", help="where to write it (a new or empty directory)")
+    e.add_argument("--force", action="store_true",
+                   help="write into a directory that holds other files, replacing the Hugging Face files there "
+                        "(default: refuse a directory that is not empty)")
+    e.set_defaults(func=cmd_export)
