@@ -1,16 +1,20 @@
-"""The command line's corpus, evaluation and export commands, ``gpt prepare-data``, ``gpt eval`` and
-``gpt export``: argparse only, registered by :mod:`gpt.cli` (which prints a user's mistake as one line, as for
-every command)."""
+"""The command line's corpus, evaluation, export and information commands, ``gpt prepare-data``, ``gpt
+eval``, ``gpt export`` and ``gpt info``: argparse only, registered by :mod:`gpt.cli` (which prints a user's
+mistake as one line, as for every command)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+import torch
 
 from gpt_kernels.backend import BACKENDS
 
 from .config import PRESETS
 from .hellaswag import DEFAULT_EVAL_PRESET, EvalConfig, evaluate
-from .runtime import DTYPES
+from .model import GPT
+from .runtime import DTYPES, kernels_in_force
 from .shards import PrepareConfig, prepare_data
 
 
@@ -113,3 +117,33 @@ def add_export_command(sub) -> None:
                    help="write into a directory that holds other files, replacing the Hugging Face files there "
                         "(default: refuse a directory that is not empty)")
     e.set_defaults(func=cmd_export)
+
+
+def add_info_command(sub) -> None:
+    i = sub.add_parser("info", help="presets, parameter counts and the active kernel backend",
+                       description="The presets with their sizes and parameter counts, the torch and Triton "
+                                   "versions, and which kernels run.")
+    i.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    import gpt_kernels.backend as kb
+
+    kernels_in_force()  # a $GPT_KERNELS that names no backend is refused, as by every command
+    print(f"kernels: {kb.describe()}")
+    print(f"torch {torch.__version__}", end="")
+    try:
+        import triton
+
+        print(f", triton {triton.__version__}")
+    except ImportError:
+        print(", triton not installed")
+    print(f"\n{'preset':<12} {'layers':>6} {'width':>6} {'heads':>6} {'context':>8} {'params (tied)':>15} "
+          f"{'params (untied)':>16}")
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):
+            tied = GPT(cfg).num_parameters()
+            untied = GPT(dataclasses.replace(cfg, tie_weights=False)).num_parameters()
+        print(f"{name:<12} {cfg.n_layers:>6} {cfg.emb_dim:>6} {cfg.n_heads:>6} {cfg.context_length:>8} "
+              f"{tied:>15,} {untied:>16,}")
+    return 0
