@@ -34,7 +34,7 @@ from .finetune import (
     task_name,
 )
 from .generate import check_sampling_args, decode_stream, generate_stream
-from .model import GPT
+from .model import GPT, RECOMPUTE
 from .pretrain import DEFAULT_EPOCHS, DEFAULT_PRESET, TrainConfig, train
 from .runtime import DTYPES, check_backend, pick_device
 from .tokenizer import EOT_ID, check_utf8_arg, decode_utf8, encode, not_utf8
@@ -105,6 +105,9 @@ def add_run_args(p: argparse.ArgumentParser, d: RunConfig, epochs: int, checkpoi
                    help="training precision (default auto: bf16 autocast on CUDA, float32 on the CPU; float16 "
                         "needs CUDA)")
     s.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    s.add_argument("--recompute", default=d.recompute, choices=RECOMPUTE,
+                   help="activation recomputation, less memory for more compute: blocks (keep each block's input, "
+                        "run the block again in the backward), attention (its two branches) (default none)")
     s.add_argument("--kernels", default=d.kernels, choices=BACKENDS,
                    help="implementation of the fused ops (default: $GPT_KERNELS if set, as for every command, else "
                         "auto: Triton on CUDA, PyTorch on the CPU)")

@@ -183,3 +183,17 @@ def test_set_recompute_reaches_every_gpt_and_refuses_unknown_modes():
         set_recompute(clf, "layers")
     with pytest.raises(ValueError, match="unknown recompute mode"):
         GPT.from_preset("tiny", recompute="all")
+
+
+def test_training_commands_pass_recompute_to_the_model_and_a_resume_may_change_it(tmp_path):
+    from gpt.cli import build_parser, config_from_args
+    from gpt.pretrain import TrainConfig, train
+
+    args = build_parser().parse_args(["train", "--recompute", "blocks"])
+    assert config_from_args(TrainConfig, args).recompute == "blocks"
+    common = dict(preset="tiny", eval_batches=1, device="cpu", context_length=32, sample_tokens=0)
+    run = tmp_path / "run"
+    first = train(TrainConfig(**common, max_steps=1, recompute="blocks", out=str(run)))
+    assert first.model.recompute == "blocks"
+    resumed = train(TrainConfig(max_steps=2, recompute="attention", resume=str(run)))
+    assert resumed.step == 2 and resumed.model.recompute == "attention"
