@@ -21,7 +21,7 @@ import torch
 from gpt_kernels.backend import BACKENDS
 
 from . import __version__, classify, instruct
-from .cli_tools import add_eval_command, add_export_command, add_prepare_command, add_train_hellaswag_args
+from .cli_tools import add_tool_commands, add_train_hellaswag_args
 from .config import PRESETS
 from .engine import RunConfig
 from .finetune import (
@@ -465,9 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_command(sub)
     add_finetune_commands(sub)
     add_use_commands(sub)
-    add_prepare_command(sub)
-    add_eval_command(sub)
-    add_export_command(sub)
+    add_tool_commands(sub)  # prepare-data, eval, export, plan
     p.commands = sub.choices  # name -> the command's parser
     return p
 
