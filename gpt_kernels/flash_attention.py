@@ -769,8 +769,9 @@ INTERPRET_CONFIGS = {
 # Set to {"fwd": _Config, ...} to bypass the autotuner on a GPU (the GPU tests run every config this way).
 FORCE_CONFIGS: dict | None = None
 # GPT_KERNELS_AUTOTUNE=first: each autotuned launch takes the first config its pruning leaves: one compile
-# per kernel variant instead of one per candidate. `python -m bench.gpu_check` sets it for the GPU
-# tests on a cold cache (test_gpu_every_autotune_config still runs every config); "all" (default) times them.
+# per kernel variant instead of one per candidate (Triton 3.6 still times that one; 3.9 does not).
+# `python -m bench.gpu_check` sets it for the GPU tests on a cold cache (test_gpu_every_autotune_config
+# still runs every config); "all" (default) times them.
 AUTOTUNE_ENV = "GPT_KERNELS_AUTOTUNE"
 
 

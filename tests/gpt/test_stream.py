@@ -162,7 +162,7 @@ def test_evaluation_reads_the_validation_shard(tmp_path, capsys):
                  "--eval-every", "2", "--eval-batches", "1000", "--sample-tokens", "0", "--device", "cpu",
                  "--out", str(tmp_path / "run")]) == 0
     assert "300 validation tokens" in capsys.readouterr().out
-    last = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").open()][-1]
+    last = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").open()) if r["event"] == "eval"][-1]
     from gpt.weights import load_checkpoint
 
     model = load_checkpoint(tmp_path / "run").eval()
