@@ -35,7 +35,8 @@ Recomputation keeps less per layer and token: ``blocks`` only the block's input 
 the block's input, s with its norm statistics, and h (``2r C + a C + 8``). It then rebuilds one layer at a
 time in the backward: ``A - r C`` (the whole block) or the larger branch, the MLP's ``8a C + d m C``.
 
-**Peak.** The largest of four moments, each the kept tensors of every layer plus what is in flight then:
+**Peak.** The largest of four moments (five with ``torch``), each the kept tensors of every layer plus what
+is in flight then:
 
 - the forward's end, at the loss: the kept tensors, the loss's own (below), autocast's weight copies;
 - the loss's backward: the same, with the loss's backward buffers;
@@ -43,7 +44,9 @@ time in the backward: ``A - r C`` (the whole block) or the larger branch, the ML
   gradient (``4a C``, GELU's input and output gradients alive together, its saved output freed), one
   weight's fresh gradient before it is added to ``.grad`` (``16 C²``), and with tied weights the output
   head's gradient (``V C`` fp32), which autograd holds until the embedding's part arrives at the end;
-- the embedding's backward: the held head gradient and the embedding's own.
+- the embedding's backward: the held head gradient and the embedding's own;
+- with ``torch`` (below), the head's backward: every layer's kept tensors, the head's weight gradient
+  and the copy of it that the backward of the head's slice to the V classes makes (``(V + Vp) C`` fp32).
 
 The loss, with the fused kernels (``triton``): it never builds the (tokens x V) logits; it computes its
 gradients in the forward, one chunk of tokens at a time, and keeps those (``a C`` per token and ``a V C``)
@@ -144,6 +147,9 @@ def activation_bytes(cfg: GPTConfig, batch_size: int, seq_len: int, recompute: s
                                 + (held_copies if recompute == "none" else copies)),
         "embedding backward": n * (kept + r * C) + head_grad + Vp * C * 4,
     }
+    if kernels == "torch":  # linear_cross_entropy slices the head to its V classes (a view, the whole of it too):
+        # F.linear's (V, C) weight gradient, then slice_backward's copy of it into a new (Vp, C) tensor
+        moments["head backward"] = layers + n * (8 * C + 16) + (cfg.vocab_size + Vp) * C * 4 + held_copies
     return {**moments, "peak": max(moments.values())}
 
 

@@ -6,7 +6,7 @@ allocator reports to the profiler, summed in time order), after a first step so 
 gradient exists, as in any step but the first. The estimate must be within 15% of it, for each
 recomputation mode, at shapes where different moments of the step hold the peak (the loss's backward, the
 last block's backward, the forward's end) and different terms dominate (the blocks' activations, the
-vocabulary-sized loss tensors, autocast's weight copies).
+vocabulary-sized loss tensors, the head's weight gradients, autocast's weight copies).
 
 Attention dropout is off in the measured model: on the CPU, torch's attention with dropout takes its math
 path, which keeps the (T x T) probabilities; the Triton kernel the estimate describes keeps none (its mask
@@ -30,8 +30,9 @@ CASES = {
     "tiny-v256-b8": ("tiny", dict(vocab_size=256, dropout=0.0), 8, 64, None),
     "tiny-v256-b16-dropout": ("tiny", dict(vocab_size=256, dropout=0.1), 16, 64, None),
     "tiny-gpt2-vocab": ("tiny", dict(dropout=0.1), 2, 64, None),
-    "mini-v1000-untied-odd": ("mini", dict(vocab_size=1000, tie_weights=False, dropout=0.1), 3, 100, None),
-    "mini-v512-bf16-autocast": ("mini", dict(vocab_size=512, dropout=0.1), 2, 256, torch.bfloat16),
+    "mini-v1000-untied-odd": ("mini", dict(vocab_size=1000, tie_weights=False, dropout=0.1), 3, 51, None),
+    "mini-v512-bf16-autocast": ("mini", dict(vocab_size=512, dropout=0.1), 2, 128, torch.bfloat16),
+    "mini-gpt2-vocab-b1": ("mini", dict(dropout=0.1), 1, 64, None),  # the head's (V, C) gradients dominate
 }
 
 
@@ -75,7 +76,7 @@ def test_the_measured_cases_put_the_peak_at_each_moment_of_the_step():
         for mode in RECOMPUTE:
             est = _estimate(cfg, B, T, amp, mode)
             moments.add(max((v, k) for k, v in est.items() if k != "peak")[1])
-    assert moments >= {"forward end", "loss backward", "last block backward"}
+    assert moments >= {"forward end", "loss backward", "last block backward", "head backward"}
 
 
 def test_recomputation_saves_what_the_formula_says_at_gpt2_shapes():
