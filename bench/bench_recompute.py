@@ -17,7 +17,7 @@ PyTorch's ops in fp32 with attention dropout off (with dropout, the CPU's attent
 keeps the T x T probabilities, which the GPU's kernel never does); residual and embedding dropout stay on.
 On CUDA: the Triton kernels under bf16 autocast, dropout 0.1 everywhere.
 
-    python -m bench.bench_recompute                    # B 2 x T 128 on the CPU (about 2 minutes on 2 cores)
+    python -m bench.bench_recompute                    # B 2 x T 128 on the CPU (about 4 minutes on 2 busy cores)
     python -m bench.bench_recompute --batch 1 --seq 64 --repeats 1
 """
 
