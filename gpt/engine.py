@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from . import trainer_state
 from .clock import RunClock, Throughput
 from .errors import UserError
+from .model import set_recompute
 from .optim import make_optimizer, make_scheduler, optimizer_step
 from .parallel import Parallel
 from .rundir import LOG_FILE, RunLog
@@ -166,6 +167,7 @@ class Trainer:
         else:
             seed_all(c.seed + env.rank)  # the same weights everywhere, different dropout per process
         self.checkpoint = (Path(c.resume), saved["step"]) if saved else None  # (where, step): the latest
+        set_recompute(self.model, c.recompute)
         self.step_model = self.parallel.step_model(self.model, c.compile)
         self.model.train()
 

@@ -76,6 +76,7 @@ class RunConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1 (under torchrun: each process's own GPU)
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16, float16 (CUDA only)
     compile: bool = False  # torch.compile the model
+    recompute: str = "none"  # activation recomputation: none, blocks, attention (gpt.model.RECOMPUTE)
     parallel: str | None = None  # under torchrun: ddp (each process holds the whole model) or fsdp (FSDP2:
     # each holds a shard of every weight, gradient and AdamW moment); None: ddp, or the resumed run's mode
 
@@ -83,7 +84,7 @@ class RunConfig:
     # or schedule would make the resumed run something other than a continuation)
     RESUME_MAY_CHANGE: ClassVar[frozenset] = frozenset({
         "epochs", "max_steps", "out", "resume", "device", "dtype", "compile", "kernels", "eval_every",
-        "eval_batches", "save_every", "parallel"})
+        "eval_batches", "save_every", "parallel", "recompute"})
 
     def check(self) -> None:
         """Clear errors for settings that make no sense (before anything is loaded or written)."""
