@@ -71,7 +71,7 @@ import triton.language as tl
 
 from . import reference
 from .autocast import autocast_dtype
-from .backend import interpreter_enabled, select
+from .backend import interpreter_enabled, planning, select
 from .common import INTERPRETER, LAUNCH_OPTIONS, LN2, LOG2E
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
@@ -786,7 +786,8 @@ def _arch_family(device: torch.device) -> int:
     """80 for compute capability 8.x (Ampere, Ada), 90 for 9.0 and newer: the targets the configs were
     compiled and checked for (compile_check)."""
     if device.type != "cuda":
-        return 90
+        plan = planning()  # a plan made without a GPU stands for the GPU it names
+        return 90 if plan is None else (80 if plan.capability < 90 else 90)
     return 80 if torch.cuda.get_device_capability(device)[0] < 9 else 90
 
 
@@ -817,18 +818,20 @@ def _prune_for(configs: tuple, per_program: str):
 
 
 _AUTOTUNED: dict = {}
+# each autotuned launch: its kernel, its candidate configs, and the length its program tile spans (_prune_for)
+_AUTOTUNE_TABLE = {
+    "fwd": (_attn_fwd, FWD_CONFIGS, "TQ_KEY"),
+    "dkdv": (_attn_bwd_dkdv, DKDV_CONFIGS, "TK_KEY"),
+    "dq": (_attn_bwd_dq, DQ_CONFIGS, "TQ_KEY"),
+    "bwd_atomic": (_attn_bwd_dkdv, BWD_ATOMIC_CONFIGS, "TK_KEY"),
+    "splitk": (_attn_fwd_splitk, SPLITK_CONFIGS, "TQ_KEY"),
+}
 
 
 def _autotuned(name: str):
     """The autotuned wrapper of a kernel, built on first use (never at import: no CUDA touched then)."""
     if name not in _AUTOTUNED:
-        kernel, configs, per_program = {
-            "fwd": (_attn_fwd, FWD_CONFIGS, "TQ_KEY"),
-            "dkdv": (_attn_bwd_dkdv, DKDV_CONFIGS, "TK_KEY"),
-            "dq": (_attn_bwd_dq, DQ_CONFIGS, "TQ_KEY"),
-            "bwd_atomic": (_attn_bwd_dkdv, BWD_ATOMIC_CONFIGS, "TK_KEY"),
-            "splitk": (_attn_fwd_splitk, SPLITK_CONFIGS, "TQ_KEY"),
-        }[name]
+        kernel, configs, per_program = _AUTOTUNE_TABLE[name]
         _AUTOTUNED[name] = triton.autotune(
             configs=[c.triton_config() for c in configs],
             key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "DROPOUT"],  # + the tensors' dtypes, automatically
@@ -845,6 +848,12 @@ def _launch(name: str, kernel, grid_rows: int, grid_other: int, args: dict, tile
     ``tile=None``, (grid_rows, grid_other) whatever the tile.
     """
     forced = INTERPRET_CONFIGS[name] if interpreter_enabled() else (FORCE_CONFIGS or {}).get(name)
+    if forced is None and planning() is not None:  # recording a plan: each config the autotuner would time
+        kernel, configs, per_program = _AUTOTUNE_TABLE[name]
+        for tc in _prune_for(configs, per_program)([c.triton_config() for c in configs], args):
+            size = 1 if tile is None else tc.kwargs[tile]
+            kernel[(triton.cdiv(grid_rows, size), grid_other)](**args, **tc.all_kwargs(), **LAUNCH_OPTIONS)
+        return
     if forced is not None:
         size = 1 if tile is None else forced.block_m if tile == "BLOCK_M" else forced.block_n
         kernel[(triton.cdiv(grid_rows, size), grid_other)](
@@ -984,7 +993,8 @@ def _atomic_dq_served(D: int, dropout: bool, q: torch.Tensor) -> bool:
 def _num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (4 under the CPU interpreter, so tests split)."""
     if device.type != "cuda":
-        return 4
+        plan = planning()  # a plan made without a GPU stands for the GPU it names
+        return 4 if plan is None else plan.sms
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 

@@ -103,7 +103,7 @@ def _layer_norm_fwd_kernel(
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_program"])  # its value follows the GPU's size: one compile for all
 def _layer_norm_bwd_kernel(
     X,  # the normalized rows as the forward saw them (x, or the sum for add_layer_norm), (M, N), stride_x
     W,  # weight, (N,) (read only when HAS_WEIGHT)
@@ -262,17 +262,21 @@ def _layer_norm_bwd(dy, xn, weight, has_bias, mean, rstd, dx_dtype, ds=None, dr_
                 HAS_BIAS=has_bias, HAS_DS=ds is not None, HAS_DR=dr is not None, num_warps=cfg["num_warps"],
                 **LAUNCH_OPTIONS)
 
-    def args(part, rows_per_program):
-        return (x2, w, mean, rstd, dy2, ds2, dx, dr if dr is not None else dx, part[0], part[1],
+    def args(dw_part, db_part, rows_per_program):
+        return (x2, w, mean, rstd, dy2, ds2, dx, dr if dr is not None else dx, dw_part, db_part,
                 x2.stride(0), dy2.stride(0), ds2.stride(0), n, m, n, rows_per_program)
 
+    # the warm-up compiles what the launch runs: the fp32 partials (fresh, so aligned, buffers) stand in as a
+    # dtype, and the kernel does not specialize on rows_per_program
     key = (tuple(meta.items()), x2.dtype, dy2.dtype, ds2.dtype, w.dtype, dx.dtype, n % 16 == 0)
-    resident = resident_programs(_layer_norm_bwd_kernel, args((mean, mean), 3), meta, xn.device, key)
+    resident = resident_programs(_layer_norm_bwd_kernel, args(torch.float32, torch.float32, 0), meta, xn.device,
+                                 key)
     g, rows_per_program = split_rows(m, cfg["BLOCK_M"], resident, min_rows=MIN_ROWS_PER_PROGRAM)
-    part = new_buffer((2, g, n), torch.float32, xn.device)  # [0]: dweight partials, [1]: dbias partials
-    _layer_norm_bwd_kernel[(g,)](*args(part, rows_per_program), **meta)
-    dw = part[0].sum(0) if weight is not None else None  # (N,) float32
-    db = part[1].sum(0) if has_bias else None
+    dw_part = new_buffer((g, n), torch.float32, xn.device)  # (G, N) dweight partials
+    db_part = new_buffer((g, n), torch.float32, xn.device)  # (G, N) dbias partials
+    _layer_norm_bwd_kernel[(g,)](*args(dw_part, db_part, rows_per_program), **meta)
+    dw = dw_part.sum(0) if weight is not None else None  # (N,) float32
+    db = db_part.sum(0) if has_bias else None
     return dx, dr, dw, db
 
 
