@@ -112,6 +112,14 @@ SUITES = {"attention": attention, "e2e_train": e2e_train, "cross_entropy": cross
 
 
 def gpu_check() -> None:
-    """Every suite's workload, in the GPU check's order."""
-    for workload in SUITES.values():
-        workload()
+    """Every suite's workload, in the GPU check's order. One that fails (a missing package, say) is reported and
+    the others still run, so that their kernels are still planned and compiled."""
+    import traceback
+
+    for name, workload in SUITES.items():
+        try:
+            workload()
+        except Exception as e:  # the suite itself will fail with its own error later; its kernels compile then
+            traceback.print_exc()
+            print(f"bench.workloads: the {name} workload stopped ({type(e).__name__}: {e}); the others go on",
+                  flush=True)

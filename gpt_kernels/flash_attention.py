@@ -716,7 +716,9 @@ DKDV_CONFIGS = (
             archs=(90,)),
     *((_Config(32, 128, 8, 1, block_d=(), dropout_block_d=(128,), archs=(90,)),)
       if _DKDV_D128_DROPOUT_STAGES == 1 else ()),
-    _Config(32, 64, 8, 3, block_d=(128,), dropout_block_d=(128,), archs=(80,)),  # HGMMA.64x16 on sm_90
+    _Config(32, 64, 8, 3, block_d=(128,), dropout_block_d=(), archs=(80,)),  # HGMMA.64x16 on sm_90
+    # with dropout 3 stages spill at head dim 80 (8 bytes, Triton 3.9); 2 stages neither at 80 nor at 128
+    _Config(32, 64, 8, 2, block_d=(), dropout_block_d=(128,), archs=(80,)),
     _Config(16, 16, 8, 2, fp32=True),
 )
 DQ_CONFIGS = (
@@ -743,6 +745,7 @@ SPLITK_KEYS = 128  # split lengths are multiples of this, the largest BLOCK_N ab
 SPLITK_MAX_TQ = 16  # the longest query block the split-K path takes (its BLOCK_M)
 SPLITK_COMBINE_BLOCK = 16  # splits the merge kernel reads per step
 PREPROCESS_BLOCK_M = 64
+PREPROCESS_WARPS = 8  # 4 warps spill on sm_100 at head dim 64 (24 bytes, Triton 3.9's ptxas); 8 nowhere
 MASK_BLOCK = 64
 
 # Under TRITON_INTERPRET=1 there is no autotuning: one small config per kernel, not square, so the
@@ -782,13 +785,20 @@ def _bucket(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
+def family_of(capability: int) -> int:
+    """The config family (``_Config.archs``) of compute capability ``capability`` (86 for 8.6): 80 for
+    8.x (Ampere, Ada), 90 for 9.0 and newer. The compile check compiles each config for the capabilities
+    of the families it serves."""
+    return 80 if capability < 90 else 90
+
+
 def _arch_family(device: torch.device) -> int:
-    """80 for compute capability 8.x (Ampere, Ada), 90 for 9.0 and newer: the targets the configs were
-    compiled and checked for (compile_check)."""
+    """The config family of ``device`` (:func:`family_of`); 90 off CUDA, or the GPU a plan names."""
     if device.type != "cuda":
         plan = planning()  # a plan made without a GPU stands for the GPU it names
-        return 90 if plan is None else (80 if plan.capability < 90 else 90)
-    return 80 if torch.cuda.get_device_capability(device)[0] < 9 else 90
+        return 90 if plan is None else family_of(plan.capability)
+    major, minor = torch.cuda.get_device_capability(device)
+    return family_of(10 * major + minor)
 
 
 def _prune_for(configs: tuple, per_program: str):
@@ -1068,6 +1078,7 @@ def _backward(do, q, k, v, o, lse, causal: bool, dropout_p: float, scale: float,
     delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # (B, H, Tq)
     _attn_bwd_preprocess[(triton.cdiv(Tq, PREPROCESS_BLOCK_M), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, Tq, **_head_dims(D), BLOCK_M=PREPROCESS_BLOCK_M,
+        num_warps=PREPROCESS_WARPS,
         **LAUNCH_OPTIONS)
     common = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta,
                   **dict(zip(("stride_qb", "stride_qh", "stride_qt", "stride_qd"), _strides(q))),
@@ -1212,35 +1223,51 @@ def attention(q, k, v, causal=True, dropout_p=0.0, scale=None):
 # ======================================================================================= compile check
 
 
+# The head dims compiled per padded head dim (BLOCK_D): the power of two itself, and for 128 also 80, where
+# HEAD_DIM < BLOCK_D masks the feature columns (96 is compiled as 80, 16 and 32 as 64: compile_check.stand_in)
+COMPILE_HEAD_DIMS = {64: (64,), 128: (128, 80)}
+
+
 def compile_cases():
-    """Every kernel at every config the autotuner can pick: each config at D = 64 and 128 where it serves
-    them (80 and 96 share BLOCK_D = 128 with 128), causal (both loop stages), without dropout where it
-    serves no dropout and with dropout where it serves dropout, for the compute capabilities it serves.
+    """Every kernel at every config the autotuner can pick: for 16-bit inputs each config at every head dim
+    of :data:`COMPILE_HEAD_DIMS` whose BLOCK_D it serves, causal and not, without dropout where it serves no
+    dropout and with dropout where it serves dropout; for float32 at head dim 64, causal (what the model
+    runs in float32); for the compute capabilities of the families it serves (:func:`family_of`; the
+    newer targets get the model's own attention: compile_check.PRIMARY); the decoding merge and the
+    backward's preprocessing at each head dim and dtype. The candidates of one autotuned launch share a
+    group (compile_check.CompileCase.group). fp16 is compiled as bf16 (compile_check.stand_in).
 
     Compiled with the alignment the launcher's inputs give at run time: 16-byte aligned pointers and
     strides that are multiples of 16 elements (every supported D is a multiple of 16), feature stride 1.
     """
-    from .compile_check import CompileCase
+    from .compile_check import ARCHS, PRIMARY, CompileCase
 
     mod = "gpt_kernels.flash_attention"
     scalars = {"H": "i32", "Tq": "i32", "Tk": "i32", "sm_scale": "fp32", "dropout_p": "fp32",
                "TQ_KEY": "i32", "TK_KEY": "i32"}
 
-    def case(kernel, tensors: dict, stride_prefixes, consts: dict, c: _Config | None, label: str, extra_scalars=None):
+    def case(kernel, tensors: dict, stride_prefixes, consts: dict, c: _Config | None, label: str, extra_scalars=None,
+             group="", num_warps=4):
         sig = {name: f"*{ty}" for name, ty in tensors.items()}
         aligned = list(tensors)
         consts = dict(consts)
         for p in stride_prefixes:
-            for dim in "bht":
+            unused = p == "dq" and consts.get("ATOMIC_DQ") is False  # the launcher passes 0 for DQ's strides
+            for dim in "bhtd" if unused else "bht":
                 sig[f"stride_{p}{dim}"] = "i32"
                 aligned.append(f"stride_{p}{dim}")
-            consts[f"stride_{p}d"] = 1  # Triton specialises a stride of 1 to a constant at run time
+            if not unused:
+                consts[f"stride_{p}d"] = 1  # Triton specialises a stride of 1 to a constant at run time
         sig.update(scalars if extra_scalars is None else extra_scalars)
         if c is not None:
             consts.update(BLOCK_M=c.block_m, BLOCK_N=c.block_n)
-        return CompileCase(mod, kernel, sig, consts, num_warps=c.num_warps if c else 4,
+        # every target for the model's own attention (16-bit, head dim 64, causal), the rest on PRIMARY's
+        default = (tensors.get("Q", tensors.get("O")) == "bf16" and consts.get("HEAD_DIM") == 64
+                   and consts.get("CAUSAL", True))
+        archs = tuple(cap for cap in (ARCHS if default else PRIMARY) if c is None or family_of(cap) in c.archs)
+        return CompileCase(mod, kernel, sig, consts, num_warps=c.num_warps if c else num_warps,
                            num_stages=c.num_stages if c else 3, label=label, extra={"divisible_by_16": aligned},
-                           archs=c.archs if c else (80, 90))
+                           archs=archs, group=group)
 
     # (kernel, short name, configs, I/O tensors in the working dtype, fp32 tensors, stride prefixes, extra)
     kernels = (
@@ -1258,17 +1285,28 @@ def compile_cases():
         more = {"keys_per_split": "i32"} if short == "splitk" else {}
         for c in configs:
             t = "fp32" if c.fp32 else "bf16"
-            tensors = {**{n: t for n in io}, **{n: "fp32" for n in f32}, "SEED": "i64"}
             for block_d, dropout in [(d, False) for d in c.block_d] + [(d, True) for d in c.dropout_block_d]:
-                flags = {"HEAD_DIM": block_d, "BLOCK_D": block_d, "CAUSAL": True, "DROPOUT": dropout, **extra}
-                cases.append(case(kernel, tensors, prefixes, flags, c,
-                                  f"{short} D={block_d} {t}{' dropout' if dropout else ''}", {**scalars, **more}))
-    cases.append(case("_attn_splitk_combine", {"O_PART": "fp32", "LSE_PART": "fp32", "O": "bf16", "LSE": "fp32"},
-                      ("o",), {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": SPLITK_COMBINE_BLOCK}, None, "D=128 bf16",
-                      {"H": "i32", "Tq": "i32", "SPLITS": "i32"}))
-    cases.append(case("_attn_bwd_preprocess", {"O": "bf16", "DO": "bf16", "DELTA": "fp32"}, ("o", "do"),
-                      {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": PREPROCESS_BLOCK_M}, None, "D=128 bf16",
-                      {"H": "i32", "Tq": "i32"}))
+                # the seed is read only with dropout; without, the launcher passes the lse in its place
+                tensors = {**{n: t for n in io}, **{n: "fp32" for n in f32}, "SEED": "i64" if dropout else "fp32"}
+                # float32: what the model's float32 training and generation run (head dim 64, causal); 16-bit:
+                # every head dim of COMPILE_HEAD_DIMS, causal and not ("full")
+                for head_dim in COMPILE_HEAD_DIMS[block_d] if t == "bf16" else (64,) if block_d == 64 else ():
+                    for causal in (True, False) if t == "bf16" else (True,):
+                        flags = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "CAUSAL": causal, "DROPOUT": dropout,
+                                 **extra}
+                        label = f"{short} D={head_dim} {t}{' dropout' if dropout else ''}{'' if causal else ' full'}"
+                        cases.append(case(kernel, tensors, prefixes, flags, c, label, {**scalars, **more},
+                                          group=label))
+    for block_d, head_dims in COMPILE_HEAD_DIMS.items():
+        for head_dim in head_dims:
+            for t in ("bf16", "fp32") if head_dim == 64 else ("bf16",):
+                dims = {"HEAD_DIM": head_dim, "BLOCK_D": block_d}
+                cases.append(case("_attn_splitk_combine", {"O_PART": "fp32", "LSE_PART": "fp32", "O": t, "LSE": "fp32"},
+                                  ("o",), {**dims, "BLOCK_S": SPLITK_COMBINE_BLOCK}, None, f"D={head_dim} {t}",
+                                  {"H": "i32", "Tq": "i32", "SPLITS": "i32"}))
+                cases.append(case("_attn_bwd_preprocess", {"O": t, "DO": t, "DELTA": "fp32"}, ("o", "do"),
+                                  {**dims, "BLOCK_M": PREPROCESS_BLOCK_M}, None, f"D={head_dim} {t}",
+                                  {"H": "i32", "Tq": "i32"}, num_warps=PREPROCESS_WARPS))
     cases.append(case("_dropout_mask_kernel", {"KEEP": "i8"}, (), {"BLOCK_M": MASK_BLOCK, "BLOCK_N": MASK_BLOCK},
                       None, "mask", {"Tq": "i32", "Tk": "i32", "dropout_p": "fp32", "SEED": "*i64"}))
     return cases

@@ -10,9 +10,9 @@ size their grid from the compiled kernel, that warm-up too). The distinct specia
 compiled in a process pool, through the JIT's own ``preload`` path, into Triton's on-disk cache, so that
 when the workload runs for real every compile is a cache hit::
 
-    import gpt_kernels
-    gpt_kernels.precompile(step)   # step: a function running the workload once (e.g. one training step)
-    step()                          # no kernel compiles here
+    from gpt_kernels.precompile import precompile
+    precompile(step)   # step: a function running the workload once (e.g. one training step)
+    step()             # no kernel compiles here
 
     python -m gpt_kernels.precompile bench.e2e_train:ours_step           # a workload named module:function
     python -m gpt_kernels.precompile MODULE:FUNCTION --plan-only --json F  # list what it would compile
