@@ -33,10 +33,12 @@ SUITES: dict[str, tuple[str, bool]] = {
     "e2e_train": ("bench.e2e_train", True),
     "generate": ("bench.bench_generate", False),
     "e2e_cpu": ("bench.e2e_cpu", False),
+    "prepare": ("bench.bench_prepare", False),
+    "hf_accelerate": ("bench.bench_hf_accelerate", False),
 }
 GROUPS = {
-    "cpu": ["e2e_cpu", "generate"],
-    "gpu": ["norm", "activation", "attention", "cross_entropy", "e2e_train", "generate"],
+    "cpu": ["e2e_cpu", "generate", "prepare", "hf_accelerate"],
+    "gpu": ["norm", "activation", "attention", "cross_entropy", "e2e_train", "generate", "hf_accelerate"],
 }
 _METRIC_GUESSES = ("tflops", "TFLOP/s", "gbps", "GB/s", "tokens_per_s", "per_s")
 _IMPL_KEYS = ("impl", "provider", "variant", "method")
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
     has_gpu = torch.cuda.is_available()
     info = machine_info()
     results: dict[str, list[dict]] = {}
+    crashed: list[str] = []  # suites that raised (a row with an "error" of its own is a result, not a crash)
     out = results_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{machine_tag(info)}-{info['date']}"
@@ -121,6 +124,7 @@ def main(argv=None) -> int:
         except Exception as e:  # one broken suite must not lose the others' numbers
             traceback.print_exc()
             results[name] = [{"error": f"{type(e).__name__}: {e}"}]
+            crashed.append(name)
             continue
         results[name] = rows
         if rows:
@@ -134,6 +138,10 @@ def main(argv=None) -> int:
     path = out / f"{stem}.json"
     path.write_text(json.dumps({"machine": info, "suites": results}, indent=1, default=str))
     print(f"\nsaved {path}" + ("" if args.out or args.record else " (--record writes bench/results/, to commit)"))
+    if crashed:  # the numbers of the others are saved; the exit status says the run is not complete
+        print(f"error: {len(crashed)} suite(s) crashed: {', '.join(crashed)} (the traceback above; an 'error' row in "
+              f"{path}); fix them and run them again: python -m bench {' '.join(crashed)}", file=sys.stderr)
+        return 1
     return 0
 
 

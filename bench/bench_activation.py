@@ -36,7 +36,9 @@ from bench.bench_norm import sweep_main, sweep_run
 METRIC = "GB/s"  # what `python -m bench` plots
 
 
-def _activation_ops() -> dict:
+def activation_ops(backend: str = "triton") -> dict:
+    """The sweep's ops (see ``bench.bench_norm.sweep``); ``backend``: where the ``triton`` provider (ours) runs
+    (see ``bench.bench_norm.norm_ops``)."""
     import torch.nn.functional as F
 
     import gpt_kernels
@@ -54,31 +56,30 @@ def _activation_ops() -> dict:
         return F.gelu(x, approximate="tanh")
 
     def gelu_triton(x):
-        with gpt_kernels.use_backend("triton"):
+        with gpt_kernels.use_backend(backend):
             return gpt_kernels.gelu(x, approximate="tanh")
 
     def bias_gelu_torch(x, bias):
         return F.gelu(x + bias, approximate="tanh")
 
     def bias_gelu_triton(x, bias):
-        with gpt_kernels.use_backend("triton"):
+        with gpt_kernels.use_backend(backend):
             return gpt_kernels.bias_gelu(x, bias, approximate="tanh")
 
     return {
-        "gelu": (make_gelu, {"triton": gelu_triton, "torch": gelu_torch, "compile": torch.compile(gelu_torch)},
+        "gelu": (make_gelu, {"triton": gelu_triton, "torch": gelu_torch},
                  lambda m, n, e: {"fwd": 2 * m * n * e, "fwd+bwd": 5 * m * n * e}),
-        "bias_gelu": (make_bias_gelu, {"triton": bias_gelu_triton, "torch": bias_gelu_torch,
-                                       "compile": torch.compile(bias_gelu_torch)},
+        "bias_gelu": (make_bias_gelu, {"triton": bias_gelu_triton, "torch": bias_gelu_torch},
                       lambda m, n, e: {"fwd": 2 * m * n * e + n * e, "fwd+bwd": 5 * m * n * e + 3 * n * e}),
     }
 
 
 def run(quick: bool = False, smoke: bool = False, widths=None, rows=None) -> list[dict]:
-    return sweep_run("activation", _activation_ops(), quick, smoke, widths, rows)
+    return sweep_run("activation", activation_ops(), quick, smoke, widths, rows)
 
 
 def main(argv=None) -> int:
-    return sweep_main("activation", _activation_ops, argv, fwd_bwd_speedup=1.0)
+    return sweep_main("activation", activation_ops, argv, fwd_bwd_speedup=1.0)
 
 
 if __name__ == "__main__":

@@ -73,28 +73,31 @@ def attention_flops(B: int, H: int, T: int, D: int, causal: bool = True, backwar
     return 2.5 * f if backward else f
 
 
-def _providers(smoke: bool) -> dict:
-    """name -> fn(q, k, v) returning the (B, H, T, D) causal attention output."""
+def providers(smoke: bool, backend: str = "triton") -> dict:
+    """name -> fn(q, k, v) returning the (B, H, T, D) causal attention output. ``backend``: where the
+    ``triton*`` providers (ours) run: the Triton kernels, or their ``torch`` path (the benchmark tests' choice
+    on a CPU, where the interpreter is not timed). ``smoke`` (the CPU): SDPA's math backend, and SDPA as it
+    chooses (``sdpa``, ``sdpa-dropout``: what ours calls on the torch path), instead of the GPU backends."""
     import torch.nn.functional as F
 
     import gpt_kernels
     from gpt_kernels import reference
 
     def triton_attention(q, k, v, dropout_p=0.0):
-        with gpt_kernels.use_backend("triton"):
+        with gpt_kernels.use_backend(backend):
             return gpt_kernels.attention(q, k, v, causal=True, dropout_p=dropout_p)
 
     def triton_atomic(q, k, v):
         with _setting("ATOMIC_DQ_BACKWARD", True):  # read at the forward, kept for its backward
             return triton_attention(q, k, v)
 
-    def sdpa(backend, dropout_p=0.0):
+    def sdpa(sdpa_backend, dropout_p=0.0):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        chosen = getattr(SDPBackend, backend)
-
         def fn(q, k, v):
-            with sdpa_kernel([chosen]):
+            if sdpa_backend is None:  # torch's own choice
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            with sdpa_kernel([getattr(SDPBackend, sdpa_backend)]):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
         return fn
@@ -105,7 +108,7 @@ def _providers(smoke: bool) -> dict:
     out = {"triton": triton_attention, "triton-atomic": triton_atomic, "manual": manual,
            "triton-dropout": lambda q, k, v: triton_attention(q, k, v, DROPOUT_P)}
     if smoke:
-        out["sdpa-math"] = sdpa("MATH")
+        out.update({"sdpa-math": sdpa("MATH"), "sdpa": sdpa(None), "sdpa-dropout": sdpa(None, DROPOUT_P)})
         return out
     out.update({"sdpa-flash": sdpa("FLASH_ATTENTION"), "sdpa-cudnn": sdpa("CUDNN_ATTENTION"),
                 "sdpa-flash-dropout": sdpa("FLASH_ATTENTION", DROPOUT_P),
@@ -178,7 +181,8 @@ def run_decode(quick: bool = False, smoke: bool = False) -> list[dict]:
     return rows
 
 
-def _inputs(B, H, T, D, device, dtype):
+def inputs(B, H, T, D, device, dtype):
+    """q, k, v (B, H, T, D) requiring gradients, and an output gradient do (B, H, T, D): random, never zeros."""
     q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     return q, k, v, torch.randn(B, H, T, D, device=device, dtype=dtype)
 
@@ -186,7 +190,7 @@ def _inputs(B, H, T, D, device, dtype):
 def _measure(fn, B, H, T, D, device, dtype, repeats_kw) -> dict:
     """Forward and backward time of one provider at one shape; an error string where it cannot run."""
     try:
-        q, k, v, do = _inputs(B, H, T, D, device, dtype)
+        q, k, v, do = inputs(B, H, T, D, device, dtype)
         fwd = time_ms(lambda: fn(q, k, v), **repeats_kw)
         out = fn(q, k, v)
         bwd = time_ms(lambda: out.backward(do, retain_graph=True), **repeats_kw)
@@ -203,7 +207,7 @@ def _peak_memory_mib(fn, B, H, T, D, dtype) -> float | None:
     from bench.common import peak_memory
 
     try:
-        q, k, v, do = _inputs(B, H, T, D, "cuda", dtype)
+        q, k, v, do = inputs(B, H, T, D, "cuda", dtype)
         fn(q, k, v).backward(do)  # warm up: autotuning and compilation allocate too
         q.grad = k.grad = v.grad = None
         return peak_memory(lambda: fn(q, k, v).backward(do)) / 2**20
@@ -211,6 +215,23 @@ def _peak_memory_mib(fn, B, H, T, D, dtype) -> float | None:
         return None
     finally:
         torch.cuda.empty_cache()
+
+
+def device_dtype(smoke: bool) -> tuple[str, torch.dtype]:
+    """(device, dtype) of the sweep: the GPU in bf16; the CPU in fp32 for ``smoke``."""
+    return ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+
+
+def shapes(quick: bool = False, smoke: bool = False, seq_lens=None, head_dims=None) -> list[tuple[int, ...]]:
+    """The sweep's (B, H, T, D): H = hidden / D heads, B = tokens / T sequences (16K tokens and hidden 2048;
+    128 and 32 for ``smoke``), for every head dim and sequence length (``quick``'s, ``smoke``'s, or given)."""
+    if smoke:
+        tokens, hidden, seq_lens, head_dims = 128, 32, seq_lens or (32, 64), head_dims or (16,)
+    else:
+        tokens, hidden = TOKENS, HIDDEN
+        seq_lens = seq_lens or (QUICK_SEQ_LENS if quick else SEQ_LENS)
+        head_dims = head_dims or (QUICK_HEAD_DIMS if quick else HEAD_DIMS)
+    return [(max(1, tokens // T), max(1, hidden // D), T, D) for D in head_dims for T in seq_lens]
 
 
 def run(quick: bool = False, smoke: bool = False, seq_lens=None, head_dims=None,
@@ -222,35 +243,28 @@ def run(quick: bool = False, smoke: bool = False, seq_lens=None, head_dims=None,
         decode = smoke or not quick
     if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `gpt_kernels` is not imported yet
-        device, dtype, tokens, hidden = "cpu", torch.float32, 128, 32
-        seq_lens, head_dims, repeats_kw = seq_lens or (32, 64), head_dims or (16,), {"repeats": 1, "warmup": 1}
-    else:
-        if not torch.cuda.is_available():
-            raise RuntimeError("bench_attention needs a CUDA GPU (use smoke=True for a CPU pass)")
-        device, dtype, tokens, hidden, repeats_kw = "cuda", torch.bfloat16, TOKENS, HIDDEN, {}
-        seq_lens = seq_lens or (QUICK_SEQ_LENS if quick else SEQ_LENS)
-        head_dims = head_dims or (QUICK_HEAD_DIMS if quick else HEAD_DIMS)
-    providers = _providers(smoke)
+    elif not torch.cuda.is_available():
+        raise RuntimeError("bench_attention needs a CUDA GPU (use smoke=True for a CPU pass)")
+    device, dtype = device_dtype(smoke)
+    repeats_kw = {"repeats": 1, "warmup": 1} if smoke else {}
+    fns = providers(smoke)
     rows = []
-    for D in head_dims:
-        H = max(1, hidden // D)
-        for T in seq_lens:
-            B = max(1, tokens // T)
-            for name, fn in providers.items():
-                r = _measure(fn, B, H, T, D, device, dtype, repeats_kw)
-                for pass_, ms_key in (("fwd", "fwd_ms"), ("bwd", "bwd_ms")):
-                    row = {"provider": name, "case": f"{pass_} D={D} T={T}", "pass": pass_, "D": D, "T": T,
-                           "B": B, "H": H}
-                    if "error" in r:
-                        row.update(ms=None, **{"TFLOP/s": None}, error=r["error"])
-                    else:
-                        flops = attention_flops(B, H, T, D, backward=pass_ == "bwd")
-                        row.update(ms=r[ms_key], **{"TFLOP/s": flops / (r[ms_key] * 1e-3) / 1e12})
-                    rows.append(row)
-            if not smoke and T == MEMORY_T:
-                for name, fn in providers.items():
-                    rows.append({"provider": name, "case": f"memory D={D} T={T}", "pass": "fwd+bwd", "D": D,
-                                 "T": T, "B": B, "H": H, "peak_mem_MiB": _peak_memory_mib(fn, B, H, T, D, dtype)})
+    for B, H, T, D in shapes(quick, smoke, seq_lens, head_dims):
+        for name, fn in fns.items():
+            r = _measure(fn, B, H, T, D, device, dtype, repeats_kw)
+            for pass_, ms_key in (("fwd", "fwd_ms"), ("bwd", "bwd_ms")):
+                row = {"provider": name, "case": f"{pass_} D={D} T={T}", "pass": pass_, "D": D, "T": T,
+                       "B": B, "H": H}
+                if "error" in r:
+                    row.update(ms=None, **{"TFLOP/s": None}, error=r["error"])
+                else:
+                    flops = attention_flops(B, H, T, D, backward=pass_ == "bwd")
+                    row.update(ms=r[ms_key], **{"TFLOP/s": flops / (r[ms_key] * 1e-3) / 1e12})
+                rows.append(row)
+        if not smoke and T == MEMORY_T:
+            for name, fn in fns.items():
+                rows.append({"provider": name, "case": f"memory D={D} T={T}", "pass": "fwd+bwd", "D": D,
+                             "T": T, "B": B, "H": H, "peak_mem_MiB": _peak_memory_mib(fn, B, H, T, D, dtype)})
     return rows + (run_decode(quick=quick, smoke=smoke) if decode else [])
 
 

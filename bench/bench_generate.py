@@ -31,10 +31,11 @@ import torch
 from bench.common import add_output_args, format_table, results_dir, save_results
 
 METRIC = "tokens_per_s"  # higher is better
+PRESET = "gpt2-small"  # the model timed (random weights)
 PROMPT_TOKENS = 16  # the prompt: the first tokens of The Verdict (a batch: 8 consecutive slices of it)
 
 
-def _prompts(batch: int, length: int, ragged: bool = False):
+def prompts(batch: int, length: int = PROMPT_TOKENS, ragged: bool = False):
     """``batch`` prompts cut from The Verdict: a (batch, length) tensor, or a list of token-id lists whose
     lengths spread over [length / 2, length] when ``ragged``."""
     from gpt.tokenizer import asset_path, encode
@@ -45,6 +46,49 @@ def _prompts(batch: int, length: int, ragged: bool = False):
     if ragged:
         return [r[:length // 2 + (b * (length - length // 2)) // max(batch - 1, 1)] for b, r in enumerate(rows)]
     return torch.tensor(rows)  # (batch, length)
+
+
+def load_model(preset: str = PRESET):
+    """(model, dtype): ``preset`` with random weights (speed does not depend on them; seed 0), no dropout, in
+    eval mode, bfloat16 on a GPU that has it, else float32, on the GPU if there is one."""
+    from gpt import GPT
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    torch.manual_seed(0)
+    model = GPT.from_preset(preset, dropout=0.0).to(device="cuda" if cuda else "cpu", dtype=dtype).eval()
+    return model, dtype
+
+
+def decode_step(model, idx: torch.Tensor):
+    """A closure running one step of the KV-cache path, the step ``generate`` repeats per new token: the
+    forward of one new token per row (B, 1) after the prompts ``idx`` (B, P), whose keys and values are
+    prefilled here, once. Each call decodes at position P again (the cache is rewound to the prompt), so
+    every call does the same work. Returns the logits (B, 1, V)."""
+    from gpt.kv_cache import KVCache
+
+    B, P = idx.shape
+    cache = KVCache.for_model(model, B, P + 1)  # (B, H, P + 1, D) per layer
+    with torch.no_grad():
+        model(idx, cache=cache, last_only=True)  # prefill: the prompts' keys and values in every layer
+    token = idx[:, -1:]  # (B, 1): any token costs the same
+
+    @torch.no_grad()
+    def step():
+        cache.length = P  # rewind: the new token goes into slot P again
+        return model(token, cache=cache, last_only=True)  # (B, 1, V)
+
+    return step
+
+
+def decode_bytes(model, B: int, P: int) -> int:
+    """Least traffic of one decoding step: each weight read once (the head's in full; of the embeddings only
+    the rows used, a tied token embedding counted once, as the head) and each layer's cached keys and
+    values (B, H, P, D) read once: ``(weights - embeddings + head) * e + 2 * layers * B * P * emb_dim * e``."""
+    cfg, e = model.config, model.tok_emb.weight.element_size()
+    embeddings = {id(p): p.numel() for p in (model.tok_emb.weight, model.pos_emb.weight, model.head.weight)}
+    weights = model.num_parameters() - sum(embeddings.values()) + model.head.weight.numel()
+    return weights * e + 2 * cfg.n_layers * B * P * cfg.emb_dim * e
 
 
 def _seconds(fn, repeats: int) -> float:
@@ -62,7 +106,7 @@ def _seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(quick: bool = False, new_tokens: int | None = None, batch_sizes=(1, 8), preset: str = "gpt2-small",
+def run(quick: bool = False, new_tokens: int | None = None, batch_sizes=(1, 8), preset: str = PRESET,
         prompt_tokens: int = PROMPT_TOKENS, ragged: bool | None = None,
         no_cache_max_batch: int | None = None) -> list[dict]:
     """One row per (batch, cache on/off): tokens/s and the cache's speedup; ``quick``: 32 new tokens.
@@ -70,32 +114,29 @@ def run(quick: bool = False, new_tokens: int | None = None, batch_sizes=(1, 8), 
     ``no_cache_max_batch``: run the (slow) no-cache baseline only for batches up to this size; by default
     every batch on a GPU and batch 1 on a CPU, where 8 prompts x 256 tokens without the cache take ~11 min.
     """
-    from gpt import GPT, generate
+    from gpt import generate
 
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     new_tokens = new_tokens or (32 if quick else 256)
     repeats = 3 if cuda else 1  # a CPU run without the cache takes minutes: once
     if ragged is None:  # the batch of prompts of different lengths: on a GPU; a CPU run spends ~4 min on it
         ragged = cuda
     if no_cache_max_batch is None:
         no_cache_max_batch = max(batch_sizes) if cuda else 1
-    torch.manual_seed(0)
-    model = GPT.from_preset(preset, dropout=0.0).to(device=device, dtype=dtype).eval()
-    cases = [(f"{b} prompt{'s' if b > 1 else ''}", _prompts(b, prompt_tokens), b) for b in batch_sizes]
+    model, dtype = load_model(preset)
+    cases = [(f"{b} prompt{'s' if b > 1 else ''}", prompts(b, prompt_tokens), b) for b in batch_sizes]
     if ragged and max(batch_sizes) > 1:
         b = max(batch_sizes)
         cases.append((f"{b} prompts, {prompt_tokens // 2}-{prompt_tokens} tokens",
-                       _prompts(b, prompt_tokens, ragged=True), b))
+                       prompts(b, prompt_tokens, ragged=True), b))
     generate(model, cases[0][1], 2)  # warm-up: allocator, kernels' autotuning, first-call costs
     rows = []
-    for case, prompts, batch in cases:
-        is_ragged = isinstance(prompts, list)
+    for case, idx, batch in cases:
+        is_ragged = isinstance(idx, list)
         for use_cache in (True, False) if not is_ragged and batch <= no_cache_max_batch else (True,):
             if cuda:
-                generate(model, prompts, 2, use_cache=use_cache)  # this shape's autotuning, off the clock
-            s = _seconds(functools.partial(generate, model, prompts, new_tokens, use_cache=use_cache), repeats)
+                generate(model, idx, 2, use_cache=use_cache)  # this shape's autotuning, off the clock
+            s = _seconds(functools.partial(generate, model, idx, new_tokens, use_cache=use_cache), repeats)
             rows.append({"suite": "generate", "case": case, "impl": "kv cache" if use_cache else "no cache",
                          "preset": preset, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
                          "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "seconds": s,
@@ -113,7 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="32 new tokens instead of 256")
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens per prompt (default 256; quick 32)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="prompts per batch (default 1 8)")
-    p.add_argument("--preset", default="gpt2-small", help="model size (default gpt2-small)")
+    p.add_argument("--preset", default=PRESET, help=f"model size (default {PRESET})")
     p.add_argument("--no-ragged", action="store_true", help="skip the batch of prompts of different lengths")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--tag", default="", help="suffix for the results file name, e.g. 'b1-256'")

@@ -53,9 +53,10 @@ PROVIDERS = ("triton", "torch", "compile")
 # ------------------------------------------------------------------------- shared by bench_activation
 
 
-def time_pass(fn, inputs, grads_out, which: str) -> float | None:
-    """Median ms of one pass of ``fn(*inputs)`` (a tensor or a tuple of them): ``fwd`` (no autograd
-    graph kept), ``fwd+bwd`` (forward, then gradients of every input that requires them). None on OOM."""
+def pass_fn(fn, inputs, grads_out, which: str):
+    """A closure running one pass of ``fn(*inputs)`` (a tensor or a tuple of them): ``fwd`` (no autograd
+    graph kept), ``fwd+bwd`` (forward, then the gradients of every input that requires them, for the
+    output gradients ``grads_out``; None for a scalar loss). The benchmark tests time the same closures."""
     wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
     def fwd():
@@ -67,7 +68,12 @@ def time_pass(fn, inputs, grads_out, which: str) -> float | None:
         out = out if isinstance(out, tuple) else (out,)
         torch.autograd.grad(out, wrt, grads_out)
 
-    step = fwd if which == "fwd" else fwd_bwd
+    return fwd if which == "fwd" else fwd_bwd
+
+
+def time_pass(fn, inputs, grads_out, which: str) -> float | None:
+    """Median ms of :func:`pass_fn`'s pass. None on OOM."""
+    step = pass_fn(fn, inputs, grads_out, which)
     try:
         step()
         step()  # warm-up: Triton and torch.compile compile here
@@ -86,14 +92,27 @@ def _copy_ms(m: int, n: int, device, dtype) -> float:
     return time_ms(lambda: dst.copy_(src))
 
 
+def sweep_device(smoke: bool) -> tuple[str, torch.dtype]:
+    """(device, dtype) of a sweep: the GPU in bf16; the CPU in fp32 for ``smoke`` (the interpreter's bf16
+    is unreliable)."""
+    return ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+
+
+def sweep_shapes(quick: bool, smoke: bool, widths=None, rows=None) -> tuple[tuple, tuple]:
+    """(widths, rows) of a sweep: the full grid, ``quick``'s or ``smoke``'s, unless given."""
+    if smoke:
+        return tuple(widths or SMOKE_WIDTHS), tuple(rows or SMOKE_ROWS)
+    return tuple(widths or (QUICK_WIDTHS if quick else WIDTHS)), tuple(rows or (QUICK_ROWS if quick else ROWS))
+
+
 def sweep(ops: dict, widths, rows, providers, smoke: bool) -> list[dict]:
     """Time every op x width x rows x pass x provider, and a copy of the same size; one dict per number.
 
     ``ops[name] = (make, impls, bytes_fn)``: ``make(m, n, device, dtype)`` gives ``(inputs, grads_out)``;
-    ``impls[provider]`` is the callable; ``bytes_fn(m, n, e)`` gives ``{"fwd": B, "fwd+bwd": B}``.
+    ``impls[provider]`` is the callable (``compile``: ``torch.compile`` of ``impls["torch"]``, made here);
+    ``bytes_fn(m, n, e)`` gives ``{"fwd": B, "fwd+bwd": B}``.
     """
-    device = "cpu" if smoke else "cuda"
-    dtype = torch.float32 if smoke else torch.bfloat16  # the interpreter's bf16 is unreliable
+    device, dtype = sweep_device(smoke)
     e = torch.finfo(dtype).bits // 8
     out = []
     for n in widths:
@@ -108,9 +127,11 @@ def sweep(ops: dict, widths, rows, providers, smoke: bool) -> list[dict]:
                 for which in ("fwd", "fwd+bwd"):
                     base_ms = None
                     for provider in providers:
+                        fn = impls.get(provider)
                         if provider == "compile":
                             torch._dynamo.reset()  # a fresh graph per shape; never the recompile limit
-                        ms = time_pass(impls[provider], inputs, grads_out, which)
+                            fn = torch.compile(impls["torch"])
+                        ms = time_pass(fn, inputs, grads_out, which)
                         row = {"op": op, "pass": which, "N": n, "M": m, "case": f"{op} {which} N={n} M={m}",
                                "provider": provider, "ms": ms, "bytes": nbytes[which],
                                "GB/s": nbytes[which] / (ms * 1e-3) / 1e9 if ms else None}
@@ -159,7 +180,9 @@ def summary(rows: list[dict], fwd_bwd_speedup: float = 1.3) -> str:
 # ------------------------------------------------------------------------------------------ the norms
 
 
-def _norm_ops() -> dict:
+def norm_ops(backend: str = "triton") -> dict:
+    """The sweep's ops (see :func:`sweep`); ``backend``: where the ``triton`` provider (ours) runs: the Triton
+    kernels, or their ``torch`` path (the benchmark tests' choice on a CPU, where the interpreter is not timed)."""
     import torch.nn.functional as F
 
     import gpt_kernels
@@ -179,7 +202,7 @@ def _norm_ops() -> dict:
         return F.layer_norm(x, (x.shape[-1],), w, b)
 
     def ln_triton(x, w, b):
-        with gpt_kernels.use_backend("triton"):
+        with gpt_kernels.use_backend(backend):
             return gpt_kernels.layer_norm(x, (x.shape[-1],), w, b)
 
     def add_ln_torch(x, r, w, b):
@@ -187,15 +210,14 @@ def _norm_ops() -> dict:
         return s, F.layer_norm(s, (s.shape[-1],), w, b)
 
     def add_ln_triton(x, r, w, b):
-        with gpt_kernels.use_backend("triton"):
+        with gpt_kernels.use_backend(backend):
             return gpt_kernels.add_layer_norm(x, r, w, b)
 
     return {
-        "layer_norm": (make_ln, {"triton": ln_triton, "torch": ln_torch, "compile": torch.compile(ln_torch)},
+        "layer_norm": (make_ln, {"triton": ln_triton, "torch": ln_torch},
                        lambda m, n, e: {"fwd": 2 * m * n * e + 2 * n * e + 8 * m,
                                         "fwd+bwd": 5 * m * n * e + 5 * n * e + 16 * m}),
-        "add_layer_norm": (make_add_ln, {"triton": add_ln_triton, "torch": add_ln_torch,
-                                         "compile": torch.compile(add_ln_torch)},
+        "add_layer_norm": (make_add_ln, {"triton": add_ln_triton, "torch": add_ln_torch},
                            lambda m, n, e: {"fwd": 4 * m * n * e + 2 * n * e + 8 * m,
                                             "fwd+bwd": 8 * m * n * e + 5 * n * e + 16 * m}),
     }
@@ -205,13 +227,10 @@ def sweep_run(name: str, ops: dict, quick: bool, smoke: bool, widths, rows) -> l
     """Every number of a sweep (GPU), one dict each; or a tiny CPU pass through the code with ``smoke``."""
     if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `gpt_kernels` is not imported yet
-        widths, rows, providers = widths or SMOKE_WIDTHS, rows or SMOKE_ROWS, ("triton", "torch")
-    else:
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"bench_{name} needs a CUDA GPU (use smoke=True for a CPU pass)")
-        widths = widths or (QUICK_WIDTHS if quick else WIDTHS)
-        rows, providers = rows or (QUICK_ROWS if quick else ROWS), PROVIDERS
-    return sweep(ops, widths, rows, providers, smoke)
+    elif not torch.cuda.is_available():
+        raise RuntimeError(f"bench_{name} needs a CUDA GPU (use smoke=True for a CPU pass)")
+    widths, rows = sweep_shapes(quick, smoke, widths, rows)
+    return sweep(ops, widths, rows, ("triton", "torch") if smoke else PROVIDERS, smoke)
 
 
 def sweep_main(name: str, ops_fn, argv=None, fwd_bwd_speedup: float = 1.3) -> int:
@@ -237,11 +256,11 @@ def sweep_main(name: str, ops_fn, argv=None, fwd_bwd_speedup: float = 1.3) -> in
 
 
 def run(quick: bool = False, smoke: bool = False, widths=None, rows=None) -> list[dict]:
-    return sweep_run("norm", _norm_ops(), quick, smoke, widths, rows)
+    return sweep_run("norm", norm_ops(), quick, smoke, widths, rows)
 
 
 def main(argv=None) -> int:
-    return sweep_main("norm", _norm_ops, argv)
+    return sweep_main("norm", norm_ops, argv)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ REQUIRES_GPU = True
 VARIANTS = ("eager-reference", "eager-torch", "compile-torch", "ours", "ours+compile")
 # --quick: ours against both baselines the goals name; compile-torch last, as it compiles the longest
 QUICK_VARIANTS = ("eager-torch", "ours", "compile-torch")
+# the measured run: gpt2-small at its full context, 16 sequences a step
+FULL = {"preset": "gpt2-small", "T": 1024, "batch": 16}
 # --smoke: the tiny preset on the CPU, one timed step
 SMOKE = {"preset": "tiny", "T": 32, "batch": 2, "steps": 1, "warmup": 1}
 
@@ -58,7 +60,9 @@ def flops_per_token(model, T: int) -> float:
     return 6 * n + 6 * cfg.n_layers * cfg.emb_dim * T
 
 
-def _step_fn(variant: str, batch: int, T: int, preset: str, device: str):
+def make_step(variant: str, batch: int, T: int, preset: str, device: str):
+    """(model, step): ``step()`` runs one training step of ``variant`` on random tokens (B, T): forward under
+    bf16 autocast, backward, fused AdamW. The benchmark tests time the same step."""
     from gpt import GPT
 
     backend = {"eager-reference": "reference", "eager-torch": "torch", "compile-torch": "torch",
@@ -89,9 +93,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(variant: str, batch: int, T: int = 1024, preset: str = "gpt2-small", steps: int = 10,
+def measure(variant: str, batch: int, T: int = FULL["T"], preset: str = FULL["preset"], steps: int = 10,
             warmup: int = 3, device: str = "cuda") -> dict:
-    model, step = _step_fn(variant, batch, T, preset, device)
+    model, step = make_step(variant, batch, T, preset, device)
     for _ in range(warmup):  # compilation, autotuning, allocator
         step()
     _sync(device)
@@ -127,7 +131,7 @@ def _release(device: str) -> None:
         print(f"e2e_train: cleaning up after a variant failed: {_error(e)}")
 
 
-def run(quick: bool = False, batch: int = 16, variants=None, smoke: bool = False) -> list[dict]:
+def run(quick: bool = False, batch: int = FULL["batch"], variants=None, smoke: bool = False) -> list[dict]:
     """One row per variant: tokens/s, TFLOP/s, MFU and peak memory, or the ``error`` that stopped it."""
     if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # takes effect only if `gpt_kernels` is not imported yet
@@ -137,7 +141,7 @@ def run(quick: bool = False, batch: int = 16, variants=None, smoke: bool = False
         print("e2e_train: needs a CUDA GPU; skipped")
         return []
     else:
-        device, preset, T, steps, warmup = "cuda", "gpt2-small", 1024, 5 if quick else 10, 3
+        device, preset, T, steps, warmup = "cuda", FULL["preset"], FULL["T"], 5 if quick else 10, 3
         torch.backends.cuda.matmul.allow_tf32 = True
     variants = tuple(variants or (QUICK_VARIANTS if quick else VARIANTS))
     unknown = [v for v in variants if v not in VARIANTS]
@@ -164,7 +168,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"variants {', '.join(QUICK_VARIANTS)}; 5 timed steps")
-    p.add_argument("--batch", type=int, default=16, help="sequences of 1024 tokens per step (default 16)")
+    p.add_argument("--batch", type=int, default=FULL["batch"],
+                   help=f"sequences of {FULL['T']} tokens per step (default {FULL['batch']})")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, help="which variants (default: all, or --quick's)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the code, times nothing real")
     add_output_args(p)

@@ -34,17 +34,17 @@ def _backward(out, inputs) -> None:
 
 def norm() -> None:
     """bench_norm's quick widths: layer_norm and add_layer_norm, bf16, forward and backward."""
-    from bench.bench_norm import QUICK_ROWS, QUICK_WIDTHS, _norm_ops
+    from bench.bench_norm import QUICK_ROWS, QUICK_WIDTHS, norm_ops
 
-    _sweep(_norm_ops(), QUICK_WIDTHS, QUICK_ROWS)
+    _sweep(norm_ops(), QUICK_WIDTHS, QUICK_ROWS)
 
 
 def activation() -> None:
     """bench_activation's quick widths: gelu and bias_gelu (tanh), bf16, forward and backward."""
-    from bench.bench_activation import _activation_ops
+    from bench.bench_activation import activation_ops
     from bench.bench_norm import QUICK_ROWS, QUICK_WIDTHS
 
-    _sweep(_activation_ops(), QUICK_WIDTHS, QUICK_ROWS)
+    _sweep(activation_ops(), QUICK_WIDTHS, QUICK_ROWS)
 
 
 def _sweep(ops: dict, widths, rows) -> None:
@@ -57,15 +57,15 @@ def _sweep(ops: dict, widths, rows) -> None:
 
 def attention() -> None:
     """bench_attention's quick cases: D = 64, T = 1024 and 4096, causal; plain, dropout and the atomic backward."""
-    from bench.bench_attention import HIDDEN, QUICK_HEAD_DIMS, QUICK_SEQ_LENS, TOKENS, _inputs, _providers
+    from bench.bench_attention import HIDDEN, QUICK_HEAD_DIMS, QUICK_SEQ_LENS, TOKENS, inputs, providers
 
-    providers = _providers(smoke=not torch.cuda.is_available())
+    ours = providers(smoke=not torch.cuda.is_available())
     for D in QUICK_HEAD_DIMS:
         for T in QUICK_SEQ_LENS:
             B = max(1, _rows(TOKENS) // T)
-            q, k, v, do = _inputs(B, max(1, HIDDEN // D), T, D, _device(), torch.bfloat16)
+            q, k, v, do = inputs(B, max(1, HIDDEN // D), T, D, _device(), torch.bfloat16)
             for name in ("triton", "triton-atomic", "triton-dropout"):
-                providers[name](q, k, v).backward(do)
+                ours[name](q, k, v).backward(do)
 
 
 def cross_entropy() -> None:
@@ -87,16 +87,16 @@ def cross_entropy() -> None:
 
 def e2e_train() -> None:
     """One training step of e2e_train's ``ours`` (gpt2-small, 1024 tokens, bf16 autocast, dropout 0.1)."""
-    from bench.e2e_train import _step_fn
+    from bench.e2e_train import make_step
 
-    _, step = _step_fn("ours", 16 if torch.cuda.is_available() else 1, 1024, "gpt2-small", _device())
+    _, step = make_step("ours", 16 if torch.cuda.is_available() else 1, 1024, "gpt2-small", _device())
     step()
 
 
 def generate() -> None:
     """bench_generate's model (gpt2-small in bf16, or fp32 without bf16) generating with its KV cache: the prompt's
     forward, then one-token decoding steps (flash-decoding)."""
-    from bench.bench_generate import PROMPT_TOKENS, _prompts
+    from bench.bench_generate import PROMPT_TOKENS, prompts
     from gpt import GPT
     from gpt import generate as gen
 
@@ -104,7 +104,7 @@ def generate() -> None:
     dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float32
     model = GPT.from_preset("gpt2-small", dropout=0.0, kernel_backend="triton").to(_device(), dtype).eval()
     for batch in (1, 8):
-        gen(model, _prompts(batch, PROMPT_TOKENS).to(_device()), 2)
+        gen(model, prompts(batch, PROMPT_TOKENS).to(_device()), 2)
 
 
 SUITES = {"attention": attention, "e2e_train": e2e_train, "cross_entropy": cross_entropy, "norm": norm,

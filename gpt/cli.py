@@ -20,7 +20,8 @@ import torch
 
 from gpt_kernels.backend import BACKENDS
 
-from . import classify, instruct
+from . import __version__, classify, instruct
+from .cli_tools import add_eval_command, add_export_command, add_prepare_command, add_train_hellaswag_args
 from .config import PRESETS
 from .engine import RunConfig
 from .finetune import (
@@ -35,7 +36,7 @@ from .finetune import (
 from .generate import check_sampling_args, decode_stream, generate_stream
 from .model import GPT
 from .pretrain import DEFAULT_EPOCHS, DEFAULT_PRESET, TrainConfig, train
-from .runtime import DTYPES, pick_device
+from .runtime import DTYPES, check_backend, pick_device
 from .tokenizer import EOT_ID, check_utf8_arg, decode_utf8, encode, not_utf8
 from .weights import describe_source, load_model, model_source
 
@@ -105,7 +106,8 @@ def add_run_args(p: argparse.ArgumentParser, d: RunConfig, epochs: int, checkpoi
                         "needs CUDA)")
     s.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
     s.add_argument("--kernels", default=d.kernels, choices=BACKENDS,
-                   help="implementation of the fused ops (default auto: Triton on CUDA, PyTorch on the CPU)")
+                   help="implementation of the fused ops (default: $GPT_KERNELS if set, as for every command, else "
+                        "auto: Triton on CUDA, PyTorch on the CPU)")
 
 
 def config_from_args(cls, args: argparse.Namespace):
@@ -129,8 +131,9 @@ def add_train_command(sub) -> None:
                  "this project) as a new run; --resume continues a run instead", "runs/<date-time>")
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="FILE_OR_DIR", default=None,
-                   help="a UTF-8 text file or a directory of .txt files (big ones are tokenized once into a "
-                        "memory-mapped token file beside them) (default: The Verdict, bundled)")
+                   help="a UTF-8 text file, a directory of .txt files (big ones are tokenized once into a "
+                        "memory-mapped token file beside them), or a folder of gpt prepare-data (its shards streamed "
+                        "in order, its validation shard evaluated) (default: The Verdict, bundled)")
     g.add_argument("--val-ratio", type=float, default=d.val_ratio,
                    help=f"share of the tokens (the last ones) kept for validation (default {d.val_ratio:g})")
     g.add_argument("--context-length", type=int, metavar="T", default=None,
@@ -151,6 +154,7 @@ def add_train_command(sub) -> None:
                    help=f"text continued after each epoch (default \"{d.sample_prompt}\")")
     g.add_argument("--sample-tokens", type=int, metavar="N", default=d.sample_tokens,
                    help=f"tokens generated for the sample; 0 = no sample (default {d.sample_tokens})")
+    add_train_hellaswag_args(p.add_argument_group("HellaSwag"))
     p.set_defaults(func=cmd_train)
 
 
@@ -238,7 +242,7 @@ def cmd_generate(args) -> int:
         raise ValueError("the prompt is empty: give some text with --prompt \"...\"")
     check_utf8_arg(args.prompt, "--prompt")
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, flags=True)
-    device = pick_device(args.device)
+    device = model_device(args.device)
     if args.dtype == "auto":  # bf16 halves the bytes each decode step reads on a GPU; CPUs are faster in fp32
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if bf16 else torch.float32
@@ -263,7 +267,9 @@ def cmd_generate(args) -> int:
             yield t
 
     t0 = time.perf_counter()
-    for piece in decode_stream(itertools.chain(ids, timed(stream))):  # the prompt, then each new token
+    tokens = timed(stream)
+    first = list(itertools.islice(tokens, 1))  # the first forward pass runs (or fails) before anything is printed
+    for piece in decode_stream(itertools.chain(ids, first, tokens)):  # the prompt, then each new token
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -273,6 +279,14 @@ def cmd_generate(args) -> int:
               f"{(t_first - t0) * 1e3:.0f} ms; KV cache {'off' if args.no_cache else 'on'}, "
               f"{str(dtype).removeprefix('torch.')}, {device})", file=sys.stderr)
     return 0
+
+
+def model_device(name: str) -> torch.device:
+    """The device a command runs a model on, with the kernel backend in force ($GPT_KERNELS, or auto) checked
+    there first: the rule every command follows (the training commands add --kernels)."""
+    device = pick_device(name)
+    check_backend(None, device)
+    return device
 
 
 def read_stdin() -> str:
@@ -303,7 +317,7 @@ def cmd_classify(args) -> int:
     if not texts:
         raise ValueError("no text to classify: give it as an argument (gpt classify --checkpoint DIR \"text\") "
                          "or one per line on stdin")
-    model, meta = load_finetuned(args.checkpoint, pick_device(args.device))
+    model, meta = load_finetuned(args.checkpoint, model_device(args.device))
     if meta.get("task") != "classifier":
         raise ValueError(f"{args.checkpoint} holds {task_name(meta)}, not a classifier: finetune one "
                          f"with `gpt finetune-classifier`")
@@ -315,27 +329,20 @@ def cmd_classify(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    """Answer each line of stdin; a line that cannot be answered is reported (stderr) and the rest go on."""
+    """Answer each line of stdin with one line of stdout (see :func:`gpt.instruct.chat_answers`); a line that
+    cannot be answered is also reported on stderr, the rest go on, and the exit status is 1."""
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k or None, None, flags=True)
-    model = instruct.load_chat_model(args.checkpoint, pick_device(args.device))
+    model = instruct.load_chat_model(args.checkpoint, model_device(args.device))
     interactive = sys.stdin.isatty()
     if interactive:
         print("type an instruction and press Enter; Ctrl-D quits", file=sys.stderr)
     failed = 0
-    for n, line in _prompted(stdin_lines(), interactive):
-        try:
-            if isinstance(line, Exception):
-                raise line
-            if not line.strip():
-                continue
-            response = instruct.generate_response(model, {"instruction": line.strip(), "input": ""},
-                                                  args.max_new_tokens, args.temperature, args.top_k or None,
-                                                  args.seed)
-        except ValueError as e:  # too long for the context, not UTF-8: say so, answer the next
+    for out, error in instruct.chat_answers(model, _prompted(stdin_lines(), interactive), args.max_new_tokens,
+                                            args.temperature, args.top_k or None, args.seed, args.jsonl):
+        if error:
             failed += 1
-            print(f"gpt chat: error: line {n}: {e}", file=sys.stderr)
-            continue
-        print(response, flush=True)
+            print(f"gpt chat: error: {error}", file=sys.stderr)
+        print(out, flush=True)
     return 1 if failed else 0
 
 
@@ -421,10 +428,15 @@ def add_use_commands(sub) -> None:
 
     c = sub.add_parser("chat", help="answer instructions with a model from gpt finetune-instruct",
                        description="Answer instructions with a model that gpt finetune-instruct made: one instruction "
-                                   "per line on stdin (UTF-8; typed, when stdin is a terminal), one answer per line on "
-                                   "stdout. A line it cannot answer (longer than the model's context, not UTF-8) is "
-                                   "reported on stderr, the others are answered, and the exit status is 1.")
+                                   "per line on stdin (UTF-8; typed, when stdin is a terminal), one line on stdout for "
+                                   "each: the answer (its line breaks written \\n), an empty line for an empty one. A "
+                                   "line it cannot answer (longer than the model's context, not UTF-8) gets the line "
+                                   "'[error] line N: why' (also on stderr), the others are answered, and the exit "
+                                   "status is 1.")
     c.add_argument("--checkpoint", required=True, metavar="DIR", help="the run directory of gpt finetune-instruct")
+    c.add_argument("--jsonl", action="store_true",
+                   help='JSON lines in and out: each input line a record {"instruction": ..., "input": ...}, each '
+                        'output line that record with its "response", or {"line": N, "error": ...} (default: text)')
     add_sampling_args(c, 256, 0.0, 0)
     c.add_argument("--device", default="auto", help=DEVICE_HELP)
     c.set_defaults(func=cmd_chat)
@@ -445,21 +457,33 @@ def add_use_commands(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpt", description="A GPT-2 language model on handwritten Triton kernels.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__} (the gpt-triton package)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     add_train_command(sub)
     add_finetune_commands(sub)
     add_use_commands(sub)
+    add_prepare_command(sub)
+    add_eval_command(sub)
+    add_export_command(sub)
+    p.commands = sub.choices  # name -> the command's parser
     return p
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser, with its usage (argparse's top level would show gpt's)
+        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away (| head) is found here, not at exit
+        return code
+    except BrokenPipeError:  # gpt info | head -1: stop quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush goes nowhere
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool that the broken pipe stopped
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -13,16 +13,25 @@ from __future__ import annotations
 import datetime
 
 TIMED_STEPS = 3  # steps timed (after the first) before the first estimate
+DAY, YEAR = 86400, 365.25 * 86400
 
 
 def duration(seconds: float) -> str:
-    """``seconds`` as a person says it: "40 s", "6 min 5 s", "2 h 13 min"."""
+    """``seconds`` as a person says it: "40 s", "6 min 5 s", "2 h 13 min", "12 days", "3,171 years"."""
     s = round(seconds)
     if s < 60:
         return f"{max(seconds, 0):.1f} s" if seconds < 10 else f"{s} s"
     if s < 3600:
         return f"{s // 60} min {s % 60} s" if s < 600 else f"{round(seconds / 60)} min"
-    return f"{s // 3600} h {s % 3600 // 60} min"
+    if s < 2 * DAY:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s / DAY:,.0f} days" if s < 2 * YEAR else f"{s / YEAR:,.0f} years"
+
+
+def count_due(step: int, total: int, every: int) -> int:
+    """How many of the steps after ``step`` up to ``total`` are a multiple of ``every`` or the last one: the
+    evaluations (or epoch ends) left, counted without walking the steps (a run may have billions)."""
+    return total // every - step // every + (total % every != 0) if total > step else 0
 
 
 class RunClock:
@@ -59,13 +68,22 @@ class RunClock:
         the last step (a test set)."""
         step_s = sum(self.steps) / len(self.steps)
         left = steps * step_s + epoch_ends * self.epoch_end_s
-        parts = [f"{steps} steps of {duration(step_s)}"]
+        parts = [f"{steps:,} steps of {duration(step_s)}"]
         if evals and self.eval_s is None:
-            parts.append(f"{evals} evaluation{'s' if evals > 1 else ''} not timed yet")
+            parts.append(f"{evals:,} evaluation{'s' if evals > 1 else ''} not timed yet")
             self.shown_without_evals = True
         elif evals:
             left += evals * self.eval_s
-            parts.append(f"{evals} evaluation{'s' if evals > 1 else ''} of {duration(self.eval_s)}")
-        end = datetime.datetime.now() + datetime.timedelta(seconds=left)
-        return (f"estimate: {duration(left)} more ({', '.join(parts)}); training done around {end:%H:%M}"
-                + (f", then {then}" if then else ""))
+            parts.append(f"{evals:,} evaluation{'s' if evals > 1 else ''} of {duration(self.eval_s)}")
+        try:
+            end = datetime.datetime.now() + datetime.timedelta(seconds=left)
+            done = f"training done around {end:%H:%M}" if left < DAY else f"training done around {end:%Y-%m-%d %H:%M}"
+        except OverflowError:
+            done = "training done after the year 9999"
+        return f"estimate: {duration(left)} more ({', '.join(parts)}); {done}" + (f", then {then}" if then else "")
+
+    def estimate_rest(self, step: int, total: int, eval_every: int, steps_per_epoch: int, then: str = "") -> str:
+        """:meth:`estimate` for a run at ``step`` of ``total`` that evaluates every ``eval_every`` steps and at
+        the end, and ends an epoch every ``steps_per_epoch`` steps and at the end."""
+        return self.estimate(total - step, count_due(step, total, eval_every), count_due(step, total, steps_per_epoch),
+                             then)

@@ -8,8 +8,11 @@ through ``numpy.memmap``, so only the windows in use are ever read.
 from __future__ import annotations
 
 import codecs
+import errno
+import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -185,7 +188,8 @@ def load_tokens(source, cache_dir=None, max_in_memory_bytes: int = 64 << 20):
 
     A source bigger than ``max_in_memory_bytes`` (or any directory) is tokenized once into
     ``<cache_dir>/<name>.tokens.u16`` and memory-mapped; later calls reuse the file while it is newer than
-    its sources.
+    its sources. Without ``cache_dir`` the file goes beside the data or, where that is not writable (a
+    read-only data directory), into :func:`user_cache_dir`.
     """
     files = list_text_files(source)
     size = sum(f.stat().st_size for f in files)
@@ -193,10 +197,33 @@ def load_tokens(source, cache_dir=None, max_in_memory_bytes: int = 64 << 20):
         raise ValueError(f"the data at {source!s} is empty: give a text file with some text in it")
     if len(files) == 1 and size <= max_in_memory_bytes and Path(source).is_file():
         return np.asarray(encode(read_utf8(files[0]), allow_special=False), dtype=np.int64)
-    cache_dir = Path(cache_dir) if cache_dir else Path(files[0]).parent
-    out = cache_dir / (Path(source).name + TOKEN_FILE_SUFFIX) if not isinstance(source, (list, tuple)) \
-        else cache_dir / ("corpus" + TOKEN_FILE_SUFFIX)
+    name = "corpus" if isinstance(source, (list, tuple)) else Path(source).name
+    places = [Path(cache_dir) if cache_dir else Path(files[0]).parent]
+    if not cache_dir:
+        where = hashlib.sha256(str(Path(files[0]).resolve()).encode()).hexdigest()[:12]  # one per source
+        places.append(user_cache_dir() / where)
+    outs = [place / (name + TOKEN_FILE_SUFFIX) for place in places]
     newest = max(f.stat().st_mtime for f in files)
-    if not out.exists() or out.stat().st_mtime < newest:
-        tokenize_to_file(files, out)
-    return load_token_file(out)
+    for out in outs:
+        if out.exists() and out.stat().st_mtime >= newest:
+            return load_token_file(out)
+    try:
+        return load_token_file(tokenize_to_file(files, outs[0]))
+    except OSError as e:
+        if len(outs) == 1 or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        first = e
+    print(f"note: cannot write the token file beside the data ({places[0]}: {first.strerror}); it goes to "
+          f"{outs[1]}", file=sys.stderr)
+    try:
+        return load_token_file(tokenize_to_file(files, outs[1]))
+    except OSError as e:
+        raise OSError(f"cannot write the token file of {source}: not beside it ({places[0]}: {first.strerror}), nor "
+                      f"in the cache directory {places[1]} ({e.strerror or e}): set XDG_CACHE_HOME to a writable "
+                      f"directory") from None
+
+
+def user_cache_dir() -> Path:
+    """Where token files go when the data's own directory is read-only: ``$XDG_CACHE_HOME/gpt-triton/tokens``
+    (``~/.cache/gpt-triton/tokens`` by default)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt-triton" / "tokens"

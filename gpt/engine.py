@@ -5,11 +5,14 @@ is built from them, the loss, the evaluation, what a checkpoint's model files ar
 end. The engine owns the rest, the same for all: the learning-rate schedule, the optimizer rule
 (:mod:`gpt.optim`), mixed precision, gradient accumulation and clipping, DistributedDataParallel under
 torchrun, evaluations and checkpoints on a schedule, exact resume at any step, Ctrl-C (finish the
-step, save, stop), and an estimate of the run's length once its first steps are timed (:mod:`gpt.clock`).
+step, or cut the evaluation or sample after it short; save; stop), a run directory held from start to end
+(:func:`gpt.rundir.claim_run_dir`), and an estimate of the run's length once its first steps are timed
+(:mod:`gpt.clock`).
 As nanoGPT's one loop serves every config and Lightning's ``Trainer`` every module.
 
-**Which examples a step sees.** Each epoch shuffles the training examples with a generator seeded by
-(seed, epoch). Optimizer step ``s`` of the epoch takes the next ``G`` examples of that order, where
+**Which examples a step sees** (:mod:`gpt.sources`). Each epoch shuffles the training examples with a
+generator seeded by (seed, epoch), or keeps their order (a task's ``shuffle = False``: prepared shards,
+streamed). Optimizer step ``s`` of the epoch takes the next ``G`` examples of that order, where
 ``G = batch_size * accumulation * processes``; micro-step ``m`` takes ``batch_size * processes`` of them
 and process ``r`` its ``r``-th ``batch_size``. Examples left over at an epoch's end are skipped (as
 ``drop_last``). The loss of a step is the mean over all its loss terms (tokens, or examples) on every
@@ -17,9 +20,10 @@ process, however they are split: one process with batch 8, two with batch 4, or 
 accumulation steps follow the same curve (up to float rounding).
 
 **Exact resume.** A checkpoint is taken between two steps and holds everything the later steps depend
-on: weights, optimizer, schedule, gradient scaler, the step (hence the data position), every process's
-random generators (CPU and GPU: dropout masks and the attention kernels' dropout seeds) and the running
-loss since the last evaluation. Evaluations and samples run with the generators saved and put back
+on: weights, optimizer, schedule, gradient scaler, the step, every process's position in the data and
+its random generators (CPU and GPU: dropout masks and the attention kernels' dropout seeds), the running
+loss since the last evaluation, and the step's evaluation or sample if Ctrl-C left it undone (a resume
+does it first). Evaluations and samples run with the generators saved and put back
 (:func:`gpt.runtime.rng_preserved`), so they never shift the training's random streams. A run stopped
 at any step and resumed ends bit-identical to one that was never stopped (tested for every task).
 """
@@ -38,11 +42,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .checks import check_run_settings
 from .clock import RunClock
 from .optim import make_optimizer, make_scheduler, optimizer_step
-from .rundir import LOG_FILE, STATE_FILE, RunLog, create_run_dir, save_staged
+from .rundir import LOG_FILE, STATE_FILE, RunLog, claim_run_dir, save_staged, tensor_bytes
 from .runtime import (
-    DTYPES,
     Precision,
     Processes,
     StopOnSignal,
@@ -52,8 +56,9 @@ from .runtime import (
     set_rng_state,
     to_device,
 )
+from .sources import ExampleSource
 
-STATE_FORMAT = "gpt-triton-trainer-2"
+STATE_FORMAT = "gpt-triton-trainer-3"  # 3: every process's data position ("data")
 
 
 @dataclass
@@ -66,14 +71,15 @@ class RunConfig:
     checkpoint: str | None = None  # start from one of our checkpoint directories instead
     hf: str | None = None  # ... or from a Hugging Face GPT-2 directory
     dropout: float | None = None  # None: the model's own (0.1 for the presets)
-    kernels: str = "auto"  # kernel backend of the model's fused ops: auto, triton, torch, reference
+    kernels: str | None = None  # kernel backend of the model's fused ops: auto, triton, torch, reference; None:
+    # $GPT_KERNELS if set, else auto (the rule of every command; resolved when the run starts, also on resume)
     # the run directory
     out: str | None = None  # None: a new folder under runs/ (or the --resume directory)
     resume: str | None = None  # a run directory to continue
     # the optimisation
     epochs: int | None = None  # passes over the training examples; None: the job's (10 pretraining, 5 or 2
     # finetuning, as the book's chapters)
-    max_steps: int | None = None  # the run's length in optimizer steps instead; takes precedence over epochs.
+    max_steps: int | None = None  # the run's length in optimizer steps instead of epochs (give one of them).
     # The schedule spans the run's length: a resume that changes it (either setting) reshapes what is left
     batch_size: int = 2  # examples per forward pass per process
     lr: float = 4e-4  # peak learning rate
@@ -102,44 +108,7 @@ class RunConfig:
 
     def check(self) -> None:
         """Clear errors for settings that make no sense (before anything is loaded or written)."""
-        from gpt_kernels.backend import BACKENDS
-
-        for name in ("batch_size",):
-            check_positive(self, name)
-        for name in ("epochs", "max_steps", "eval_every", "eval_batches", "save_every"):
-            check_positive(self, name, allow_none=True)
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"--min-lr must be in [0, --lr {self.lr:g}], got {self.min_lr}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
-        if self.weight_decay < 0:
-            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise ValueError(f"--grad-clip must be >= 0 (0: no clipping), got {self.grad_clip}")
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.kernels not in BACKENDS:
-            raise ValueError(f"--kernels {self.kernels!r} is not a kernel backend: choose one of {', '.join(BACKENDS)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r} is not a training precision: choose one of {', '.join(DTYPES)}")
-        if self.checkpoint and self.hf:
-            raise ValueError("give either --checkpoint or --hf to start from, not both")
-
-
-def flag(name: str) -> str:
-    """The command-line option of a config field: ``batch_size`` -> ``--batch-size`` (errors name the option a
-    user typed; a Python caller reads the field's name in it as easily)."""
-    return "--" + name.replace("_", "-")
-
-
-def check_positive(cfg, name: str, allow_none: bool = False) -> None:
-    v = getattr(cfg, name)
-    if v is None and allow_none:
-        return
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{flag(name)} must be a positive integer, got {v!r}")
+        check_run_settings(self)
 
 
 @dataclass
@@ -161,6 +130,7 @@ class Task:
     config: RunConfig  # the job's settings with everything resolved (what a resume continues with)
     model: nn.Module  # on the device, with its trainable parameters marked (requires_grad)
     train_set: Sequence  # the training examples: the engine shuffles and deals them out
+    shuffle: bool = True  # a new order of train_set each epoch; False: its own order (streamed shards)
     examples_per_step: int | None = None  # all processes together; None: one batch per process
     eval_at_start: bool = False  # evaluate before the first step too
     after_training: str = ""  # untimed work after the last step, named in the time estimate
@@ -204,12 +174,6 @@ class Task:
         return {}
 
 
-def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled example indices of ``epoch``, (num_examples,): the same in every process and resume."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
-    return torch.randperm(num_examples, generator=g)
-
-
 # ------------------------------------------------------------------------------------------ the loop
 
 
@@ -229,7 +193,11 @@ class Trainer:
         self._plan(task.config)
         self.step, self.evals, self.losses = 0, [], []
         self._running = [0.0, 0]  # sum and count of the step losses since the last evaluation
-        self._order_epoch, self._order = -1, None
+        self.source = ExampleSource(task.train_set, self.config.seed if task.shuffle else None)
+        self._pending = ["evaluate"] if task.eval_at_start else []  # the step's evaluation and epoch end, not done
+        self._finished = False  # the task's final work (Task.finish) is done for this step
+        self.in_place = bool(task.config.resume) and Path(task.config.resume).resolve() == run_dir.resolve()
+        self._checkpoint = (Path(task.config.resume), state["step"]) if state else None  # (where, step): latest
         self.clock = RunClock()
         fused = env.device.type in ("cuda", "cpu")
         self.optimizer = make_optimizer(self.model, self.config.lr, self.config.weight_decay, fused=fused)
@@ -265,6 +233,9 @@ class Trainer:
                              f"accumulation step(s) = {self.per_step}): lower the batch size or the examples per "
                              f"step, or give more data")
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        if cfg.warmup_steps and cfg.warmup_steps >= self.total_steps and not cfg.resume:
+            raise ValueError(f"--warmup-steps {cfg.warmup_steps} is not shorter than the run ({self.total_steps} "
+                             f"steps): the learning rate would never reach --lr {cfg.lr:g}; use fewer warm-up steps")
         warmup = cfg.warmup_steps
         if warmup is None:
             warmup = max(1, round(cfg.WARMUP_SHARE * self.total_steps)) if cfg.WARMUP_SHARE else 0
@@ -281,15 +252,17 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.precision.scaler is not None and state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
-        self.step, self._running = state["step"], list(state["running"])
+        self.step, self._running, self._pending = state["step"], list(state["running"]), state.get("pending", [])
+        self.source.load_state_dict(state["data"], self.env.rank)
         if state["world_size"] == self.env.world:
             set_rng_state(state["rng"][self.env.rank])
         else:
             seed_all(self.config.seed + self.env.rank + self.step)
             self.say(f"note: the run was saved with {state['world_size']} process(es), not {self.env.world}: the "
                      f"data order continues exactly, the dropout masks do not")
-        self.evals = [r for r in RunLog(Path(self.config.resume) / LOG_FILE).read(self.step)
-                      if r.get("event") == "eval"]
+        log = RunLog(Path(self.config.resume) / LOG_FILE).read(self.step)
+        self.evals = [r for r in log if r.get("event") == "eval"]
+        self._finished = {"event": "finished", "step": self.step} in log
 
     # ---- what tasks use
 
@@ -341,14 +314,18 @@ class Trainer:
         for line in self.task.describe():
             self.say(line)
         self._announce()
-        if self.step >= self.total_steps:
+        if self.step >= self.total_steps and self._finished:
             self.say(f"{self.config.resume} has already trained {self.step} steps ({self.epoch:g} epochs): raise "
                      f"--epochs or --max-steps to train more")
             return self._result({})
+        claim = claim_run_dir(self.run_dir, not self.in_place, self.task.name) if self.env.main else None
+        with claim or contextlib.nullcontext():
+            return self._fit()
+
+    def _fit(self) -> RunResult:
+        """Train (the pending work of the last step first), save, then the task's final work."""
         self._open_run_dir()
         self.t_start = time.time()
-        if self.step == 0 and self.task.eval_at_start:
-            self._evaluate()
         with StopOnSignal() as stop, tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                                           dynamic_ncols=True, disable=not self.env.main) as bar:
             stopped = self._loop(stop, bar)
@@ -357,7 +334,14 @@ class Trainer:
                      f"{self.run_dir}")
             raise KeyboardInterrupt(f"training stopped at step {self.step}; checkpoint in {self.run_dir}")
         self._save()
-        return self._result(self.task.finish(self) or {})
+        try:
+            final = self.task.finish(self) or {}
+        except KeyboardInterrupt:
+            self.say(f"stopped after the last step's checkpoint, in the run's final work: --resume {self.run_dir} "
+                     f"does that work again")
+            raise
+        self.log_record({"event": "finished", "step": self.step})
+        return self._result(final)
 
     def _announce(self) -> None:
         c = self.config
@@ -373,19 +357,39 @@ class Trainer:
         self.log = RunLog(self.run_dir / LOG_FILE)
         if not self.env.main:
             return
-        create_run_dir(self.run_dir)
         if self.config.resume:
             self.log.rewrite(RunLog(Path(self.config.resume) / LOG_FILE).read(self.step))
         self.task.begin(self.run_dir)
 
     def _loop(self, stop: StopOnSignal, bar) -> bool:
-        """Train to the last step; True if stopped by a signal (after saving)."""
+        """Train to the last step; True if stopped by a signal (after saving). After each step come its
+        evaluation and epoch end (when due), an estimate (once), and a checkpoint (when due). A signal during
+        a step stops after it; during the work after it, at once: what was cut short is saved as pending and
+        done first when the run resumes (see :class:`gpt.runtime.StopOnSignal`)."""
         c, spe = self.config, self.steps_per_epoch
-        while self.step < self.total_steps:
+        estimate_due = stepped = False
+        while True:
+            try:  # (processes must stop together: after a step and its work, so never at once under DDP)
+                with stop.at_once(self.env.world == 1):
+                    if not (stop.requested and self.env.world == 1):  # stopped in the step: its work waits for resume
+                        self._do_pending()
+                        if estimate_due:
+                            self._say_estimate()
+            except KeyboardInterrupt:
+                if not stop.requested:
+                    raise
+            last = self.step >= self.total_steps
+            if self.env.sum([float(stop.requested)])[0] > 0:  # every process stops at the same step
+                self._save()
+                return True
+            if last:
+                return False
+            if stepped and (self.step % c.save_every == 0 if c.save_every else self.step % spe == 0):
+                self._save()
             t0 = time.perf_counter()
             loss, lr = self._train_step()
             step_s = time.perf_counter() - t0
-            self.step += 1
+            self.step, stepped = self.step + 1, True
             self.losses.append(loss)
             self._running = [self._running[0] + loss, self._running[1] + 1]
             bar.update(1)
@@ -393,24 +397,20 @@ class Trainer:
             if self.on_step is not None:
                 self.on_step(self.step, loss)
             estimate_due = self.clock.step(step_s)
-            epoch_done, last = self.step % spe == 0, self.step == self.total_steps
-            if self._evaluates_at(self.step):
+            epoch_done = self.step % spe == 0 or self.step == self.total_steps
+            self._pending = ["evaluate"] * self._evaluates_at(self.step) + ["epoch_end"] * epoch_done
+
+    def _do_pending(self) -> None:
+        """The evaluation and epoch end due after the last step, each taken off the list once done."""
+        while self._pending:
+            if self._pending[0] == "evaluate":
                 self._evaluate()
-            if epoch_done or last:
+            else:
                 t0 = time.perf_counter()
                 with rng_preserved():
                     self.task.epoch_end(self)
                 self.clock.epoch_end(time.perf_counter() - t0)
-            if estimate_due:
-                self._say_estimate()
-            saved = not last and (self.step % c.save_every == 0 if c.save_every else epoch_done)
-            if saved:
-                self._save()
-            if self.env.sum([float(stop.requested)])[0] > 0:  # every process stops at the same step
-                if not saved:
-                    self._save()
-                return True
-        return False
+            self._pending.pop(0)
 
     def _evaluates_at(self, step: int) -> bool:
         every = self.config.eval_every
@@ -418,23 +418,14 @@ class Trainer:
 
     def _say_estimate(self) -> None:
         """The time the rest of the run should take (see :mod:`gpt.clock`), unless nothing is left."""
-        later = range(self.step + 1, self.total_steps + 1)
-        if later:
-            ends = sum(1 for s in later if s % self.steps_per_epoch == 0 or s == self.total_steps)
-            self.say(self.clock.estimate(len(later), sum(map(self._evaluates_at, later)), ends,
-                                         self.task.after_training))
+        if self.step < self.total_steps:
+            self.say(self.clock.estimate_rest(self.step, self.total_steps, self.config.eval_every or
+                                              self.steps_per_epoch, self.steps_per_epoch, self.task.after_training))
 
     def _batches(self) -> list[tuple]:
         """This process's micro-batches of the next step (see the module's doc)."""
-        epoch, b = divmod(self.step, self.steps_per_epoch)
-        if epoch != self._order_epoch:
-            self._order_epoch, self._order = epoch, epoch_order(len(self.task.train_set), self.config.seed, epoch)
-        first, bs = b * self.per_step, self.config.batch_size
-        batches = []
-        for m in range(self.accum):
-            start = first + m * self.per_micro + self.env.rank * bs
-            batches.append(self.task.collate([self.task.train_set[int(i)] for i in self._order[start:start + bs]]))
-        return batches
+        items = self.source.next_step(self.accum, self.config.batch_size, self.env.world, self.env.rank)
+        return [self.task.collate(examples) for examples in items]
 
     def _train_step(self) -> tuple[float, float]:
         """One optimizer step; returns its loss (the mean over every loss term of every process) and lr."""
@@ -457,8 +448,10 @@ class Trainer:
         lr = optimizer_step(self.optimizer, self.scheduler, scaler, self.model, self.config.grad_clip)
         step_loss = self.env.sum([loss_sum.item()])[0] / total
         if not math.isfinite(step_loss):
-            raise RuntimeError(f"the training loss became {step_loss} at step {self.step + 1}: lower --lr or use "
-                               f"--dtype bfloat16/float32; the last checkpoint is untouched")
+            kept = (f"the checkpoint of step {self._checkpoint[1]} in {self._checkpoint[0]} is untouched"
+                    if self._checkpoint else f"no checkpoint had been saved, so nothing is kept in {self.run_dir}")
+            raise RuntimeError(f"the training loss became {step_loss} at step {self.step + 1}: lower --lr (it is "
+                               f"{self.config.lr:g}) or use --dtype bfloat16/float32; {kept}")
         return step_loss, lr
 
     def _evaluate(self) -> None:
@@ -474,18 +467,23 @@ class Trainer:
 
     def _save(self) -> None:
         rng = self.env.gather(rng_state())  # every process's generators, so a resume continues them all
+        data = self.env.gather(self.source.state_dict())  # ... and its position in the data
         if not self.env.main:
             return
         state = {"format": STATE_FORMAT, "task": self.task.name, "step": self.step, "world_size": self.env.world,
                  "examples_per_step": self.per_step, "train_config": asdict(self.config), "running": self._running,
+                 "pending": list(self._pending),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None, "rng": rng}
+                 "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None, "rng": rng,
+                 "data": data}
 
         def write(staging: Path):
             self.task.save(self, staging)
             torch.save(state, staging / STATE_FILE)
 
-        save_staged(self.run_dir, write, f"the checkpoint of step {self.step}")
+        save_staged(self.run_dir, write, f"the checkpoint of step {self.step}",
+                    tensor_bytes([state, self.model.state_dict()]))
+        self._checkpoint = (self.run_dir, self.step)
 
     def _result(self, final: dict) -> RunResult:
         metrics = {k: v for k, v in (self.evals[-1] if self.evals else {}).items()

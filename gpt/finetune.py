@@ -20,6 +20,7 @@ and ``loss.png``: the loss per epoch and, for a classifier, the accuracy beside 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,7 +32,8 @@ from typing import ClassVar
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .engine import RunConfig, Task, Trainer, check_positive
+from .checks import check_positive
+from .engine import RunConfig, Task, Trainer
 from .lora import (
     DEFAULT_TARGETS,
     apply_lora,
@@ -45,7 +47,7 @@ from .lora import (
 )
 from .model import GPT, GPTClassifier
 from .plot import plot_finetuning
-from .rundir import atomic_write, check_new_run_dir, need
+from .rundir import atomic_write, check_new_run_dir, claim_run_dir, need
 from .runtime import Processes
 from .weights import (
     ADAPTERS_FILE,
@@ -118,10 +120,8 @@ class FinetuneConfig(RunConfig):
 
 
 def prepare_config(cfg: FinetuneConfig | None, settings: dict) -> FinetuneConfig:
-    """``cfg`` (default: all defaults) with ``settings`` applied and the data path made absolute (so that a
-    resume from another working directory finds the same data)."""
-    cfg = dataclasses.replace(cfg or FinetuneConfig(), **settings)
-    return dataclasses.replace(cfg, data=str(Path(cfg.data).resolve())) if cfg.data else cfg
+    """``cfg`` (default: all defaults) with ``settings`` applied."""
+    return dataclasses.replace(cfg or FinetuneConfig(), **settings)
 
 
 def resolve_trainable(cfg: FinetuneConfig, default: str) -> tuple[str, dict | None]:
@@ -369,6 +369,7 @@ def merge_finetuned(src, out, replace: bool = False) -> Path:
     merge_lora(gpt)
     merged = {**{k: v for k, v in meta.items() if k not in ("format", "config", "base")}, "lora": None,
               "merged_from": {"adapters": str(Path(src).resolve()), "lora": meta["lora"], "base": meta["base"]}}
-    return save_finetuned(out, model, merged)
+    with contextlib.nullcontext() if replace else claim_run_dir(out, new=True):  # (a run's merged/: its run holds it)
+        return save_finetuned(out, model, merged)
 
 

@@ -34,7 +34,12 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from gpt_kernels.backend import planning
+
 from .kv_cache import KVCache
+
+NOT_FINITE = ("the model's next-token scores are not numbers (nan or inf): its weights hold nan/inf, or its dtype "
+              "overflowed; try --dtype float32, or another checkpoint")
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
@@ -71,7 +76,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)  # (B, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+    try:
+        return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+    except RuntimeError as e:  # "probability tensor contains either inf, nan or element < 0"
+        raise ValueError(NOT_FINITE) from e
 
 
 # ------------------------------------------------------------------------------------------ the prompts
@@ -187,7 +195,12 @@ def _decode_steps(model, buf: torch.Tensor, pad: torch.Tensor, max_new_tokens: i
     finished = torch.zeros(B, dtype=torch.bool, device=buf.device)  # (B,)
     for step in range(max_new_tokens):
         end = P + step  # columns [0, end) hold the text so far
-        nxt = sample_next(next_logits(end), temperature, top_k, top_p, generator)[:, 0]  # (B,)
+        logits = next_logits(end)  # (B, V)
+        # once: a sync; later steps sample or argmax. Not while a plan records the kernel launches without
+        # running them (gpt_kernels.precompile): the logits are then never computed
+        if step == 0 and planning() is None and not bool(torch.isfinite(logits).all()):
+            raise ValueError(NOT_FINITE)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)[:, 0]  # (B,)
         if eos_id is not None:
             nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
             finished |= nxt == eos_id

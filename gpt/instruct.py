@@ -52,7 +52,7 @@ from .generate import generate
 from .job import run
 from .rundir import atomic_write, need
 from .runtime import rng_preserved
-from .tokenizer import EOT_ID, asset_path, decode, encode, read_utf8
+from .tokenizer import EOT_ID, asset_path, decode, encode, read_utf8, visible
 from .weights import CONFIG_FILE
 
 DEFAULT_EPOCHS = 2  # chapter 7
@@ -188,6 +188,42 @@ def generate_response(model, entry: dict, max_new_tokens: int = 256, temperature
     if EOT_ID in new:
         new = new[:new.index(EOT_ID)]
     return decode(new).strip()
+
+
+def chat_record(line: str, jsonl: bool = False) -> dict:
+    """The record ({"instruction", "input"}) that a line of ``gpt chat``'s input asks: the line's text, or with
+    ``jsonl`` a JSON object like those of the instruction data (its "output", if any, is not read)."""
+    if not jsonl:
+        return {"instruction": line.strip(), "input": ""}
+    shape = 'with --jsonl each line is a JSON record {"instruction": "...", "input": "..." (optional)}'
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e}): {shape}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) or not isinstance(
+            record.get("input", ""), str):
+        raise ValueError(f"not an instruction record ({line.strip()[:60]!r}): {shape}")
+    return record
+
+
+def chat_answers(model, lines, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+                 seed: int | None = None, jsonl: bool = False):
+    """What ``gpt chat`` prints for ``lines`` ((number, the line's text or the error reading it) pairs): one
+    (output line, error or None) for each. The output line is the answer with its line breaks shown as \\n,
+    an empty line for an empty one, or ``[error] line N: why`` (the error says why, for stderr). ``jsonl``:
+    a JSON record in (:func:`chat_record`), the record with its "response" or {"line": N, "error": why} out."""
+    for n, line in lines:
+        try:
+            if isinstance(line, Exception):
+                raise line
+            if not line.strip() and not jsonl:
+                yield "", None
+                continue
+            record = chat_record(line, jsonl)
+            response = generate_response(model, record, max_new_tokens, temperature, top_k, seed)
+            yield (json.dumps({**record, "response": response}) if jsonl else visible(response)), None
+        except ValueError as e:  # too long for the context, not UTF-8, not a record: say so, answer the next
+            yield (json.dumps({"line": n, "error": str(e)}) if jsonl else f"[error] line {n}: {e}"), f"line {n}: {e}"
 
 
 def _words(text: str) -> list[str]:

@@ -8,14 +8,17 @@ the command line turns its options into that config and calls the job, nothing m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .engine import STATE_FORMAT, RunConfig, RunResult, Task, Trainer, flag
-from .rundir import STATE_FILE, check_new_run_dir, fresh_run_dir, need, recover_staged
+from .checks import flag
+from .engine import STATE_FORMAT, RunConfig, RunResult, Task, Trainer
+from .rundir import STATE_FILE, check_new_run_dir, fresh_run_dir, hold_run_dir, need, recover_staged
 from .runtime import Precision, Processes, check_backend, seed_all
 from .weights import CheckpointError
 
@@ -25,34 +28,55 @@ def run(cfg: RunConfig, task_cls: type[Task], *, defaults: dict | None = None,
     """Check ``cfg``, resolve a resume, then build the task (``task_cls(cfg, env, state)``) and train it.
 
     Every setting is checked, the data read and the model built before the run directory is created, so a
-    bad setting leaves nothing behind. ``defaults`` fill settings left None after a resume is resolved
-    (a job's own defaults, e.g. the number of epochs). ``on_step(step, loss)`` runs after every step.
+    bad setting leaves nothing behind. A run being resumed is held (:func:`gpt.rundir.hold_run_dir`) before
+    it is read, and the run directory from its creation to the end. ``defaults`` fill settings left None
+    after a resume is resolved (a job's own defaults, e.g. the number of epochs). ``on_step(step, loss)``
+    runs after every step.
     """
     cfg.check()
+    from gpt_kernels.backend import ENV_VAR, get_backend
+
+    # the kernels: --kernels, else $GPT_KERNELS (checked here), else auto; the rule of every command. A resume
+    # takes this machine's setting too (it is in RESUME_MAY_CHANGE, and never left None)
+    backend = cfg.kernels or get_backend()
+    kernels = f"--kernels {backend}" if cfg.kernels else f"{ENV_VAR}={backend}"  # (named so in errors)
+    cfg = dataclasses.replace(_plain_paths(cfg), kernels=backend)
     env = Processes(cfg.device)
     try:
-        state = None
-        if cfg.resume:
-            if env.main:
-                recover_staged_save(cfg.resume)
-            env.barrier()
-            state = load_trainer_state(cfg.resume)
-            if state.get("task") != task_cls.name:
-                raise ValueError(f"cannot resume {cfg.resume} as {task_cls.name}: it holds a {state.get('task')} "
-                                 f"run")
-            cfg = resolve_resume(cfg, state)
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in (defaults or {}).items() if getattr(cfg, k) is None})
-        precision = Precision(env.device, cfg.dtype)
-        check_backend(cfg.kernels, env.device)
-        run_dir = Path(cfg.out) if cfg.out else fresh_run_dir(task_cls.run_prefix)
-        in_place = bool(cfg.resume) and run_dir.resolve() == Path(cfg.resume).resolve()
-        if env.main and not in_place:
-            check_new_run_dir(run_dir)
-        seed_all(cfg.seed)  # the same initial weights in every process
-        task = task_cls(cfg, env, state)
-        return Trainer(task, env, precision, state, run_dir, on_step).fit()
+        with contextlib.ExitStack() as held:
+            state = None
+            if cfg.resume:
+                if env.main:
+                    held.enter_context(hold_run_dir(_check_run_to_resume(Path(cfg.resume))))
+                    recover_staged_save(cfg.resume)
+                env.barrier()
+                state = load_trainer_state(cfg.resume)
+                if state.get("task") != task_cls.name:
+                    raise ValueError(f"cannot resume {cfg.resume} as {task_cls.name}: it holds a "
+                                     f"{state.get('task')} run")
+                cfg = resolve_resume(cfg, state)
+            cfg = dataclasses.replace(cfg, **{k: v for k, v in (defaults or {}).items() if getattr(cfg, k) is None})
+            precision = Precision(env.device, cfg.dtype)
+            check_backend(cfg.kernels, env.device, kernels)
+            run_dir = Path(cfg.out) if cfg.out else fresh_run_dir(task_cls.run_prefix)
+            in_place = bool(cfg.resume) and run_dir.resolve() == Path(cfg.resume).resolve()
+            if env.main and not in_place:
+                check_new_run_dir(run_dir, task=task_cls.name)
+            seed_all(cfg.seed)  # the same initial weights in every process
+            task = task_cls(cfg, env, state)
+            return Trainer(task, env, precision, state, run_dir, on_step).fit()
     finally:
         env.close()
+
+
+def _plain_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its paths as text (a checkpoint records the settings as plain values) and the data's
+    absolute, so that a resume from another working directory finds the same data."""
+    paths = {f.name: os.fspath(v) for f in dataclasses.fields(cfg) if isinstance(v := getattr(cfg, f.name),
+                                                                                os.PathLike)}
+    cfg = dataclasses.replace(cfg, **paths)
+    data = getattr(cfg, "data", None)
+    return dataclasses.replace(cfg, data=str(Path(data).resolve())) if data else cfg
 
 
 def load_trainer_state(run_dir) -> dict:
@@ -74,8 +98,8 @@ def load_trainer_state(run_dir) -> dict:
     return state
 
 
-def _check_run_to_resume(run_dir: Path) -> None:
-    need(run_dir, "directory", "--resume", "give the run directory that a training command wrote")
+def _check_run_to_resume(run_dir: Path) -> Path:
+    return need(run_dir, "directory", "--resume", "give the run directory that a training command wrote")
 
 
 def recover_staged_save(run_dir) -> None:
@@ -104,9 +128,10 @@ def resolve_resume(cfg: RunConfig, state: dict) -> RunConfig:
         elif f.name in cls.RESUME_MAY_CHANGE:
             merged[f.name] = mine if mine != default else theirs
         elif mine != default and mine != theirs:
-            raise ValueError(f"cannot resume {cfg.resume} with {flag(f.name)} {mine!r}: that run was trained with "
-                             f"{flag(f.name)} {theirs!r}. A resumed run keeps its settings: leave that option out, or "
-                             f"start a new run from its weights with --checkpoint {cfg.resume}")
+            was = f"with {flag(f.name)} {theirs!r}" if theirs is not None else f"without {flag(f.name)}"
+            raise ValueError(f"cannot resume {cfg.resume} with {flag(f.name)} {mine!r}: that run was trained {was}. "
+                             f"A resumed run keeps its settings: leave that option out, or start a new run from its "
+                             f"weights with --checkpoint {cfg.resume}")
         else:
             merged[f.name] = theirs
     merged.update(resume=cfg.resume, out=cfg.out or cfg.resume)

@@ -11,6 +11,10 @@ follows a cosine down to ``min_lr`` (the book's appendix D), gradient clipping a
 ``tokens_per_step``, bf16 autocast (or fp16 with a gradient scaler) on CUDA, ``torch.compile``,
 DistributedDataParallel under ``torchrun``, checkpoints that resume exactly, and Ctrl-C to save and stop.
 
+``data`` may also be a folder of ``gpt prepare-data`` (:mod:`gpt.shards`, a corpus of any size): its
+training shards are streamed by memory map, in order, each process reading its own windows of each step
+(:mod:`gpt.stream`), and the evaluations read its validation shard.
+
 A run directory (``--out``, default ``runs/<date-time>``) holds:
 
     config.json, model.safetensors   the latest weights: ``gpt.weights.load_checkpoint(run_dir)`` loads them
@@ -29,14 +33,18 @@ from typing import ClassVar
 
 import torch
 
+from .checks import check_positive
+from .config import PRESETS
 from .data import SlidingWindowDataset, default_text_path, load_tokens, split_tokens
-from .engine import RunConfig, RunResult, Task, Trainer, check_positive
+from .engine import RunConfig, RunResult, Task, Trainer
 from .generate import generate
+from .hellaswag import read_hellaswag, score
 from .job import run
 from .model import GPT
 from .plot import plot_losses
-from .runtime import Processes
-from .tokenizer import decode, encode
+from .runtime import Processes, rng_preserved
+from .stream import ShardCorpus, is_shard_folder
+from .tokenizer import VOCAB_SIZE, decode, encode, visible
 from .weights import load_checkpoint, load_model, model_source, save_checkpoint
 
 DEFAULT_PRESET = "mini"  # trains on The Verdict in minutes on a laptop CPU
@@ -56,8 +64,9 @@ class TrainConfig(RunConfig):
     # multiple of this; None: 64 on CUDA (50,304 rows: the head's matmuls and the loss kernel get 16-byte
     # aligned rows and vector loads), 1 elsewhere. A checkpoint keeps its own.
     # the data
-    data: str | None = None  # a text file or a directory of .txt files; None: The Verdict (bundled)
-    val_ratio: float = 0.1  # the last 10% of the tokens are the validation split, as in the book
+    data: str | None = None  # a text file, a directory of .txt files, or a folder of gpt prepare-data's shards
+    # (streamed in order; validation: its validation shard); None: The Verdict (bundled)
+    val_ratio: float = 0.1  # the last 10% of the tokens are the validation split, as in the book (not for shards)
     context_length: int | None = None  # tokens per window; None: the model's context length
     stride: int | None = None  # tokens between window starts; None: context_length (no overlap)
     tokens_per_step: int | None = None  # tokens per optimizer step (accumulating micro-batches to reach it);
@@ -65,17 +74,27 @@ class TrainConfig(RunConfig):
     # the sample after each epoch
     sample_prompt: str = "Every effort moves you"  # continued greedily after each epoch
     sample_tokens: int = 50
+    # HellaSwag (gpt.hellaswag) at evaluations, into the log
+    hellaswag: str | None = None  # a HellaSwag JSON-lines file (hellaswag_val.jsonl); None: none
+    hellaswag_every: int | None = None  # steps between HellaSwag scores (a multiple of eval_every; and at the
+    # end); None: at every evaluation
 
-    RESUME_MAY_CHANGE: ClassVar[frozenset] = RunConfig.RESUME_MAY_CHANGE | {"sample_prompt", "sample_tokens"}
+    RESUME_MAY_CHANGE: ClassVar[frozenset] = RunConfig.RESUME_MAY_CHANGE | {"sample_prompt", "sample_tokens",
+                                                                            "hellaswag", "hellaswag_every"}
 
     def check(self) -> None:
         super().check()
-        for name in ("context_length", "stride", "tokens_per_step", "pad_vocab_multiple"):
+        for name in ("context_length", "stride", "tokens_per_step", "pad_vocab_multiple", "hellaswag_every"):
             check_positive(self, name, allow_none=True)
         if not isinstance(self.sample_tokens, int) or self.sample_tokens < 0:
             raise ValueError(f"--sample-tokens must be >= 0 (0: no samples), got {self.sample_tokens!r}")
         if not 0.0 <= self.val_ratio < 1.0:
             raise ValueError(f"--val-ratio must be in [0, 1), got {self.val_ratio}")
+        if self.hellaswag_every and self.eval_every and self.hellaswag_every % self.eval_every:
+            raise ValueError(f"--hellaswag-every {self.hellaswag_every} must be a multiple of --eval-every "
+                             f"{self.eval_every}: HellaSwag is scored at evaluations")
+        if self.hellaswag_every and not self.hellaswag:
+            raise ValueError("--hellaswag-every needs --hellaswag FILE.jsonl")
 
 
 def train(cfg: TrainConfig | None = None, *, on_step=None, **settings) -> RunResult:
@@ -87,8 +106,6 @@ def train(cfg: TrainConfig | None = None, *, on_step=None, **settings) -> RunRes
     KeyboardInterrupt after saving a checkpoint when stopped by Ctrl-C.
     """
     cfg = dataclasses.replace(cfg or TrainConfig(), **settings)
-    if cfg.data:  # absolute, so that a resume from another working directory finds the same data
-        cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
     return run(cfg, PretrainTask, defaults={"epochs": DEFAULT_EPOCHS}, on_step=on_step)
 
 
@@ -108,11 +125,19 @@ class PretrainTask(Task):
             model, what = _build_model(cfg, env.device)
         self.model, self.what = model.to(env.device), what
         ctx = cfg.context_length or model.config.context_length
+        preset_ctx = PRESETS[cfg.preset or DEFAULT_PRESET].context_length if what.startswith("preset") else ctx
+        self.grown = (f"note: a fresh model takes --context-length as its own: this one's is {ctx}, not the preset's "
+                      f"{preset_ctx} (its position table has {ctx} rows)") if ctx != preset_ctx else None
         if ctx > model.config.context_length:
             raise ValueError(f"context length {ctx} is longer than the model's {model.config.context_length}: "
                              f"use --context-length {model.config.context_length} or less")
-        self.data = _Data(cfg, ctx, env)
+        self.shuffle = not is_shard_folder(cfg.data)  # prepared shards are streamed in order
+        self.data = _Data(cfg, ctx, env) if self.shuffle else ShardCorpus(cfg.data, ctx, cfg.stride)
+        if self.data.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the data's tokenizer has {self.data.vocab_size:,} token ids, more than the model's "
+                             f"vocabulary of {model.config.vocab_size:,}")
         self.train_set = self.data.train
+        self.hellaswag = read_hellaswag(cfg.hellaswag) if cfg.hellaswag else None
         accum = _accumulation(cfg, ctx, env.world)
         self.examples_per_step, self.ctx, self.main = cfg.batch_size * env.world * accum, ctx, env.main
         self.tokens_per_step = self.examples_per_step * ctx
@@ -125,8 +150,9 @@ class PretrainTask(Task):
         m, c, d = self.model, self.config, self.data
         return [f"model: {self.what}, {m.num_parameters() / 1e6:.1f}M parameters, context {self.ctx}, dropout "
                 f"{m.config.dropout}, kernels {c.kernels}" + (" with torch.compile" if c.compile else ""),
+                *([self.grown] if self.grown else []),
                 f"data: {d.source}: {d.num_train_tokens:,} training / {d.num_val_tokens:,} validation tokens; "
-                f"{len(d.train)} windows of {self.ctx}, {self.tokens_per_step:,} tokens per step"]
+                f"{len(d.train):,} windows of {self.ctx}, {self.tokens_per_step:,} tokens per step"]
 
     def collate(self, items):
         x = torch.stack([x for x, _ in items])  # (B, T)
@@ -142,8 +168,20 @@ class PretrainTask(Task):
         return loss
 
     def evaluate(self, run: Trainer) -> dict:
-        return {"tokens": run.step * self.tokens_per_step, "train_loss": self._mean_loss(run, self.data.train),
-                "val_loss": self._mean_loss(run, self.data.val)}
+        record = {"tokens": run.step * self.tokens_per_step, "train_loss": self._mean_loss(run, self.data.train),
+                  "val_loss": self._mean_loss(run, self.data.val)}
+        every = self.config.hellaswag_every
+        if self.hellaswag and (not every or run.step % every == 0 or run.step == run.total_steps):
+            record.update(self._hellaswag(run))
+        return record
+
+    def _hellaswag(self, run: Trainer) -> dict:
+        """acc and acc_norm on the HellaSwag file, the examples shared out among the processes."""
+        with rng_preserved():
+            r = score(run.model, self.hellaswag, self.config.batch_size, run.env.device,
+                      run.precision.autocast, run.env.rank, run.env.world)
+        n, correct, norm = run.env.sum([r["n"], r["correct"], r["correct_norm"]])
+        return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": norm / n}
 
     @staticmethod
     def _mean_loss(run: Trainer, ds) -> float | None:
@@ -160,7 +198,8 @@ class PretrainTask(Task):
 
     def report(self, r: dict) -> str:
         return (f"Ep {max(1, math.ceil(r['epoch']))} (step {r['step']:06d}): train loss {r['train_loss']:.3f}"
-                + (f", val loss {r['val_loss']:.3f}" if r["val_loss"] is not None else ""))
+                + (f", val loss {r['val_loss']:.3f}" if r["val_loss"] is not None else "")
+                + (f", HellaSwag acc_norm {r['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in r else ""))
 
     def epoch_end(self, run: Trainer) -> None:
         c = self.config
@@ -186,12 +225,6 @@ class PretrainTask(Task):
                 f"Checkpoint, log.jsonl and loss.png in {run.run_dir}; try: gpt generate --checkpoint "
                 f"{run.run_dir} --prompt \"{self.config.sample_prompt}\"")
         return {"tokens_seen": run.step * self.tokens_per_step}
-
-
-def visible(text: str) -> str:
-    """``text`` on one line with its line breaks shown as ``\\n`` (a sample made of newlines would otherwise
-    print as blank space, or break up the progress output)."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _accumulation(cfg: TrainConfig, ctx: int, world: int) -> int:
@@ -237,7 +270,7 @@ class _Data:
 
     def __init__(self, cfg: TrainConfig, context_length: int, env: Processes):
         source = cfg.data or default_text_path()
-        self.source = source
+        self.source, self.vocab_size = source, VOCAB_SIZE
         # A big corpus is tokenized once into a token file beside it. Under torchrun, process 0 does that
         # first, then the first process of each other machine (whose disk may not be shared), then the rest
         # read the file, so no two processes ever write the same file.

@@ -6,7 +6,13 @@ A *run directory* is what one training job writes (``gpt train``, ``gpt finetune
 - a new run goes into a directory that does not exist yet or is empty: a run never mixes its files with
   another run's or with anything else (:func:`check_new_run_dir`);
 - ``--resume DIR`` continues the run in DIR (or copies it on into a new ``--out`` directory);
-- nothing is created before every setting has been checked (:func:`create_run_dir` comes last).
+- nothing is created before every setting has been checked (:func:`create_run_dir` comes last);
+- one command at a time writes a run directory: it holds the directory (:func:`hold_run_dir`) from the
+  moment it creates or resumes it until it ends, and a second command is refused, naming the first's
+  process; a new run's directory is checked once more once held (:func:`claim_run_dir`), since another run
+  may have started in it after the first check;
+- a run that fails before its first checkpoint leaves nothing behind (:func:`claim_run_dir`), so the
+  same ``--out`` can be given again.
 
 Checkpoints are *staged* (:func:`save_staged`): every file is first written whole into ``DIR/.saving``;
 once all are there a manifest commits the set, and only then are they renamed over the previous ones. A
@@ -17,17 +23,25 @@ always belong to one and the same step.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock(2); run directories are not guarded there
+    fcntl = None
+
 STATE_FILE = "trainer_state.pt"  # the engine's state (optimizer, step, RNG): what --resume needs
 LOG_FILE = "log.jsonl"  # one JSON record per line: evaluations, samples
 STAGING_DIR = ".saving"
 MANIFEST = "COMMITTED"  # written into the staging directory once every file of a save is there
+_held: dict[tuple[int, int], int] = {}  # (device, inode) of each run directory this process holds -> depth
 
 
 def atomic_write(path, write: Callable[[Path], object]) -> Path:
@@ -79,22 +93,38 @@ def fresh_run_dir(prefix: str = "") -> Path:
     return path
 
 
-def check_new_run_dir(path, option: str = "--out") -> Path:
-    """Refuse ``path`` as the directory of a new run unless it is absent or empty; creates nothing."""
+def check_new_run_dir(path, option: str = "--out", task: str | None = None) -> Path:
+    """Refuse ``path`` as the directory of a new run unless it is absent or empty; creates nothing. ``task``:
+    the kind of run the command makes (``--resume`` is suggested for a run of that kind only)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{option} {path} is a file, not a directory: give a new directory for the run")
+        raise ValueError(f"{path} is a file, not a directory: give a new directory for the run")
     if not path.exists():
         return path
     entries = sorted(p.name for p in path.iterdir())
     if not entries:
         return path
     if STATE_FILE in entries:
-        raise ValueError(f"{path} already holds a training run: continue it with --resume {path}, or give "
-                         f"another {option}")
+        held = _task_of(path / STATE_FILE) or "training"
+        a = "an" if held[0] in "aeiou" else "a"
+        if held == task:
+            raise ValueError(f"{path} already holds {a} {task} run: continue it with --resume {path}, or give "
+                             f"another {option}")
+        raise ValueError(f"{path} already holds {a} {held} run: give another {option}, a new or empty directory")
     shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
     raise ValueError(f"{path} is not empty (it holds {shown}): writing there could overwrite those files; "
                      f"give a new or empty directory with {option}")
+
+
+def _task_of(state_file: Path) -> str | None:
+    """The task a trainer state was saved by ("pretraining", ...), None if it cannot be read. Memory-mapped:
+    only the small record is read, not the optimizer's tensors."""
+    import torch
+
+    try:
+        return torch.load(state_file, map_location="cpu", weights_only=True, mmap=True).get("task")
+    except Exception:  # a truncated or foreign file: the caller names no task
+        return None
 
 
 def create_run_dir(path) -> Path:
@@ -109,6 +139,86 @@ def create_run_dir(path) -> Path:
         raise OSError(f"cannot write to the run directory {str(path)!r} ({e.strerror or e}): "
                       f"choose another --out") from None
     return path
+
+
+
+@contextlib.contextmanager
+def hold_run_dir(path):
+    """Hold the existing run directory ``path`` for the block: an exclusive flock(2) on the directory itself,
+    so nothing is written for it and it ends with the process (a killed run leaves no stale lock). Another
+    process asking for it meanwhile gets a ValueError naming this one. Re-entrant within a process."""
+    st = Path(path).stat()
+    key = (st.st_dev, st.st_ino)
+    if fcntl is None or key in _held:
+        _held[key] = _held.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+            if not _held[key]:
+                del _held[key]
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"{path} is being written by {_lock_holder(st)}, another command still running: wait "
+                         f"for it to end, or give another directory") from None
+    _held[key] = 1
+    try:
+        yield
+    finally:
+        del _held[key]
+        os.close(fd)  # releases the lock
+
+
+def _lock_holder(st: os.stat_result) -> str:
+    """"process N", the holder of the flock on the file with status ``st`` (from Linux's /proc/locks)."""
+    me = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:  # "1: FLOCK  ADVISORY  WRITE 12345 fe:00:2370423 0 EOF"
+                fields = line.split()
+                if "FLOCK" in fields and me in fields and "->" not in fields:
+                    return f"process {fields[fields.index(me) - 1]}"
+    except OSError:
+        pass
+    return "another process"
+
+
+@contextlib.contextmanager
+def claim_run_dir(path, new: bool, task: str | None = None):
+    """Create the run directory if needed and hold it (:func:`hold_run_dir`) for the block. A ``new`` run's
+    directory is checked again once held: it must still be empty (another run may have started there
+    since the first check, and ended). If the block fails before a checkpoint is there, what it wrote is
+    removed, and the directory too if this created it: nothing half-made blocks giving it again."""
+    path = Path(path)
+    created = not path.exists()
+    if created:
+        create_run_dir(path)
+    with hold_run_dir(path):
+        if new:
+            check_new_run_dir(path, task=task)
+        if not created:  # checked for writing only once held: a command refused changes nothing
+            create_run_dir(path)
+        try:
+            yield path
+        except BaseException:
+            if new and not ((path / STATE_FILE).exists() or (path / STAGING_DIR / MANIFEST).exists()):
+                _discard(path, created)
+            raise
+
+
+def _discard(path: Path, created: bool) -> None:
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    if created:
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 # ------------------------------------------------------------------------------------------ the log
@@ -146,9 +256,10 @@ class RunLog:
 # ------------------------------------------------------------------------------------------ staged saves
 
 
-def save_staged(run_dir, write: Callable[[Path], object], what: str) -> None:
+def save_staged(run_dir, write: Callable[[Path], object], what: str, size: int | None = None) -> None:
     """Write a checkpoint's files through ``DIR/.saving`` (see the module's doc); ``write(staging)`` puts
-    every file of the checkpoint into the staging directory. ``what`` names the checkpoint in errors."""
+    every file of the checkpoint into the staging directory. ``what`` names the checkpoint in errors, and
+    ``size`` (bytes, about) is what a full disk is told it needs."""
     run_dir = Path(run_dir)
     staging = run_dir / STAGING_DIR
     shutil.rmtree(staging, ignore_errors=True)
@@ -160,16 +271,41 @@ def save_staged(run_dir, write: Callable[[Path], object], what: str) -> None:
         atomic_write(staging / MANIFEST, lambda p: p.write_text(json.dumps(names)))
         committed = True
         _move_staged(run_dir)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's "[enforce fail at inline_container.cc]"
         if committed:
-            raise OSError(f"could not finish saving {what} in {run_dir} ({e.strerror or e}); it is complete in "
+            raise OSError(f"could not finish saving {what} in {run_dir} ({_reason(e)}); it is complete in "
                           f"{staging} and is put in place when the run is resumed with --resume {run_dir}") from None
-        raise OSError(f"could not save {what} in {run_dir} ({e.strerror or e}); the previous checkpoint there "
+        shutil.rmtree(staging, ignore_errors=True)
+        free = shutil.disk_usage(run_dir).free
+        full = getattr(e, "errno", None) == errno.ENOSPC
+        if full or (size and free < size):  # torch.save says only "unexpected pos": the free space tells
+            need = f", and a checkpoint takes about {size / 1e6:,.1f} MB" if size else ""
+            raise OSError(f"could not save {what} in {run_dir}: the disk is full ({e.strerror + '; ' if full else ''}"
+                          f"{free / 1e6:,.1f} MB free{need}); the previous checkpoint there is intact. Free some "
+                          f"space, then continue with --resume {run_dir}") from None
+        if not isinstance(e, OSError):
+            raise
+        raise OSError(f"could not save {what} in {run_dir} ({_reason(e)}); the previous checkpoint there "
                       f"is intact. Free some disk space or fix the permissions, then continue with "
                       f"--resume {run_dir}") from None
     finally:
         if not committed:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _reason(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e)
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in ``obj`` (nested in dicts, lists and tuples): about what saving them takes."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return sum(map(tensor_bytes, obj)) if isinstance(obj, (list, tuple)) else 0
 
 
 def _move_staged(run_dir: Path) -> None:

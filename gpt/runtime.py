@@ -19,26 +19,42 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: the GPU when there is one, else the CPU; or a name such as ``cpu``, ``cuda``, ``cuda:1``."""
+    """``auto``: the GPU when there is one, else the CPU; or a name such as ``cpu``, ``cuda``, ``cuda:1``.
+
+    A GPU named by index must exist, and becomes the current CUDA device: what reads the current device
+    (``torch.cuda.is_bf16_supported()``, an allocation on plain ``"cuda"``) then means the chosen GPU. (The
+    kernels launch on their tensors' GPU whichever is current: ``gpt_kernels.common.device_guard``.)
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(name).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+        torch.cuda.set_device(device)
+    return device
 
 
-def check_backend(name: str | None, device: torch.device) -> None:
-    """Raise now, before anything is written, if kernel backend ``name`` cannot run on ``device``."""
-    from gpt_kernels.backend import select, use_backend
+def check_backend(name: str | None, device: torch.device, setting: str | None = None) -> str:
+    """Raise now, before anything is written, if kernel backend ``name`` cannot run on ``device``; None: the
+    backend in force ($GPT_KERNELS, checked, or auto). ``setting`` names where the choice came from in the
+    error (default ``--kernels NAME``, or ``GPT_KERNELS=NAME`` for None). Returns the backend's name."""
+    from gpt_kernels.backend import ENV_VAR, get_backend, select, use_backend
 
+    if name is None:
+        name, setting = get_backend(), setting or f"{ENV_VAR}={get_backend()}"
     try:
         with use_backend(name):
             select(torch.empty(0, device=device))
     except RuntimeError as e:
-        raise ValueError(f"--kernels {name} cannot run on {device}: {e}") from None
+        raise ValueError(f"{setting or f'--kernels {name}'} cannot run on {device}: {e}") from None
+    return name
 
 
 class Precision:
@@ -177,17 +193,33 @@ def to_device(batch, device: torch.device):
 
 class StopOnSignal:
     """Turn the first Ctrl-C (SIGINT) or SIGTERM into a request to stop after the current step; a second
-    one stops at once. Signal handlers can only be set in the main thread; elsewhere this does nothing."""
+    one stops at once. Inside :meth:`at_once` (work after a step that can be done again on resume: an
+    evaluation, a sample, an estimate) the first one also raises KeyboardInterrupt at once, so that no
+    phase makes a person wait for it. Signal handlers can only be set in the main thread; elsewhere this
+    does nothing."""
 
     def __init__(self):
         self.requested = False
         self._previous = {}
+        self._now = False  # inside at_once()
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested or self._now:
+            if not self.requested:
+                tqdm.write("\nstopping now to save a checkpoint (press Ctrl-C again to quit without saving)")
+            self.requested = True
             raise KeyboardInterrupt
         self.requested = True
         tqdm.write("\nstopping after this step to save a checkpoint (press Ctrl-C again to quit without saving)")
+
+    @contextlib.contextmanager
+    def at_once(self, enabled: bool = True):
+        """A block that a signal interrupts at once (KeyboardInterrupt, with ``requested`` set) when ``enabled``."""
+        self._now = enabled
+        try:
+            yield
+        finally:
+            self._now = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

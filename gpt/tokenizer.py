@@ -116,3 +116,9 @@ def decode(ids) -> str:
         raise ValueError(f"token id {bad[0]} is outside GPT-2's vocabulary [0, {VOCAB_SIZE}): the model's "
                          "vocabulary is larger than the tokenizer's (padded?) or the ids are corrupt")
     return get_tokenizer().decode([int(i) for i in ids])
+
+
+def visible(text: str) -> str:
+    """``text`` on one line with its line breaks shown as ``\\n`` (a sample made of newlines would otherwise
+    print as blank space, or break up the progress output; an answer of ``gpt chat``, its one line)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")

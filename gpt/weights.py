@@ -11,6 +11,7 @@ its ``Conv1D`` layers store weights as (in, out), so they are transposed into ou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import PRESETS, GPTConfig
-from .model import GPT
+from .model import GPT, GPTClassifier
 from .rundir import atomic_write
 
 CONFIG_FILE = "config.json"
@@ -91,6 +92,11 @@ def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> 
         if v.shape != expected[k].shape:
             raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(v.shape)} but the model expects "
                                   f"{tuple(expected[k].shape)}: the checkpoint is for another configuration")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(f"{source}: {len(broken)} tensor(s) hold nan or inf values ({', '.join(broken[:3])}"
+                              f"{', ...' if len(broken) > 3 else ''}): the run that saved them had diverged. Use "
+                              f"another checkpoint, or train again with a lower --lr")
     model.load_state_dict(state, strict=False)
     return model
 
@@ -126,10 +132,52 @@ def _looks_like_hf(directory: Path) -> bool:
         (directory / WEIGHTS_FILE).exists() and "n_embd" in _read_json(directory / CONFIG_FILE))
 
 
+# HF GPT-2's names for our tensors, used both ways (load_hf reads with it, gpt.hf_export writes with it):
+# (our name, HF's name, transposed). HF's Conv1D layers store (in, out) weights, our nn.Linear (out, in).
+HF_MODEL_NAMES = (("tok_emb.weight", "wte.weight", False), ("pos_emb.weight", "wpe.weight", False),
+                  ("final_norm.weight", "ln_f.weight", False), ("final_norm.bias", "ln_f.bias", False))
+HF_BLOCK_NAMES = (  # inside block i: ours under "blocks.{i}.", HF's under "h.{i}."
+    ("ln1.weight", "ln_1.weight", False), ("ln1.bias", "ln_1.bias", False),
+    ("ln2.weight", "ln_2.weight", False), ("ln2.bias", "ln_2.bias", False),
+    ("attn.qkv.weight", "attn.c_attn.weight", True), ("attn.qkv.bias", "attn.c_attn.bias", False),  # (3C, C)
+    ("attn.proj.weight", "attn.c_proj.weight", True), ("attn.proj.bias", "attn.c_proj.bias", False),
+    ("mlp.fc.weight", "mlp.c_fc.weight", True), ("mlp.fc.bias", "mlp.c_fc.bias", False),  # (4C, C)
+    ("mlp.proj.weight", "mlp.c_proj.weight", True), ("mlp.proj.bias", "mlp.c_proj.bias", False))
+QKV_BIAS = "attn.qkv.bias"  # HF's GPT-2 always has it; a model of ours without it exports zeros there
+# HF GPT-2 settings our model has one value of (what HF's default is), and the names of the tanh GELU
+HF_FIXED_SETTINGS = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                     "add_cross_attention": False}
+HF_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+EXPORT_KEY = "gpt_triton"  # config.json entry where gpt.hf_export records our config (HF keeps unknown entries)
+
+
+def hf_name_table(cfg: GPTConfig) -> list[tuple[str, str, bool]]:
+    """Every (our name, HF GPT-2 name without the ``transformer.`` prefix, transposed) of a model of ``cfg``:
+    the token/position embeddings, the final norm, each block's tensors. The head is not in it: tied, it is
+    ``wte``; untied, HF's ``lm_head.weight`` (outside ``transformer.``)."""
+    table = list(HF_MODEL_NAMES)
+    for i in range(cfg.n_layers):
+        table += [(f"blocks.{i}.{ours}", f"h.{i}.{hf}", t) for ours, hf, t in HF_BLOCK_NAMES
+                  if ours != QKV_BIAS or cfg.qkv_bias]
+    return table
+
+
 def hf_config_to_ours(hf: dict) -> GPTConfig:
-    """Map a Hugging Face ``GPT2Config`` dict to :class:`GPTConfig`."""
+    """Map a Hugging Face ``GPT2Config`` dict to :class:`GPTConfig`.
+
+    A directory :func:`gpt.hf_export.export_hf` wrote also records our own config; the settings HF's has no
+    place for (``pad_vocab_multiple``, ``init``, ``qkv_bias``) come back from it when the shapes still agree.
+    """
+    unsupported = {k: hf.get(k, ok) for k, ok in HF_FIXED_SETTINGS.items() if hf.get(k, ok) not in (ok, None)}
+    if hf.get("activation_function", "gelu_new") not in HF_GELU_TANH:
+        unsupported["activation_function"] = hf["activation_function"]
+    if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)):
+        unsupported["n_inner"] = hf["n_inner"]
+    if unsupported:
+        raise CheckpointError(f"this GPT-2 config sets {unsupported}, which this project's GPT does not have: "
+                              f"it cannot load the model without changing what it computes")
     try:
-        return GPTConfig(
+        cfg = GPTConfig(
             vocab_size=hf["vocab_size"],
             context_length=hf.get("n_positions", hf.get("n_ctx", 1024)),
             emb_dim=hf["n_embd"],
@@ -142,10 +190,18 @@ def hf_config_to_ours(hf: dict) -> GPTConfig:
         )
     except KeyError as e:
         raise CheckpointError(f"the Hugging Face config lacks {e.args[0]!r}: not a GPT-2 config.json") from None
+    ours = (hf.get(EXPORT_KEY) or {}).get("config")
+    if isinstance(ours, dict):
+        kept = {k: ours[k] for k in ("pad_vocab_multiple", "init", "qkv_bias") if k in ours}
+        same = {k: v for k, v in cfg.to_dict().items() if k not in kept and k != "dropout"}
+        if all(ours.get(k) == v for k, v in same.items()):
+            cfg = GPTConfig.from_dict({**cfg.to_dict(), **kept})
+    return cfg
 
 
 def hf_state_to_ours(hf_state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    """Rename GPT-2's tensors to ours, transposing its Conv1D (in, out) weights to Linear (out, in)."""
+    """Rename GPT-2's tensors to ours (:func:`hf_name_table`), transposing its Conv1D (in, out) weights to
+    Linear (out, in). With ``cfg.qkv_bias`` False the q/k/v biases must be zero (they are dropped)."""
     sd = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
 
     def take(name):
@@ -153,30 +209,19 @@ def hf_state_to_ours(hf_state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[
             raise CheckpointError(f"the GPT-2 checkpoint has no tensor {name!r}: it is incomplete or not GPT-2")
         return sd[name]
 
-    out = {"tok_emb.weight": take("wte.weight"), "pos_emb.weight": take("wpe.weight"),
-           "final_norm.weight": take("ln_f.weight"), "final_norm.bias": take("ln_f.bias")}
-    for i in range(cfg.n_layers):
-        p, q = f"h.{i}.", f"blocks.{i}."
-        out[q + "ln1.weight"], out[q + "ln1.bias"] = take(p + "ln_1.weight"), take(p + "ln_1.bias")
-        out[q + "ln2.weight"], out[q + "ln2.bias"] = take(p + "ln_2.weight"), take(p + "ln_2.bias")
-        out[q + "attn.qkv.weight"] = take(p + "attn.c_attn.weight").t()  # (C, 3C) -> (3C, C)
-        out[q + "attn.qkv.bias"] = take(p + "attn.c_attn.bias")
-        out[q + "attn.proj.weight"] = take(p + "attn.c_proj.weight").t()
-        out[q + "attn.proj.bias"] = take(p + "attn.c_proj.bias")
-        out[q + "mlp.fc.weight"] = take(p + "mlp.c_fc.weight").t()  # (C, 4C) -> (4C, C)
-        out[q + "mlp.fc.bias"] = take(p + "mlp.c_fc.bias")
-        out[q + "mlp.proj.weight"] = take(p + "mlp.c_proj.weight").t()
-        out[q + "mlp.proj.bias"] = take(p + "mlp.c_proj.bias")
+    out = {ours: take(hf).t() if transposed else take(hf) for ours, hf, transposed in hf_name_table(cfg)}
+    if not cfg.qkv_bias:
+        for i in range(cfg.n_layers):
+            if take(f"h.{i}.attn.c_attn.bias").count_nonzero():
+                raise CheckpointError(f"h.{i}.attn.c_attn.bias is not zero, but the recorded config has no q/k/v "
+                                      f"bias: the checkpoint was changed after export")
     if not cfg.tie_weights:
         out["head.weight"] = hf_state.get("lm_head.weight", sd["wte.weight"])
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def load_hf(directory, map_location="cpu", kernel_backend: str | None = None, **overrides) -> GPT:
-    """Load a Hugging Face GPT-2 checkpoint directory (e.g. ``gpt2`` downloaded with ``save_pretrained``).
-
-    ``overrides`` change config fields that do not affect the weights (``dropout``, ``pad_vocab_multiple``).
-    """
+def _read_hf(directory) -> tuple[Path, dict, dict[str, torch.Tensor]]:
+    """(directory, config.json, tensors) of a Hugging Face GPT-2 directory, with clear errors."""
     directory = _require_dir(directory)
     cfg_path = directory / CONFIG_FILE
     if not cfg_path.exists():
@@ -185,19 +230,25 @@ def load_hf(directory, map_location="cpu", kernel_backend: str | None = None, **
     hf_cfg = _read_json(cfg_path)
     if hf_cfg.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(f"{cfg_path} describes a {hf_cfg.get('model_type')!r} model, not GPT-2")
+    st, binf = directory / WEIGHTS_FILE, directory / "pytorch_model.bin"
+    if st.exists():
+        return directory, hf_cfg, load_safetensors(st)
+    if not binf.exists():
+        raise CheckpointError(f"{directory} has {CONFIG_FILE} but no model.safetensors or pytorch_model.bin")
+    try:
+        return directory, hf_cfg, torch.load(binf, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncation, or code the safe loader refuses to run
+        raise CheckpointError(f"could not read {binf} safely ({type(e).__name__}: {e})") from None
+
+
+def _hf_gpt(directory: Path, hf_cfg: dict, hf_state: dict, kernel_backend, overrides: dict) -> GPT:
     cfg = hf_config_to_ours(hf_cfg)
     if overrides:
         cfg = GPTConfig.from_dict({**cfg.to_dict(), **overrides})
-    st, binf = directory / WEIGHTS_FILE, directory / "pytorch_model.bin"
-    if st.exists():
-        hf_state = load_safetensors(st)
-    elif binf.exists():
-        try:
-            hf_state = torch.load(binf, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle errors, truncation, or code the safe loader refuses to run
-            raise CheckpointError(f"could not read {binf} safely ({type(e).__name__}: {e})") from None
-    else:
-        raise CheckpointError(f"{directory} has {CONFIG_FILE} but no model.safetensors or pytorch_model.bin")
+    sd = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+    if not cfg.qkv_bias and any(sd[f"h.{i}.attn.c_attn.bias"].count_nonzero() for i in range(cfg.n_layers)
+                                if f"h.{i}.attn.c_attn.bias" in sd):
+        cfg = dataclasses.replace(cfg, qkv_bias=True)  # exported without q/k/v biases, trained with them since
     model = GPT(cfg, kernel_backend=kernel_backend)
     ours = hf_state_to_ours(hf_state, cfg)
     if cfg.padded_vocab_size != cfg.vocab_size:  # pad the embedding rows; the padding never reaches a logit
@@ -205,8 +256,37 @@ def load_hf(directory, map_location="cpu", kernel_backend: str | None = None, **
         for k in ("tok_emb.weight", "head.weight"):
             if k in ours:
                 ours[k] = torch.cat([ours[k], ours[k].new_zeros(pad, ours[k].shape[1])])
-    load_state_into(model, ours, str(directory))
-    return model.to(map_location)
+    return load_state_into(model, ours, str(directory))
+
+
+def load_hf(directory, map_location="cpu", kernel_backend: str | None = None, **overrides) -> GPT:
+    """Load a Hugging Face GPT-2 checkpoint directory (e.g. ``gpt2`` downloaded with ``save_pretrained``).
+
+    ``overrides`` change config fields that do not affect the weights (``dropout``, ``pad_vocab_multiple``).
+    A ``GPT2ForSequenceClassification`` directory gives its transformer; :func:`load_hf_classifier` gives
+    the classifier.
+    """
+    directory, hf_cfg, hf_state = _read_hf(directory)
+    return _hf_gpt(directory, hf_cfg, hf_state, kernel_backend, overrides).to(map_location)
+
+
+def load_hf_classifier(directory, map_location="cpu", kernel_backend: str | None = None,
+                       **overrides) -> tuple[GPTClassifier, list[str]]:
+    """A Hugging Face ``GPT2ForSequenceClassification`` directory (as :func:`gpt.hf_export.export_hf` writes
+    one) as a :class:`GPTClassifier` and its labels by class index. HF's score layer has no bias: the head's
+    bias is zero (an exported classifier's bias lives in the final LayerNorm's, which computes the same)."""
+    directory, hf_cfg, hf_state = _read_hf(directory)
+    score = hf_state.get("score.weight")
+    if score is None:
+        raise CheckpointError(f"{directory} holds no score.weight: not a GPT2ForSequenceClassification checkpoint")
+    gpt = _hf_gpt(directory, hf_cfg, hf_state, kernel_backend, overrides)
+    model = GPTClassifier(gpt, score.shape[0])
+    with torch.no_grad():
+        model.head.weight.copy_(score)
+        model.head.bias.zero_()
+    id2label = hf_cfg.get("id2label") or {}
+    labels = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(score.shape[0])]
+    return model.to(map_location), labels
 
 
 # ------------------------------------------------------------------------------------- any of the three

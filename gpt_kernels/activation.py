@@ -32,10 +32,12 @@ from .backend import select
 from .common import (
     LAUNCH_OPTIONS,
     as_rows,
+    check_same_device,
     check_tensor,
     check_vector,
     new_buffer,
     next_pow2,
+    on_inputs_device,
     resident_programs,
     split_rows,
 )
@@ -197,6 +199,7 @@ def bias_gelu_config(n: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4}
 
 
+@on_inputs_device
 def _gelu_fwd(x, approx_tanh: bool):
     """Launch the GELU forward on ``x`` (any shape); returns y shaped and typed like x, contiguous."""
     xc = x.contiguous()
@@ -208,6 +211,7 @@ def _gelu_fwd(x, approx_tanh: bool):
     return y
 
 
+@on_inputs_device
 def _gelu_bwd(dy, x, approx_tanh: bool):
     """Launch the GELU backward; returns dx shaped and typed like the forward's input x."""
     xc, dyc = x.contiguous(), dy.contiguous()
@@ -219,6 +223,7 @@ def _gelu_bwd(dy, x, approx_tanh: bool):
     return dx
 
 
+@on_inputs_device
 def _bias_gelu_fwd(x, bias, approx_tanh: bool, round_bias: bool, out_dtype):
     """Launch gelu(x + bias); returns y shaped like x, in ``out_dtype``."""
     n = x.shape[-1]
@@ -234,6 +239,7 @@ def _bias_gelu_fwd(x, bias, approx_tanh: bool, round_bias: bool, out_dtype):
     return y
 
 
+@on_inputs_device
 def _bias_gelu_bwd(dy, x, bias, approx_tanh: bool, round_bias: bool):
     """Launch the bias + GELU backward; returns (dx shaped and typed like x, dbias (N,) float32)."""
     n = x.shape[-1]
@@ -366,6 +372,7 @@ def bias_gelu(x, bias, approximate="tanh"):
     Without autocast the output has the dtype ``x + bias`` has; under autocast x and the bias are rounded
     to autocast's dtype, as ``nn.Linear`` would give them, and so is the output.
     """
+    check_same_device("bias_gelu", input=x, bias=bias)
     amp = autocast_dtype(x)
     impl = select(x, bias)
     if impl in ("torch", "reference"):

@@ -5,6 +5,8 @@ Nothing here launches a kernel or knows a model: it is the plumbing every launch
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import math
 import os
@@ -94,6 +96,86 @@ def check_vector(op: str, name: str, p, n: int, like: torch.Tensor) -> None:
     if tuple(p.shape) != (n,):
         raise ValueError(f"{op}: {name} must have shape ({n},) to match the input's last dimension, "
                          f"got {tuple(p.shape)}")
+
+
+# ------------------------------------------------------------------------------------- the tensors' GPU
+
+
+def device_guard(device: torch.device):
+    """A context in which ``device`` is the current CUDA device (a no-op for any other device).
+
+    Triton launches (and compiles for) the *current* device, not the tensors': without this, a kernel
+    on cuda:1 tensors would run on cuda:0 with cuda:1 pointers. Every launcher runs inside one
+    (:func:`on_inputs_device`); ``torch.cuda.device`` restores the previous device on exit.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_inputs_device(fn):
+    """Run ``fn`` (a launcher or custom op) inside :func:`device_guard` for the device of its first tensor
+    argument, so that every kernel it launches, and every compile, is on the inputs' GPU."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None:
+            return fn(*args, **kwargs)
+        with device_guard(first.device):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def check_same_device(op: str, **tensors) -> None:
+    """Raise a clear error unless every tensor given (None skipped) is on one device."""
+    given = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    devices = {t.device for t in given.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in given.items())
+        raise ValueError(f"{op}: all inputs must be on one device, got {where}; move them with .to(device)")
+
+
+# Shared memory one program (CTA) may use, in bytes, by compute capability, with the opt-in above 48 KB
+# that Triton takes (CUDA programming guide, "Technical Specifications per Compute Capability"). A
+# kernel's tiles must fit this: the consumer parts (sm_86, sm_89, sm_120) have ~60% of an A100's.
+SMEM_PER_BLOCK = {
+    (7, 0): 98304,  # V100: 96 KB
+    (7, 5): 65536,  # T4, RTX 20xx: 64 KB
+    (8, 0): 166912,  # A100: 163 KB
+    (8, 6): 101376,  # RTX 30xx, A10, A40: 99 KB
+    (8, 7): 166912,  # Jetson Orin: 163 KB
+    (8, 9): 101376,  # RTX 40xx, L4, L40: 99 KB
+    (9, 0): 232448,  # H100, H200: 227 KB
+    (10, 0): 232448,  # B200: 227 KB
+    (12, 0): 101376,  # RTX 50xx: 99 KB
+}
+SMEM_UNKNOWN = 101376  # a compute capability not in the table: the smallest of the current parts
+
+
+def smem_per_block_for(capability: tuple[int, int]) -> int:
+    """The table's shared memory per program for a compute capability (the fallback of :func:`smem_per_block`)."""
+    return SMEM_PER_BLOCK.get(tuple(capability), SMEM_UNKNOWN)
+
+
+@functools.cache
+def _smem_of_index(index: int) -> int:
+    try:  # what Triton itself checks a compiled kernel against (the driver's opt-in maximum)
+        from triton.runtime import driver
+
+        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # a Triton without this utility: torch's properties, then the table
+        props = torch.cuda.get_device_properties(index)
+        optin = int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
+        return optin or smem_per_block_for((props.major, props.minor))
+
+
+def smem_per_block(device: torch.device) -> int | None:
+    """Bytes of shared memory one program may use on ``device``; None off CUDA (the interpreter: no limit)."""
+    if device.type != "cuda":
+        return None
+    return _smem_of_index(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # ------------------------------------------------------------------------------- grids of row groups

@@ -15,12 +15,13 @@ the identity on the heaviest kernels, and ``--exact`` builds them through ptxas 
 
 Each op module lists its cases in a ``compile_cases()`` function returning :class:`CompileCase` objects,
 derived from the tables its launchers use (config functions, autotune tables, the dtypes it is called
-with); ``tests/gpt_kernels/test_compile.py`` checks that what the model and the benchmarks launch is
-among them.
+with); ``tests/gpt/test_kernel_coverage.py`` checks that what the model and the benchmarks launch is
+among them, marked ``launched``.
 
     python -m gpt_kernels.compile_check            # table: kernel, config, arch, registers, spills, smem
     python -m gpt_kernels.compile_check --json F   # the same, as JSON (the test suite reads this)
     python -m gpt_kernels.compile_check --arch 86 --exact   # sm_86 compiled for itself (from sm_80's TTGIR)
+    python -m gpt_kernels.compile_check --launched-only      # only what the model and the benchmarks launch
 
 This must run without ``TRITON_INTERPRET=1``: under the interpreter ``@triton.jit`` gives interpreted
 functions and there is nothing to compile (the test suite runs it in a subprocess with it unset).
@@ -77,6 +78,10 @@ class CompileCase:
     # autotune candidates of one launch share a group: on a target the autotuner drops those whose shared
     # memory exceeds the GPU's, so one over the limit is pruned there, not a failure (unless all are)
     group: str = ""
+    # whether the model or the benchmarks launch it (tests/gpt/test_kernel_coverage.py); False: only the public
+    # API can (non-causal attention, head dim 80..96). CI's oldest-Triton stage compiles the launched ones only
+    # (--launched-only), the test suite at the newest Triton all of them
+    launched: bool = True
 
     @property
     def name(self) -> str:
@@ -151,9 +156,10 @@ def request_key(module: str, kernel: str, data: str) -> tuple:
                        d["options"]["num_warps"], d["options"]["num_stages"])
 
 
-def select_cases(kernel_substrings=None) -> list[CompileCase]:
-    """Every case, or those whose kernel name contains one of ``kernel_substrings``."""
-    cases = collect_cases()
+def select_cases(kernel_substrings=None, launched_only: bool = False) -> list[CompileCase]:
+    """Every case, or those whose kernel name contains one of ``kernel_substrings``; with ``launched_only``
+    those the model or the benchmarks launch (CompileCase.launched)."""
+    cases = [c for c in collect_cases() if c.launched or not launched_only]
     if kernel_substrings:
         cases = [c for c in cases if any(s in c.kernel for s in kernel_substrings)]
     return cases
@@ -411,8 +417,28 @@ def problems(rows: list[dict]) -> list[str]:
 
 
 def notes(rows: list[dict]) -> list[str]:
-    """Spills on the targets beyond PRIMARY: reported, not failing (the standard holds sm_80 and sm_90)."""
+    """Spills on the targets beyond PRIMARY, and OLD_TRITON_SPILLS: reported, not failing."""
     return [line for _, line in problems_by_row(rows, primary=False)]
+
+
+# Spills the oldest supported Triton's ptxas (3.6) makes where 3.9's makes none: each a value or two stored to
+# local memory once per program, outside every loop (issue 22's wider check found them; bench/README.md).
+# (kernel, label, arch) -> the stack bytes accepted, at Triton < 3.7 only; any other spill, or more, fails.
+OLD_TRITON_SPILLS = {
+    ("_layer_norm_fwd_kernel", "N=768,1024 fp32", "sm_90"): 16,
+    **{("_cross_entropy_kernel", "V=50257 fp32 fused", arch): 8 for arch in ("sm_80", "sm_86", "sm_89")},
+}
+
+
+def known_old_spill(r: dict, version: str | None = None) -> bool:
+    """Whether row ``r``'s spill is one of OLD_TRITON_SPILLS at Triton ``version`` (default: the installed)."""
+    if version is None:
+        import triton
+
+        version = triton.__version__
+    limit = OLD_TRITON_SPILLS.get((r["kernel"], r["label"], r["arch"]))
+    old = tuple(int(x) for x in version.split(".")[:2]) < (3, 7)
+    return old and limit is not None and r["spill_bytes"] == 0 and 0 < r["stack_bytes"] <= limit
 
 
 def problems_by_row(rows: list[dict], primary: bool = True) -> list[tuple[dict, str]]:
@@ -426,10 +452,12 @@ def problems_by_row(rows: list[dict], primary: bool = True) -> list[tuple[dict, 
     for r in rows:
         where = f"{r['name']} on {r['arch']}"
         held = int(r["arch"][3:]) in PRIMARY  # to no spills
+        known = not r["error"] and known_old_spill(r)
         if not primary:
-            if not r["error"] and not held and r["spill_bytes"] + r["stack_bytes"] > 0:
+            if not r["error"] and (not held or known) and r["spill_bytes"] + r["stack_bytes"] > 0:
                 out.append((r, f"{where}: spills {r['spill_bytes']} local and {r['stack_bytes']} stack bytes "
-                               f"({r['registers']} registers)"))
+                               f"({r['registers']} registers)" + (" (known at this Triton: OLD_TRITON_SPILLS)"
+                                                                  if known else "")))
             continue
         if r["error"]:
             out.append((r, f"{where}: {r['error']}"))
@@ -439,7 +467,7 @@ def problems_by_row(rows: list[dict], primary: bool = True) -> list[tuple[dict, 
             out.append((r, f"{where}: {r['shared_bytes']} bytes of shared memory, over the {r['smem_limit']} a "
                            f"program may use there" + (" (and so over it for every candidate of its launch)"
                                                        if r["group"] else "")))
-        if r["spill_bytes"] + r["stack_bytes"] > 0 and not pruned and held:
+        if r["spill_bytes"] + r["stack_bytes"] > 0 and not pruned and held and not known:
             out.append((r, f"{where}: spills {r['spill_bytes']} local and {r['stack_bytes']} stack bytes "
                            f"({r['registers']} registers)"))
     return out
@@ -473,10 +501,12 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, action="append", choices=ARCHS, help="only this compute capability")
     p.add_argument("--exact", action="store_true", help="compile the targets that share another's TTGIR "
                                                         "(sm_86, sm_89) through ptxas for themselves too")
+    p.add_argument("--launched-only", action="store_true",
+                   help="only the variants the model or the benchmarks launch (not those only the API reaches)")
     p.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: cores)")
     p.add_argument("--sass-dir", metavar="DIR", help="also write each compile's SASS to DIR")
     args = p.parse_args(argv)
-    cases = select_cases(args.kernel)
+    cases = select_cases(args.kernel, launched_only=args.launched_only)
     t0 = time.perf_counter()
     rows = run(cases, archs=tuple(args.arch) if args.arch else ARCHS, workers=args.workers, sass_dir=args.sass_dir,
                exact=args.exact)
@@ -493,7 +523,8 @@ def main(argv=None) -> int:
     for line in bad:
         print(f"  {line}")
     if noted:
-        print(f"{len(noted)} spills on targets beyond {', '.join(f'sm_{c}' for c in PRIMARY)} (reported, not failing):")
+        print(f"{len(noted)} spills beyond {', '.join(f'sm_{c}' for c in PRIMARY)} or known at this Triton "
+              "(reported, not failing):")
         for line in noted:
             print(f"  {line}")
     return 1 if bad else 0

@@ -45,9 +45,11 @@ see no key); without ``causal`` any Tq, Tk works.
 
 Tiles: autotuned per kernel from short lists (``FWD_CONFIGS``, ``DKDV_CONFIGS``, ``DQ_CONFIGS``,
 ``BWD_ATOMIC_CONFIGS``, ``SPLITK_CONFIGS``) keyed on (Tq, Tk rounded up to powers of two, D, causal,
-dropout, dtype) and pruned to the configs that serve the head dim, dtype, dropout setting and GPU family
-and whose tile fits the length; ``compile_cases()`` compiles exactly those lists. Under
-TRITON_INTERPRET=1 one small fixed config per kernel (``INTERPRET_CONFIGS``).
+dropout, dtype) and pruned to the configs that serve the head dim, dtype, dropout setting and GPU family,
+whose tile fits the length and whose compiled kernel fits the GPU's shared memory per program (99 KB on
+sm_86/sm_89 against an A100's 163 KB; ``_candidates``); a launch listed once per head dim it serves is
+timed once. ``compile_cases()`` compiles exactly those lists. Under TRITON_INTERPRET=1 one small fixed
+config per kernel (``INTERPRET_CONFIGS``).
 
 Layers: the ``@triton.jit`` kernels; ``_check_inputs`` and the launchers ``_forward`` / ``_backward``
 (strides passed through, so q, k, v may be non-contiguous views, e.g. the (B, T, H, D) split of a fused
@@ -72,7 +74,7 @@ import triton.language as tl
 from . import reference
 from .autocast import autocast_dtype
 from .backend import interpreter_enabled, planning, select
-from .common import INTERPRETER, LAUNCH_OPTIONS, LN2, LOG2E
+from .common import INTERPRETER, LAUNCH_OPTIONS, LN2, LOG2E, on_inputs_device, smem_per_block
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 
@@ -672,15 +674,25 @@ class _Config:
     block_d: tuple = (64, 128)  # padded head dims (BLOCK_D) it serves: 64 covers D <= 64, 128 covers 80..128
     dropout_block_d: tuple = (64, 128)  # the BLOCK_Ds at which it also serves dropout (more registers)
     fp32: bool = False  # serves fp32 inputs (smaller tiles: twice the bytes per element), not 16-bit ones
-    archs: tuple = (80, 90)  # GPU families it serves: 80 = compute capability 8.x, 90 = 9.0 and newer
+    archs: tuple = (80, 90)  # GPU families it serves (see _arch_family): 80 = warp MMA, 90 = warpgroup MMA
 
     def serves(self, block_d: int, dropout: bool, fp32: bool, arch: int = 90) -> bool:
         return (self.fp32 == fp32 and arch in self.archs
                 and max(block_d, 64) in (self.dropout_block_d if dropout else self.block_d))
 
+    @property
+    def launch(self) -> tuple:
+        """What the GPU runs: (BLOCK_M, BLOCK_N, warps, stages). A table may list one launch several times,
+        once per set of inputs it serves (a tile checked at D = 64 and, separately, at D = 128)."""
+        return (self.block_m, self.block_n, self.num_warps, self.num_stages)
+
     def triton_config(self) -> triton.Config:
-        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.num_warps,
-                             num_stages=self.num_stages)
+        return _triton_config(self.launch)
+
+
+def _triton_config(launch: tuple) -> triton.Config:
+    block_m, block_n, num_warps, num_stages = launch
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
 # The autotuner's candidates for each kernel: the single source for both the autotuner and compile_cases(),
@@ -760,8 +772,9 @@ INTERPRET_CONFIGS = {
 # Set to {"fwd": _Config, ...} to bypass the autotuner on a GPU (the GPU tests run every config this way).
 FORCE_CONFIGS: dict | None = None
 # GPT_KERNELS_AUTOTUNE=first: each autotuned launch takes the first config its pruning leaves: one compile
-# per kernel variant instead of one per candidate. `python -m bench.gpu_check` sets it for the GPU
-# tests on a cold cache (test_gpu_every_autotune_config still runs every config); "all" (default) times them.
+# per kernel variant instead of one per candidate (Triton 3.6 still times that one; 3.9 does not).
+# `python -m bench.gpu_check` sets it for the GPU tests on a cold cache (test_gpu_every_autotune_config
+# still runs every config); "all" (default) times them.
 AUTOTUNE_ENV = "GPT_KERNELS_AUTOTUNE"
 
 
@@ -786,14 +799,19 @@ def _bucket(n: int) -> int:
 
 
 def family_of(capability: int) -> int:
-    """The config family (``_Config.archs``) of compute capability ``capability`` (86 for 8.6): 80 for
-    8.x (Ampere, Ada), 90 for 9.0 and newer. The compile check compiles each config for the capabilities
-    of the families it serves."""
-    return 80 if capability < 90 else 90
+    """The family of compiled code the configs were checked for (``_Config.archs``; compile_check: registers,
+    no spills) of compute capability ``capability`` (86 for 8.6): 80 for the GPUs whose tensor cores take
+    warp-level MMAs (8.x: A100, and the consumer Ampere and Ada parts; 12.x: consumer Blackwell, which has no
+    warpgroup MMA either), 90 for those with warpgroup MMAs (Hopper, 9.x; datacenter Blackwell, 10.x and
+    11.x). Shared memory is a separate limit, per device (:func:`_smem_limit`): sm_86 and sm_89 are family 80
+    with 99 KB a program against an A100's 163 KB. The compile check compiles each config for the
+    capabilities of the families it serves."""
+    return 90 if capability // 10 in (9, 10, 11) else 80
 
 
 def _arch_family(device: torch.device) -> int:
-    """The config family of ``device`` (:func:`family_of`); 90 off CUDA, or the GPU a plan names."""
+    """The config family of ``device`` (:func:`family_of`); off CUDA 90 (the interpreter's tests), or the
+    family of the GPU a plan names (gpt_kernels.precompile)."""
     if device.type != "cuda":
         plan = planning()  # a plan made without a GPU stands for the GPU it names
         return 90 if plan is None else family_of(plan.capability)
@@ -801,51 +819,108 @@ def _arch_family(device: torch.device) -> int:
     return family_of(10 * major + minor)
 
 
-def _prune_for(configs: tuple, per_program: str):
-    """An ``early_config_prune`` for the autotuner: the configs serving this dtype, head dim and dropout
-    setting, whose program tile fits the length.
+def _smem_limit(device: torch.device) -> int | None:
+    """Shared memory one program may use on ``device`` (bytes), or None (no limit: the interpreter)."""
+    return smem_per_block(device)
 
-    ``per_program`` names the length the program's own tile spans ("TQ_KEY" for the forward and dQ,
-    whose programs own BLOCK_M rows; "TK_KEY" for dK/dV, whose programs own BLOCK_N keys).
-    """
-    by_key = {(c.block_m, c.block_n, c.num_warps, c.num_stages): c for c in configs}
-    tile = "BLOCK_M" if per_program == "TQ_KEY" else "BLOCK_N"
+
+def _kernel_table(name: str) -> tuple[tuple, str]:
+    """(the config table of kernel ``name``, the tile its programs own along the length: BLOCK_M or BLOCK_N)."""
+    return {"fwd": (FWD_CONFIGS, "BLOCK_M"), "dkdv": (DKDV_CONFIGS, "BLOCK_N"), "dq": (DQ_CONFIGS, "BLOCK_M"),
+            "bwd_atomic": (BWD_ATOMIC_CONFIGS, "BLOCK_N"), "splitk": (SPLITK_CONFIGS, "BLOCK_M")}[name]
+
+
+def _served(name: str, block_d: int, dropout: bool, fp32: bool, arch: int) -> list[tuple]:
+    """The launches of kernel ``name``'s table that serve these inputs (padded head dim, dropout setting,
+    dtype, GPU family), each once, in table order: a launch listed for D = 64 and again for D = 128 is
+    found by either entry."""
+    launches = []
+    for c in _kernel_table(name)[0]:
+        if c.serves(block_d, dropout, fp32, arch) and c.launch not in launches:
+            launches.append(c.launch)
+    return launches
+
+
+def _candidates(name: str, block_d: int, dropout: bool, fp32: bool, arch: int, length: int,
+                fits_smem=None) -> list[tuple]:
+    """The launches the autotuner weighs for kernel ``name``, each once: those :func:`_served` gives whose
+    program tile fits ``length`` (the length bucket its programs span: Tq for the forward and dQ, Tk for
+    dK/dV), the tiny ones dropped where the length allows a 64+ tile, and whose shared memory fits the GPU
+    (``fits_smem(launch)``; None: no limit). When none of those fits the GPU's shared memory, the
+    smallest-tile served launch that does. Only the first under GPT_KERNELS_AUTOTUNE=first (and only
+    that one measured). Raises when no launch serves the inputs on this GPU."""
+    served = _served(name, block_d, dropout, fp32, arch)
+    tile = 0 if _kernel_table(name)[1] == "BLOCK_M" else 1
+    by_length = [launch for launch in served if min(64, length) <= launch[tile] <= length]
+    rest = sorted((launch for launch in served if launch not in by_length), key=lambda launch: launch[tile])
+    fits = fits_smem or (lambda launch: True)
+    first = _autotune_first()
+    kept = []
+    for launch in by_length:
+        if fits(launch):
+            kept.append(launch)
+            if first:
+                break
+    if not kept:
+        kept = next(([launch] for launch in rest if fits(launch)), [])
+    if not kept:
+        raise RuntimeError(f"attention: no {name} kernel configuration serves head dim <= {block_d} with "
+                           f"{'fp32' if fp32 else '16-bit'} inputs{' and dropout' if dropout else ''} within this "
+                           f"GPU's shared memory (family sm_{arch}); use GPT_KERNELS=torch")
+    return kept
+
+
+def _smem_used(kernel, launch: tuple, args: dict) -> int:
+    """Bytes of shared memory ``kernel`` takes at ``launch`` for these arguments, read from its compiled
+    binary. Compiled as the launch would (Triton's JIT caches it: the autotuner's trial or the launch
+    that follows does not compile it again), not loaded: loading is where Triton refuses a kernel whose
+    shared memory exceeds the GPU's."""
+    compiled = kernel.warmup(**args, **_triton_config(launch).all_kwargs(), grid=(1,))
+    return int(compiled.metadata.shared)
+
+
+def _prune_for(name: str, kernel):
+    """The autotuner's ``early_config_prune`` for kernel ``name``: the triton configs of
+    :func:`_candidates` for the inputs of this launch (dtype, head dim, dropout, length) on the inputs'
+    GPU: its family, and its shared memory per program, against which each candidate's compiled size is
+    held (sm_86 and sm_89 have 99 KB where an A100 has 163 KB)."""
+    length_key = "TQ_KEY" if _kernel_table(name)[1] == "BLOCK_M" else "TK_KEY"
 
     def prune(triton_configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        fp32 = args["Q"].dtype == torch.float32
-        arch = _arch_family(args["Q"].device)
-        mine = [tc for tc in triton_configs
-                if by_key[(tc.kwargs["BLOCK_M"], tc.kwargs["BLOCK_N"], tc.num_warps, tc.num_stages)].serves(
-                    args["BLOCK_D"], args["DROPOUT"], fp32, arch)]
-        length = args[per_program]
-        # tiles no longer than the length, and not the tiny ones when the length allows a 64+ tile
-        fits = [tc for tc in mine if min(64, length) <= tc.kwargs[tile] <= length]
-        fits = fits or [min(mine, key=lambda tc: tc.kwargs[tile])]
-        return fits[:1] if _autotune_first() else fits
+        # the launch's arguments, without what Triton's launch machinery adds to them (grid, warmup)
+        args = {k: v for k, v in {**named_args, **kwargs}.items() if k not in ("grid", "warmup")}
+        q = args["Q"]
+        limit = _smem_limit(q.device)
+        fits = None if limit is None else (lambda launch: _smem_used(kernel, launch, args) <= limit)
+        keep = _candidates(name, args["BLOCK_D"], args["DROPOUT"], q.dtype == torch.float32, _arch_family(q.device),
+                           args[length_key], fits)
+        by_launch = {(tc.kwargs["BLOCK_M"], tc.kwargs["BLOCK_N"], tc.num_warps, tc.num_stages): tc
+                     for tc in triton_configs}
+        return [by_launch[launch] for launch in keep]
 
     return prune
 
 
 _AUTOTUNED: dict = {}
-# each autotuned launch: its kernel, its candidate configs, and the length its program tile spans (_prune_for)
-_AUTOTUNE_TABLE = {
-    "fwd": (_attn_fwd, FWD_CONFIGS, "TQ_KEY"),
-    "dkdv": (_attn_bwd_dkdv, DKDV_CONFIGS, "TK_KEY"),
-    "dq": (_attn_bwd_dq, DQ_CONFIGS, "TQ_KEY"),
-    "bwd_atomic": (_attn_bwd_dkdv, BWD_ATOMIC_CONFIGS, "TK_KEY"),
-    "splitk": (_attn_fwd_splitk, SPLITK_CONFIGS, "TQ_KEY"),
-}
+# each autotuned launch's kernel
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "bwd_atomic": _attn_bwd_dkdv,
+            "splitk": _attn_fwd_splitk}
+
+
+def _launches(name: str) -> list[tuple]:
+    """The distinct launches of kernel ``name``'s table (one launch may serve several head dims)."""
+    return list(dict.fromkeys(c.launch for c in _kernel_table(name)[0]))
 
 
 def _autotuned(name: str):
-    """The autotuned wrapper of a kernel, built on first use (never at import: no CUDA touched then)."""
+    """The autotuned wrapper of a kernel, built on first use (never at import: no CUDA touched then). Its
+    configs are the table's distinct launches (one launch may serve several head dims: it is timed once)."""
     if name not in _AUTOTUNED:
-        kernel, configs, per_program = _AUTOTUNE_TABLE[name]
+        kernel, launches = _KERNELS[name], _launches(name)
         _AUTOTUNED[name] = triton.autotune(
-            configs=[c.triton_config() for c in configs],
+            configs=[_triton_config(launch) for launch in launches],
             key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "DROPOUT"],  # + the tensors' dtypes, automatically
-            prune_configs_by={"early_config_prune": _prune_for(configs, per_program)},
+            prune_configs_by={"early_config_prune": _prune_for(name, kernel)},
             reset_to_zero=["DQ"] if name == "bwd_atomic" else None,  # each trial adds into DQ
         )(kernel)
     return _AUTOTUNED[name]
@@ -859,8 +934,8 @@ def _launch(name: str, kernel, grid_rows: int, grid_other: int, args: dict, tile
     """
     forced = INTERPRET_CONFIGS[name] if interpreter_enabled() else (FORCE_CONFIGS or {}).get(name)
     if forced is None and planning() is not None:  # recording a plan: each config the autotuner would time
-        kernel, configs, per_program = _AUTOTUNE_TABLE[name]
-        for tc in _prune_for(configs, per_program)([c.triton_config() for c in configs], args):
+        kernel = _KERNELS[name]
+        for tc in _prune_for(name, kernel)([_triton_config(launch) for launch in _launches(name)], args):
             size = 1 if tile is None else tc.kwargs[tile]
             kernel[(triton.cdiv(grid_rows, size), grid_other)](**args, **tc.all_kwargs(), **LAUNCH_OPTIONS)
         return
@@ -877,39 +952,55 @@ def _launch(name: str, kernel, grid_rows: int, grid_other: int, args: dict, tile
 # =========================================================================================== launchers
 
 
-def _check_inputs(q, k, v, causal, dropout_p, scale) -> None:
-    """Raise a clear error for anything the kernels do not support."""
+def _check_tensors(q, k, v) -> None:
+    """q, k, v are 4-D tensors (what autocast's cast needs before the other checks)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"attention: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}; "
                              f"split heads first, e.g. x.view(B, T, H, D).transpose(1, 2)")
+
+
+def _check_args(q, k, v, causal, dropout_p, scale) -> None:
+    """Raise a clear error for arguments no backend computes attention for: every backend runs this
+    before its path is chosen, so each refuses the same inputs with the same message."""
+    _check_tensors(q, k, v)
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; "
+                         f"move them with .to(device)")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"attention: dtype {q.dtype} is not supported: use float16, bfloat16 or float32")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not q.is_floating_point():
+        raise TypeError(f"attention: q, k, v must be floating point, got {q.dtype}")
     if k.shape != v.shape:
         raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     B, H, Tq, D = q.shape
     if (k.shape[0], k.shape[1], k.shape[3]) != (B, H, D):
         raise ValueError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and "
                          f"head dim (B, H, T, D); only the lengths may differ")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"attention: head dim {D} is not supported by the Triton kernel; supported head dims: "
-                         f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))} (or use GPT_KERNELS=torch)")
     Tk = k.shape[2]
     if Tk == 0 and Tq > 0:
         raise ValueError("attention: k and v have no positions (Tk = 0): every query needs at least one key")
     if causal and Tq > Tk:
         raise ValueError(f"attention: causal attention needs Tq <= Tk (queries are the last Tq of the Tk "
                          f"positions), got Tq={Tq} > Tk={Tk}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"attention: dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
+
+
+def _check_inputs(q, k, v, causal, dropout_p, scale) -> None:
+    """:func:`_check_args`, then what the Triton kernels add: their dtypes, head dims and grid."""
+    _check_args(q, k, v, causal, dropout_p, scale)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"attention: dtype {q.dtype} is not supported by the Triton kernel: use float16, "
+                        f"bfloat16 or float32 (or GPT_KERNELS=torch)")
+    B, H, _, D = q.shape
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"attention: head dim {D} is not supported by the Triton kernel; supported head dims: "
+                         f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))} (or use GPT_KERNELS=torch)")
     if B * H > 65535:
         raise ValueError(f"attention: B * H = {B * H} exceeds the kernels' grid limit of 65535; split the batch")
 
@@ -958,6 +1049,7 @@ def _seed_tensor(seed, device) -> torch.Tensor | None:
     return torch.tensor([int(seed)], dtype=torch.int64, device=device)
 
 
+@on_inputs_device
 def _forward(q, k, v, causal: bool, dropout_p: float, scale: float, seed, o=None, lse=None):
     """Run the forward kernel (or flash-decoding, see _splitk_plan); returns ``(o, lse)``: (B, H, Tq, D)
     output and (B, H, Tq) fp32 log-sum-exp.
@@ -995,9 +1087,8 @@ def _atomic_dq_served(D: int, dropout: bool, q: torch.Tensor) -> bool:
     under the interpreter, whose configs are fixed); else the atomic option runs the deterministic path."""
     if interpreter_enabled() or (FORCE_CONFIGS or {}).get("bwd_atomic") is not None:
         return True
-    block_d = triton.next_power_of_2(D)
-    return any(c.serves(block_d, dropout, q.dtype == torch.float32, _arch_family(q.device))
-               for c in BWD_ATOMIC_CONFIGS)
+    return bool(_served("bwd_atomic", triton.next_power_of_2(D), dropout, q.dtype == torch.float32,
+                        _arch_family(q.device)))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -1055,6 +1146,7 @@ def _new_grads(q, k):
     return dq, dk, dv
 
 
+@on_inputs_device
 def _backward(do, q, k, v, o, lse, causal: bool, dropout_p: float, scale: float, seed, grads=None,
               atomic_dq: bool = False):
     """Run the backward kernels; returns fresh ``(dq, dk, dv)``, laid out like q, k, v.
@@ -1122,12 +1214,19 @@ def attention_dropout_mask(seed, B: int, H: int, Tq: int, Tk: int, dropout_p: fl
     """
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    keep = torch.empty(B, H, Tq, Tk, device=device, dtype=torch.int8)
+    keep = torch.empty(B, H, Tq, Tk, device=device, dtype=torch.int8)  # (B, H, Tq, Tk)
     if keep.numel():
-        grid = (B * H, triton.cdiv(Tq, MASK_BLOCK), triton.cdiv(Tk, MASK_BLOCK))
-        _dropout_mask_kernel[grid](keep, Tq, Tk, effective_dropout_p(dropout_p), _seed_tensor(seed, device).to(device),
-                                   BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK, **LAUNCH_OPTIONS)
+        _fill_dropout_mask(keep, _seed_tensor(seed, keep.device).to(keep.device), effective_dropout_p(dropout_p))
     return keep.bool()
+
+
+@on_inputs_device
+def _fill_dropout_mask(keep: torch.Tensor, seed: torch.Tensor, dropout_p: float) -> None:
+    """Launch the mask kernel into ``keep`` (B, H, Tq, Tk) int8, on keep's GPU."""
+    B, H, Tq, Tk = keep.shape
+    grid = (B * H, triton.cdiv(Tq, MASK_BLOCK), triton.cdiv(Tk, MASK_BLOCK))
+    _dropout_mask_kernel[grid](keep, Tq, Tk, dropout_p, seed, BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK,
+                               **LAUNCH_OPTIONS)
 
 
 # ========================================================================================= custom ops
@@ -1202,11 +1301,15 @@ def attention(q, k, v, causal=True, dropout_p=0.0, scale=None):
 
     With ``causal`` the mask is aligned to the end: query i sees keys j <= i + Tk - Tq. On the Triton
     backend dropout_p is applied in steps of 1/256 (:func:`effective_dropout_p`). Under autocast
-    q, k and v are cast to autocast's dtype first (as autocast does for SDPA), on every backend.
+    q, k and v are cast to autocast's dtype first (as autocast does for SDPA), on every backend. Every
+    backend refuses the same inputs (:func:`_check_args`: ranks, shapes, dtypes, devices, causal Tq > Tk,
+    dropout_p outside [0, 1)); the Triton one also head dims outside SUPPORTED_HEAD_DIMS and float64.
     """
-    amp = autocast_dtype(q) if isinstance(q, torch.Tensor) else None
+    _check_tensors(q, k, v)
+    amp = autocast_dtype(q)
     if amp is not None:
         q, k, v = q.to(amp), k.to(amp), v.to(amp)
+    _check_args(q, k, v, causal, dropout_p, scale)  # the same refusals on every backend, before choosing one
     impl = select(q, k, v)
     if impl == "torch":
         tq, tk = q.shape[-2], k.shape[-2]
@@ -1229,16 +1332,14 @@ COMPILE_HEAD_DIMS = {64: (64,), 128: (128, 80)}
 
 
 def compile_cases():
-    """Every kernel at every config the autotuner can pick: for 16-bit inputs each config at every head dim
-    of :data:`COMPILE_HEAD_DIMS` whose BLOCK_D it serves, causal and not, without dropout where it serves no
-    dropout and with dropout where it serves dropout; for float32 at head dim 64, causal (what the model
-    runs in float32); for the compute capabilities of the families it serves (:func:`family_of`; the
-    newer targets get the model's own attention: compile_check.PRIMARY); the decoding merge and the
-    backward's preprocessing at each head dim and dtype. The candidates of one autotuned launch share a
-    group (compile_check.CompileCase.group). fp16 is compiled as bf16 (compile_check.stand_in).
-
-    Compiled with the alignment the launcher's inputs give at run time: 16-byte aligned pointers and
-    strides that are multiples of 16 elements (every supported D is a multiple of 16), feature stride 1.
+    """Every kernel at every config the autotuner can pick: 16-bit, each config at every head dim of
+    :data:`COMPILE_HEAD_DIMS` whose BLOCK_D it serves, causal and not, with dropout where it serves dropout,
+    without where it serves no dropout; float32 at head dim 64, causal (the model's float32 runs); for the
+    capabilities of the families it serves (:func:`family_of`; the newer targets get the model's own
+    attention: compile_check.PRIMARY); the decoding merge and the backward's preprocessing at each head dim
+    and dtype. One autotuned launch's candidates share a group; fp16 compiles as bf16 (compile_check).
+    Aligned as the launcher's inputs are at run time: 16-byte aligned pointers, strides multiples of 16
+    elements (every supported D is a multiple of 16), feature stride 1.
     """
     from .compile_check import ARCHS, PRIMARY, CompileCase
 
@@ -1261,13 +1362,14 @@ def compile_cases():
         sig.update(scalars if extra_scalars is None else extra_scalars)
         if c is not None:
             consts.update(BLOCK_M=c.block_m, BLOCK_N=c.block_n)
-        # every target for the model's own attention (16-bit, head dim 64, causal), the rest on PRIMARY's
-        default = (tensors.get("Q", tensors.get("O")) == "bf16" and consts.get("HEAD_DIM") == 64
-                   and consts.get("CAUSAL", True))
+        causal, head_dim = consts.get("CAUSAL", True), consts.get("HEAD_DIM")
+        # every target for the model's attention (16-bit, D = 64, causal); not launched: only the API reaches it
+        default = tensors.get("Q", tensors.get("O")) == "bf16" and head_dim == 64 and causal
         archs = tuple(cap for cap in (ARCHS if default else PRIMARY) if c is None or family_of(cap) in c.archs)
         return CompileCase(mod, kernel, sig, consts, num_warps=c.num_warps if c else num_warps,
                            num_stages=c.num_stages if c else 3, label=label, extra={"divisible_by_16": aligned},
-                           archs=archs, group=group)
+                           archs=archs, group=group, launched=causal and head_dim != 80 and (
+                               head_dim == 64 or "Q" not in tensors or tensors["Q"] == "bf16"))
 
     # (kernel, short name, configs, I/O tensors in the working dtype, fp32 tensors, stride prefixes, extra)
     kernels = (
@@ -1288,12 +1390,11 @@ def compile_cases():
             for block_d, dropout in [(d, False) for d in c.block_d] + [(d, True) for d in c.dropout_block_d]:
                 # the seed is read only with dropout; without, the launcher passes the lse in its place
                 tensors = {**{n: t for n in io}, **{n: "fp32" for n in f32}, "SEED": "i64" if dropout else "fp32"}
-                # float32: what the model's float32 training and generation run (head dim 64, causal); 16-bit:
-                # every head dim of COMPILE_HEAD_DIMS, causal and not ("full")
-                for head_dim in COMPILE_HEAD_DIMS[block_d] if t == "bf16" else (64,) if block_d == 64 else ():
+                # float32: causal at HEAD_DIM = BLOCK_D (the model's float32 runs head dim 64); 16-bit: every
+                # head dim of COMPILE_HEAD_DIMS, causal and not ("full")
+                for head_dim in COMPILE_HEAD_DIMS[block_d] if t == "bf16" else (block_d,):
                     for causal in (True, False) if t == "bf16" else (True,):
-                        flags = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "CAUSAL": causal, "DROPOUT": dropout,
-                                 **extra}
+                        flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, DROPOUT=dropout, **extra)
                         label = f"{short} D={head_dim} {t}{' dropout' if dropout else ''}{'' if causal else ' full'}"
                         cases.append(case(kernel, tensors, prefixes, flags, c, label, {**scalars, **more},
                                           group=label))

@@ -21,11 +21,12 @@ builds two more tensors of that size there. Two things here cut that down:
     kernel turns them into loss rows and, IN PLACE in that temporary (our own buffer, not an input), into
     their gradient (two passes over the chunk, fused in one launch), and that gradient is consumed at
     once: ``d_hidden[chunk] = dlogits @ weight``, ``d_weight += dlogits.T @ hidden[chunk]``, ``d_bias +=
-    dlogits.sum(0)``. All of it runs in the forward; the backward scales the saved ``d_hidden`` /
-    ``d_weight`` / ``d_bias`` by the incoming gradient. Peak extra memory is one chunk of logits plus the
-    gradients themselves. ``num_classes`` lets the weight carry padding rows (a vocabulary padded to a
-    multiple of 64 for the GEMMs, whose logit rows are then 16-byte aligned for the kernel's vector
-    loads): they take no part in the softmax and get zero gradient.
+    dlogits.sum(0)``. For bf16 and fp32 all of it runs in the forward and the backward scales the saved
+    ``d_hidden`` / ``d_weight`` / ``d_bias`` by the incoming gradient; for fp16 the forward makes only the
+    loss and the backward sweeps the chunks again with the incoming gradient in hand (see below). Peak
+    extra memory is one chunk of logits plus the gradients themselves. ``num_classes`` lets the weight
+    carry padding rows (a vocabulary padded to a multiple of 64 for the GEMMs, whose logit rows are then
+    16-byte aligned for the kernel's vector loads): they take no part in the softmax and get zero gradient.
 
 Choices, and why:
 
@@ -48,6 +49,14 @@ Choices, and why:
 - ``reduction="none"`` in the chunked path cannot fold per-row gradient scales into the accumulated
   ``d_weight``, so there the forward computes only the loss rows and the backward recomputes the chunks
   (one matmul more) with the kernel scaling each row by its incoming gradient.
+- float16 takes that same path for every reduction: its gradients are made in the backward, where the
+  incoming gradient (a GradScaler's loss scale, times 1 / n_valid for the mean) is known, and applied in
+  float32 before the one rounding to fp16, as torch's own fp16 loss does. Made in the forward, they would
+  be ``(softmax - onehot) / n_valid`` rounded to fp16 before the scale exists: at 8,192 tokens and
+  V = 50,257 every non-target entry (~2e-9) flushes to zero, fp16's smallest subnormal being 6e-8; and
+  the scale applied afterwards in fp16 turns a GradScaler's initial 65,536 into inf (65,504 is fp16's
+  largest). The price is the one extra matmul per chunk (4 instead of 3 over the head: ~+1/3 of its time);
+  bf16 (fp32's range) and fp32 keep the single sweep in the forward.
 - Class ``weight`` in ``cross_entropy`` is not supported by the kernel: with it, every backend uses torch.
 - Where every target is ``ignore_index`` the mean is 0, not torch's 0/0 = NaN, on every backend (the
   torch path is guarded the same way; see ``gpt_kernels.reference.cross_entropy``).
@@ -70,7 +79,7 @@ import triton.language as tl
 from . import reference
 from .autocast import autocast_dtype
 from .backend import select
-from .common import FLOAT_DTYPES, LAUNCH_OPTIONS, new_buffer
+from .common import FLOAT_DTYPES, LAUNCH_OPTIONS, check_same_device, new_buffer, on_inputs_device
 
 _REDUCTIONS = ("mean", "sum", "none")
 _MAX_BLOCK_V = 4096  # widest vocabulary chunk one program loads at a time: 16 fp32 per thread at 8 warps
@@ -181,6 +190,7 @@ def _launch_config(V: int) -> tuple[int, int]:
     return block_v, num_warps
 
 
+@on_inputs_device
 def _cross_entropy_rows(x, target, V, ignore_index, label_smoothing, loss=None, lse=None, grad=None,
                         row_scale=None, forward=True):
     """Launch the kernel on (n, >= V) rows ``x`` with unit column stride.
@@ -353,7 +363,7 @@ def _linear_grads_in_order(ctx, grads: list, scale: torch.Tensor | None = None) 
     for needed in ctx.needs:
         g = grads.pop(0) if needed else None
         if g is not None and scale is not None:
-            g = g * scale.to(g.dtype)
+            g = g * scale  # the fp32 0-d factor, not rounded to g's dtype first (a 1/3 in bf16 is 0.334)
         out.append(g)
     if out[2] is not None:
         out[2] = out[2].to(ctx.bias_dtype)
@@ -466,6 +476,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     (with ``weight`` every backend runs torch). Where every target is ignored the mean is 0, not NaN. The
     loss is in the logits' dtype, or float32 under autocast (see :mod:`gpt_kernels.autocast`).
     """
+    check_same_device("cross_entropy", input=input, target=target, weight=weight)
     impl = select(input)
     out_dtype = torch.float32 if autocast_dtype(input) is not None else input.dtype
     if impl != "triton":
@@ -528,6 +539,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, r
     full logits. Returns the loss in hidden's dtype, or float32 under autocast (the projection then runs
     in autocast's dtype, as ``F.linear`` would).
     """
+    check_same_device("linear_cross_entropy", hidden=hidden, weight=weight, target=target, bias=bias)
     V = _check_linear(hidden, weight, bias, num_classes)
     impl = select(hidden, weight)
     amp = autocast_dtype(hidden)
@@ -566,8 +578,9 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, r
     _check_target_range(target, V, ignore_index)
     hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
     args = (V, ignore_index, float(label_smoothing), chunk_size)
-    if reduction == "none":
-        return _linear_ce_rows_op(hidden, weight, bias, target, *args).to(out_dtype)
+    if reduction == "none" or hidden.dtype == torch.float16:  # fp16: gradients made in the backward (module doc)
+        loss_rows = _linear_ce_rows_op(hidden, weight, bias, target, *args)  # (N,) fp32
+        return _reduce(loss_rows, target, ignore_index, reduction).to(out_dtype)
     n_valid = (target != ignore_index).sum().clamp(min=1) if reduction == "mean" else None
     row_scale = (1.0 / n_valid if n_valid is not None else torch.ones((), device=hidden.device)).float().expand(N)
     grad_on = torch.is_grad_enabled()

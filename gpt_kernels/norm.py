@@ -37,10 +37,12 @@ from .backend import select
 from .common import (
     LAUNCH_OPTIONS,
     as_rows,
+    check_same_device,
     check_tensor,
     check_vector,
     new_buffer,
     next_pow2,
+    on_inputs_device,
     resident_programs,
     split_rows,
 )
@@ -214,6 +216,7 @@ def bwd_config(n: int) -> dict:
 MIN_ROWS_PER_PROGRAM = 32
 
 
+@on_inputs_device
 def _layer_norm_fwd(x, weight, bias, eps, out_dtype, residual=None):
     """Launch the forward. Returns ``(y, s, mean, rstd)``: y (x's shape, ``out_dtype``), the sum s (x's
     shape, x and residual's promoted dtype; None without a residual), mean and rstd (M,) float32."""
@@ -240,6 +243,7 @@ def _layer_norm_fwd(x, weight, bias, eps, out_dtype, residual=None):
     return y, s, mean, rstd
 
 
+@on_inputs_device
 def _layer_norm_bwd(dy, xn, weight, has_bias, mean, rstd, dx_dtype, ds=None, dr_dtype=None):
     """Launch the backward. ``xn``: what the forward normalized (x, or the sum s), any shape (..., N);
     ``dy`` and ``ds`` (optional) shaped like it. Returns ``(dx, dr, dweight, dbias)``: dx in ``dx_dtype``,
@@ -437,6 +441,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
     Under autocast the output is in autocast's dtype (what the next matmul reads); see :mod:`gpt_kernels.autocast`.
     """
+    check_same_device("layer_norm", input=input, weight=weight, bias=bias)
     impl = select(input)
     if impl == "torch":
         return F.layer_norm(input, normalized_shape, weight, bias, eps).to(matmul_dtype(input))
@@ -453,6 +458,7 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
     The sum has the dtype ``x + residual`` has (the fp32 residual stream stays fp32 beside a bf16 branch);
     the norm is in autocast's dtype under autocast, else in the sum's.
     """
+    check_same_device("add_layer_norm", x=x, residual=residual, weight=weight, bias=bias)
     impl = select(x, residual)
     if impl == "torch":
         s = x + residual

@@ -1,4 +1,5 @@
-"""Helpers the correctness suite uses to hold a kernel to its float64 reference (public, like torch.testing).
+"""Helpers the correctness suite uses to hold a kernel to its float64 reference (public, like torch.testing),
+and to see which kernels ran.
 
 The rule, from flash-attention's tests: the kernel's error against the float64 reference may be at most
 ``factor`` times the error that PyTorch's own op makes at the same dtype, plus a small ``atol``. That
@@ -7,6 +8,8 @@ orders of magnitude.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -48,3 +51,33 @@ def assert_close_to_ref(name: str, out: torch.Tensor, ref: torch.Tensor, base: t
     allowed = factor * base_err + atol
     assert err <= allowed, (f"{name}: max error {err:.3e} vs the float64 reference exceeds {allowed:.3e} "
                             f"({factor} x torch's {base_err:.3e} + atol {atol:.1e})")
+
+
+@contextlib.contextmanager
+def launched_kernels():
+    """``with launched_kernels() as names:`` records the name of every Triton kernel launched in the block,
+    in order (compiled or interpreted; an autotuner's trials count, compiling without launching does not).
+
+    Where a fast and a slow path give the same answer (split-K or not, the atomic or the deterministic
+    backward, one chunk or many), a test reads these names to know which one ran.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    names: list[str] = []
+    saved = []
+    for cls in (JITFunction, InterpretedFunction):
+        real = cls.__dict__["run"]
+
+        def run(self, *args, _real=real, **kwargs):
+            if not kwargs.get("warmup", False):
+                names.append(self.fn.__name__)
+            return _real(self, *args, **kwargs)
+
+        saved.append((cls, real))
+        cls.run = run
+    try:
+        yield names
+    finally:
+        for cls, real in saved:
+            cls.run = real

@@ -1,6 +1,7 @@
 """Where benchmark results go (issue 15, item 13): a run someone tries writes into runs/bench/, which git
 ignores; only --record writes the committed bench/results/; --out DIR writes exactly into DIR."""
 
+import json
 import subprocess
 import sys
 import types
@@ -54,3 +55,22 @@ def test_git_ignores_the_scratch_directory_and_not_the_results():
 
     assert common.SCRATCH_DIR == REPO / "runs" / "bench" and ignored(common.SCRATCH_DIR)
     assert not ignored(common.RESULTS_DIR)
+
+
+def test_a_suite_that_crashes_makes_python_m_bench_fail_after_saving_the_others(dirs, monkeypatch, capsys):
+    monkeypatch.chdir(dirs)
+    broken = types.ModuleType("broken_suite")
+
+    def crash(quick=False):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    broken.run = crash
+    monkeypatch.setitem(sys.modules, "broken_suite", broken)
+    monkeypatch.setitem(bench_main.SUITES, "broken", ("broken_suite", False))
+    assert bench_main.main(["fake", "broken", "--out", "out"]) == 1  # issue 27, item 10: not 0
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: 1 suite(s) crashed: broken (the traceback above")
+    saved = json.loads(next((dirs / "out").glob("*.json")).read_text())["suites"]
+    assert saved["fake"][0]["per_s"] == 2.0 and saved["broken"] == [
+        {"error": "RuntimeError: CUDA error: an illegal memory access was encountered"}]
+    assert bench_main.main(["fake", "--out", "out"]) == 0  # a suite whose rows are all results: 0

@@ -8,7 +8,8 @@ runs by default for sm_100 too (the newer targets get those variants: compile_ch
 (gpt_kernels.precompile) runs the launchers for real and has Triton's JIT specialize each launch as on that
 GPU, without running it. Every launch's variant (kernel, pointer types, constexprs, the alignment of its
 pointers and strides, warps, stages; compile_check.variant_key) must be a compile check case for that
-target, or one its stand_in rules map onto a case. In a subprocess without TRITON_INTERPRET.
+target marked launched (the cases CI's oldest-Triton stage compiles, --launched-only), or one its stand_in rules
+map onto such a case. In a subprocess without TRITON_INTERPRET.
 """
 
 import json
@@ -67,7 +68,7 @@ SCRIPT = textwrap.dedent("""
              (*train("gpt2-small", "bf16", pad=1), ALL), (*gen("gpt2-small", torch.float32), ALL)]
     runs += [(f"bench {name}", fn, DEFAULT) for name, fn in workloads.SUITES.items()
              if name not in ("e2e_train", "generate")]  # those two: the gpt2-small runs above
-    cases = cc.collect_cases()
+    cases = cc.select_cases(launched_only=True)  # marked launched: what CI compiles at the oldest Triton too
     compiled = {cap: {cc.case_key(c) for c in cases if cap in c.archs} for cap in (90, 80, 100)}
     out = {str(cap): {} for cap in compiled}
     for name, run, caps in runs:

@@ -7,6 +7,7 @@ so float rounding cannot flip a greedy choice) and a short context, so the windo
 import pytest
 import torch
 
+import gpt_kernels
 from gpt import GPT
 from gpt.cli import main
 from gpt.generate import decode_stream, generate, generate_stream
@@ -83,6 +84,28 @@ def test_left_padded_rows_match_each_row_alone(model):
             alone = model(r[None])  # (1, n, V)
             torch.testing.assert_close(first[b, P - len(r):], alone[0], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(first).all() and torch.isfinite(step).all()  # padding queries never see only -inf
+
+
+def test_unpadded_rows_take_the_kernel_path_and_padded_rows_the_masked_one(model, monkeypatch):
+    """Rows that all start at slot 0 need no mask: gpt_kernels.attention's end-aligned causal attention runs
+    (the fused kernel on a GPU); left-padded rows need the padding masked, which only the SDPA call with a
+    mask expresses. Both give the same answer on unpadded rows (a mask of only the causal part), so this
+    watches which one ran."""
+    calls = []
+    real = gpt_kernels.attention
+    monkeypatch.setattr(gpt_kernels, "attention", lambda *a, **k: calls.append(a[2].shape[2]) or real(*a, **k))
+    n_layers = model.config.n_layers
+    cache = model.new_kv_cache(2)
+    cache.reset(pad=torch.tensor([0, 0]))  # no padding anywhere: the plain path
+    with torch.no_grad():
+        model(prompt(2, 4), cache=cache)
+        model(prompt(2, 1), cache=cache)
+    assert calls == [4] * n_layers + [5] * n_layers  # prefill, then one step seeing the 5 cached keys
+    calls.clear()
+    cache.reset(pad=torch.tensor([0, 2]))
+    with torch.no_grad():
+        model(prompt(2, 4), cache=cache)
+    assert calls == []
 
 
 def test_last_only_and_plain_forward_are_unchanged(model):

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import gpt_kernels
 from gpt import GPT, GPTClassifier, GPTConfig
 from gpt.config import PRESETS
 from gpt_kernels.backend import get_backend
@@ -52,6 +53,45 @@ def test_training_mode_uses_the_fused_loss_and_ignores_minus_100():
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 50257)[keep], tgt.reshape(-1)[keep])
     torch.testing.assert_close(loss_train, ref)
     torch.testing.assert_close(loss_eval, ref)
+
+
+def test_the_model_runs_its_fused_ops(monkeypatch):
+    """The fusions give the same answer as the plain ops they replace, so count the calls: each block's
+    attention, residual add + LayerNorm and bias + GELU, the final norm, and in training the linear +
+    cross-entropy that never builds the logits (in evaluation, the logits' cross-entropy)."""
+    model = GPT.from_preset("tiny", dropout=0.0)
+    calls = []
+    for name in ("layer_norm", "add_layer_norm", "bias_gelu", "attention", "linear_cross_entropy", "cross_entropy"):
+        real = getattr(gpt_kernels, name)
+        monkeypatch.setattr(gpt_kernels, name, lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
+    idx = torch.randint(0, 50257, (2, 7))
+    n = model.config.n_layers
+    model.train()(idx, idx)
+    assert sorted(calls) == sorted(["layer_norm"] * (n + 1) + ["add_layer_norm", "bias_gelu", "attention"] * n
+                                   + ["linear_cross_entropy"])
+    calls.clear()
+    model.eval()(idx, idx)
+    assert calls.count("cross_entropy") == 1 and "linear_cross_entropy" not in calls
+
+
+def test_attention_weights_get_dropout_in_training(monkeypatch):
+    """The config's dropout reaches the attention weights (gpt_kernels.attention's dropout_p), not only the
+    residual branches: with every nn.Dropout turned off, two training forwards still differ, evaluation
+    ones do not, and attention is asked for exactly the config's rate in training and 0 in evaluation."""
+    model = GPT.from_preset("tiny", dropout=0.3)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # only the attention dropout is left
+    rates = []
+    real = gpt_kernels.attention
+    monkeypatch.setattr(gpt_kernels, "attention", lambda *a, **k: rates.append(k["dropout_p"]) or real(*a, **k))
+    idx = torch.randint(0, 50257, (2, 9))
+    model.train()
+    assert not torch.equal(model(idx), model(idx))
+    assert rates == [0.3] * (2 * model.config.n_layers)
+    model.eval()
+    assert torch.equal(model(idx), model(idx))
+    assert rates[2 * model.config.n_layers:] == [0.0] * (2 * model.config.n_layers)
 
 
 def test_causality_future_tokens_do_not_change_the_past():

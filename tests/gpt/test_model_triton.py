@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gpt import GPT
+from gpt_kernels.testing import launched_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels in the interpreter on the CPU
 
@@ -26,8 +27,15 @@ def test_tiny_gpt_triton_matches_torch(train_mode):
     idx = torch.randint(0, 503, (2, 13), device=DEVICE)
     tgt = torch.randint(0, 503, (2, 13), device=DEVICE)
     tgt[1, :4] = -100
-    lt, loss_t, grads_t = _run(model, "torch", idx, tgt, train_mode)
-    lk, loss_k, grads_k = _run(model, "triton", idx, tgt, train_mode)
+    with launched_kernels() as on_torch:
+        lt, loss_t, grads_t = _run(model, "torch", idx, tgt, train_mode)
+    with launched_kernels() as on_triton:
+        lk, loss_k, grads_k = _run(model, "triton", idx, tgt, train_mode)
+    # the two give the same answer, so check that each ran where it says: every fused op on its kernels
+    assert on_torch == []
+    assert set(on_triton) == {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_bias_gelu_fwd_kernel",
+                              "_bias_gelu_bwd_kernel", "_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv",
+                              "_attn_bwd_dq", "_cross_entropy_kernel"}
     if not train_mode:
         torch.testing.assert_close(lk, lt, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(loss_k, loss_t, atol=2e-6, rtol=2e-6)

@@ -12,7 +12,8 @@ import pytest
 from gpt.cli import build_parser, main
 from gpt.clock import RunClock, duration
 from gpt.config import PRESETS
-from gpt.pretrain import TrainConfig, train, visible
+from gpt.pretrain import TrainConfig, train
+from gpt.tokenizer import visible
 
 NO_DEFAULT = {"--checkpoint", "--hf", "--resume"}  # where the model or run comes from: given or not
 

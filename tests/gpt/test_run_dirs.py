@@ -66,18 +66,25 @@ def test_a_command_never_writes_over_another_run(runs, tmp_path, capsys, case):
     (work / "notes" / "todo.txt").write_text("my notes")
     r, c, lora, notes = (str(work / n) for n in ("pretraining", "classifier", "lora", "notes"))
     before = snapshot(work)
+    other = "give another --out, a new or empty directory"  # --resume is suggested only where it would work
     argv, match = {
         "finetune-classifier over a pretraining run": (
-            ["finetune-classifier", *TINY_FINETUNE, "--checkpoint", r, "--out", r], "already holds a training run"),
+            ["finetune-classifier", *TINY_FINETUNE, "--checkpoint", r, "--out", r],
+            f"{r} already holds a pretraining run: {other}"),
         "finetune-classifier over an earlier classifier run": (
-            ["finetune-classifier", *TINY_FINETUNE, "--out", c], "already holds a training run"),
+            ["finetune-classifier", *TINY_FINETUNE, "--out", c],
+            f"{c} already holds a classifier finetuning run: continue it with --resume {c}, or give another --out"),
         "finetune-instruct into a directory with other files": (
             ["finetune-instruct", *TINY_FINETUNE, "--out", notes], "is not empty (it holds todo.txt)"),
-        "train over a classifier run": (["train", *TINY_TRAIN, "--out", c], "already holds a training run"),
-        "lora-merge over a pretraining run": (["lora-merge", "--checkpoint", lora, "--out", r], "already holds"),
-        "lora-merge into the LoRA run itself": (["lora-merge", "--checkpoint", lora, "--out", lora], "already holds"),
+        "train over a classifier run": (["train", *TINY_TRAIN, "--out", c],
+                                        f"{c} already holds a classifier finetuning run: {other}"),
+        "lora-merge over a pretraining run": (["lora-merge", "--checkpoint", lora, "--out", r],
+                                              f"{r} already holds a pretraining run: {other}"),
+        "lora-merge into the LoRA run itself": (["lora-merge", "--checkpoint", lora, "--out", lora],
+                                                f"{lora} already holds a classifier finetuning run: {other}"),
         "a resumed run copied on into a directory that holds a run": (
-            ["train", "--resume", r, "--max-steps", "2", "--out", c], "already holds a training run"),
+            ["train", "--resume", r, "--max-steps", "2", "--out", c],
+            f"{c} already holds a classifier finetuning run: {other}"),
         "finetune-classifier resuming a pretraining run": (
             ["finetune-classifier", "--resume", r, "--epochs", "2"], "it holds a pretraining run"),
         "train resuming a classifier run": (["train", "--resume", c], "it holds a classifier finetuning run"),

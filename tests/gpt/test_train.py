@@ -194,7 +194,7 @@ def test_cli_prints_one_line_for_a_user_mistake(tmp_path, capsys):
 
 
 def test_a_new_run_never_overwrites_an_existing_one(finished_run):
-    with pytest.raises(ValueError, match="already holds a training run"):
+    with pytest.raises(ValueError, match=f"already holds a pretraining run: continue it with --resume {finished_run}"):
         train(tiny(finished_run))
 
 

@@ -124,7 +124,8 @@ def test_chat_reports_each_line_it_cannot_answer_answers_the_rest_and_exits_1(ti
     stdin(monkeypatch, b"Name a color.\n" + too_long.encode() + b"\n" + LATIN1 + b"What is 2 + 2?\n")
     assert main(["chat", "--checkpoint", str(tiny_runs / "instruct"), "--max-new-tokens", "2"]) == 1
     captured = capsys.readouterr()
-    assert len(captured.out.splitlines()) == 2  # lines 1 and 4 answered
+    out = captured.out.splitlines()  # one line for each line read (issue 27, item 7): lines 1 and 4 answered
+    assert len(out) == 4 and out[1].startswith("[error] line 2: ") and out[2].startswith("[error] line 3: ")
     errors = captured.err.strip().splitlines()
     assert len(errors) == 2 and "Traceback" not in captured.err
     assert errors[0].startswith("gpt chat: error: line 2: the instruction is too long") and "context of 64" in errors[0]

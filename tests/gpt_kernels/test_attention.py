@@ -7,16 +7,18 @@ Triton's interpreter with small tiles (flash_attention.INTERPRET_CONFIGS), so th
 covering set of shapes is tested rather than the full cross product.
 """
 
+import inspect
 import math
 
 import pytest
 import torch
+from triton.runtime.errors import OutOfResources
 
 import gpt_kernels
 from gpt_kernels import flash_attention as fa
 from gpt_kernels import reference
 from gpt_kernels.backend import use_backend
-from gpt_kernels.testing import assert_close_to_ref, max_err, poison_
+from gpt_kernels.testing import assert_close_to_ref, launched_kernels, max_err, poison_
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -57,21 +59,31 @@ def _lse_reference(q, k, causal, scale):
     return torch.logsumexp(s, dim=-1)
 
 
-def check_kernel(q, k, v, causal, dropout_p=0.0, seed=0, scale=None, factor=2.0, atomic_dq=False):
+def check_kernel(q, k, v, causal, dropout_p=0.0, seed=0, scale=None, factor=2.0, atomic_dq=False, splitk=None):
     """Run forward and backward into poisoned buffers and hold every output to the three-way rule
-    (``atomic_dq``: the 5-matmul backward with atomic dQ)."""
+    (``atomic_dq``: the 5-matmul backward with atomic dQ). Which kernels ran is checked too, as the other
+    path gives the same answer: the atomic backward has no dQ kernel; ``splitk`` True / False: the forward
+    ran flash-decoding (the split kernel and the merge) / the plain kernel (None: either)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     sm_scale = 1.0 / math.sqrt(D) if scale is None else scale
     o = poison_(fa._empty_like_layout(q))
     lse = poison_(torch.empty(B, H, Tq, device=q.device, dtype=torch.float32))
-    fa._forward(q, k, v, causal, dropout_p, sm_scale, seed, o=o, lse=lse)
+    with launched_kernels() as forward:
+        fa._forward(q, k, v, causal, dropout_p, sm_scale, seed, o=o, lse=lse)
+    if splitk is not None:  # (sets: on a GPU the autotuner's trials launch a kernel several times)
+        split = {"_attn_fwd_splitk", "_attn_splitk_combine"}
+        assert set(forward) == (split if splitk else {"_attn_fwd"}), f"the forward ran {forward}"
     do = torch.randn_like(o)
     dk = poison_(fa._empty_like_layout(k))
     grads = (poison_(fa._empty_like_layout(q)), dk, poison_(torch.empty_strided(dk.shape, dk.stride(), dtype=dk.dtype,
                                                                                 device=dk.device)))
-    dq, dk, dv = fa._backward(do, q, k, v, o, lse, causal, dropout_p, sm_scale, seed, grads=grads,
-                              atomic_dq=atomic_dq)
+    with launched_kernels() as backward:
+        dq, dk, dv = fa._backward(do, q, k, v, o, lse, causal, dropout_p, sm_scale, seed, grads=grads,
+                                  atomic_dq=atomic_dq)
+    if q.numel():
+        want = {"_attn_bwd_preprocess", "_attn_bwd_dkdv"} | (set() if atomic_dq else {"_attn_bwd_dq"})
+        assert set(backward) == want, f"the {'atomic ' if atomic_dq else ''}backward ran {backward}"
 
     mask = fa.attention_dropout_mask(seed, B, H, Tq, Tk, dropout_p, q.device) if dropout_p > 0 else None
     exact = _reference(q, k, v, do, causal, dropout_p, sm_scale, mask, torch.float64)
@@ -151,13 +163,21 @@ SPLITK = [
 def test_splitk_decoding_matches_reference(device, monkeypatch, Tq, Tk, causal, D, dtype, splits):
     monkeypatch.setattr(fa, "SPLIT_K", splits)
     n, keys = fa._splitk_plan(2, Tq, Tk, torch.device(device))
-    assert n > 1 and (n - 1) * keys < Tk <= n * keys  # the split path runs, every split has keys
-    check_kernel(*_qkv(2, 1, Tq, Tk, D, dtype, device), causal)
+    assert n > 1 and (n - 1) * keys < Tk <= n * keys  # every split has keys
+    check_kernel(*_qkv(2, 1, Tq, Tk, D, dtype, device), causal, splitk=True)  # and the split kernel ran
 
 
 def test_splitk_decoding_with_dropout(device, monkeypatch):
     monkeypatch.setattr(fa, "SPLIT_K", 3)
-    check_kernel(*_qkv(1, 2, 4, 400, 16, f32, device), True, dropout_p=0.2, seed=8)
+    check_kernel(*_qkv(1, 2, 4, 400, 16, f32, device), True, dropout_p=0.2, seed=8, splitk=True)
+
+
+def test_split_k_off_runs_the_plain_kernel(device, monkeypatch):
+    """SPLIT_K = 1 (bench_attention's triton-nosplit) and query blocks longer than 16 take the plain kernel."""
+    monkeypatch.setattr(fa, "SPLIT_K", 1)
+    check_kernel(*_qkv(2, 1, 5, 700, 16, f32, device), True, splitk=False)
+    monkeypatch.setattr(fa, "SPLIT_K", None)
+    check_kernel(*_qkv(2, 1, 17, 700, 16, f32, device), True, splitk=False)
 
 
 def test_splitk_plan():
@@ -180,6 +200,57 @@ def test_every_causal_offset(device):
         exact = _reference(q, k, v, do, True, 0.0, None, None, torch.float64)
         for name, a, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), exact):
             assert_close_to_ref(f"{name} at Tk - Tq = {off}", a, ref)
+
+
+def _value(x):
+    """A kernel argument's value as the interpreter passes it: a scalar tensor, a constexpr or a Python value."""
+    x = getattr(x, "value", x)  # tl.constexpr
+    return x.handle.data.item() if hasattr(x, "handle") else x
+
+
+def _record_stages(monkeypatch, inner: str, names: tuple) -> list[dict]:
+    """Spy on the jitted loop ``inner`` of flash_attention (called from inside the kernels, which the
+    interpreter runs as Python): each call's arguments ``names`` (its stage's range and mask flags)."""
+    real = getattr(fa, inner)
+    signature = inspect.signature(real.fn)
+    calls = []
+
+    def spy(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        calls.append({n: _value(bound[n]) for n in names})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fa, inner, spy)
+    return calls
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="spies on the kernels' loops, which only the interpreter runs "
+                                                      "as Python")
+@pytest.mark.parametrize("causal", [True, False])
+def test_only_the_diagonal_band_and_the_ragged_end_run_masked(device, monkeypatch, causal):
+    """The kernels' fast path: key (or query) blocks that every row sees in full run the loop body without
+    masks; only the blocks on the causal diagonal and past the end of the lengths run the masked body. Both
+    bodies give the same answer, so this watches which one each block ran in (forward, dQ and dK/dV)."""
+    Tq, Tk = 100, 130  # not block multiples; 30 keys of offset
+    fwd = _record_stages(monkeypatch, "_attn_fwd_inner", ("start_m", "lo", "hi", "MASKED"))
+    dq = _record_stages(monkeypatch, "_attn_bwd_dq_inner", ("start_m", "lo", "hi", "MASKED"))
+    dkdv = _record_stages(monkeypatch, "_attn_bwd_dkdv_inner", ("start_n", "lo", "hi", "MASK_CAUSAL", "MASK_ROWS"))
+    check_kernel(*_qkv(1, 1, Tq, Tk, 16, f32, device), causal)
+    cfg = fa.INTERPRET_CONFIGS
+    for name, calls, block_m, block_n in (("fwd", fwd, cfg["fwd"].block_m, cfg["fwd"].block_n),
+                                          ("dq", dq, cfg["dq"].block_m, cfg["dq"].block_n)):
+        assert calls and len(calls) % 2 == 0
+        for plain, masked in zip(calls[0::2], calls[1::2]):  # each program: the unmasked stage, then the masked
+            assert not plain["MASKED"] and masked["MASKED"] and plain["lo"] == 0 and plain["hi"] == masked["lo"]
+            band = block_m + block_n if causal else block_n  # the diagonal (causal) or the ragged end of the keys
+            assert masked["hi"] - masked["lo"] < band, f"{name}: keys {masked['lo']}..{masked['hi']} run masked"
+        assert sum(p["hi"] - p["lo"] for p in calls[0::2]) > sum(m["hi"] - m["lo"] for m in calls[1::2])
+    block_m, block_n = cfg["dkdv"].block_m, cfg["dkdv"].block_n
+    masked = [c for c in dkdv if c["MASK_CAUSAL"] or c["MASK_ROWS"]]
+    plain = [c for c in dkdv if not (c["MASK_CAUSAL"] or c["MASK_ROWS"])]
+    # causal: the query blocks that straddle this key block's diagonal; else the ragged last query block
+    assert all(c["hi"] - c["lo"] <= (block_n + 2 * block_m if c["MASK_CAUSAL"] else block_m) for c in masked), masked
+    assert any(c["hi"] > c["lo"] for c in plain)
 
 
 # the 5-matmul backward (atomic dQ): causal and not, dropout, decoding offsets, ragged lengths, head dims
@@ -392,29 +463,68 @@ def _bad(device, **over):
     return args
 
 
-@pytest.mark.parametrize("over,error,match", [
-    (lambda d: {"q": torch.randn(2, 8, 16, device=d)}, ValueError, "4-D"),
-    (lambda d: {"k": torch.randn(1, 2, 8, 32, device=d), "v": torch.randn(1, 2, 8, 32, device=d)}, ValueError,
-     "head dim"),
-    (lambda d: {"k": torch.randn(1, 3, 8, 16, device=d), "v": torch.randn(1, 3, 8, 16, device=d)}, ValueError,
-     "agree in batch, heads"),
-    (lambda d: {"v": torch.randn(1, 2, 9, 16, device=d)}, ValueError, "k and v must have the same shape"),
-    (lambda d: {"v": torch.randn(1, 2, 8, 16, device=d, dtype=torch.float16)}, TypeError, "share a dtype"),
-    (lambda d: {"q": torch.randn(1, 2, 8, 16, device=d, dtype=torch.float64),
-                "k": torch.randn(1, 2, 8, 16, device=d, dtype=torch.float64),
-                "v": torch.randn(1, 2, 8, 16, device=d, dtype=torch.float64)}, TypeError, "float16, bfloat16"),
-    (lambda d: {"q": torch.randn(1, 2, 8, 48, device=d), "k": torch.randn(1, 2, 8, 48, device=d),
-                "v": torch.randn(1, 2, 8, 48, device=d)}, ValueError, r"16, 32, 64, 80, 96, 128"),
-    (lambda d: {"dropout_p": 1.0}, ValueError, r"dropout_p must be a number in \[0, 1\)"),
-    (lambda d: {"dropout_p": -0.1}, ValueError, "dropout_p"),
-    (lambda d: {"q": torch.randn(1, 2, 9, 16, device=d)}, ValueError, "Tq <= Tk"),
-    (lambda d: {"k": torch.randn(1, 2, 0, 16, device=d), "v": torch.randn(1, 2, 0, 16, device=d),
-                "causal": False}, ValueError, "at least one key"),
-], ids=["rank", "head-dim-mismatch", "heads-mismatch", "kv-shape", "dtype-mismatch", "float64", "unsupported-D",
-        "dropout-1", "dropout-negative", "tq-gt-tk", "no-keys"])
-def test_bad_input(device, over, error, match):
+# every backend refuses these, with the same message, before choosing its path (issue 27, item 4)
+BAD_EVERYWHERE = {
+    "rank": (lambda d: {"q": torch.randn(2, 8, 16, device=d)}, ValueError, "4-D"),
+    "rank-v": (lambda d: {"v": torch.randn(1, 2, 8, 16, 1, device=d)}, ValueError, "v must be 4-D"),
+    "head-dim-mismatch": (lambda d: {"k": torch.randn(1, 2, 8, 32, device=d), "v": torch.randn(1, 2, 8, 32, device=d)},
+                          ValueError, "head dim"),
+    "heads-mismatch": (lambda d: {"k": torch.randn(1, 3, 8, 16, device=d), "v": torch.randn(1, 3, 8, 16, device=d)},
+                       ValueError, "agree in batch, heads"),
+    "batch-mismatch": (lambda d: {"k": torch.randn(2, 2, 8, 16, device=d), "v": torch.randn(2, 2, 8, 16, device=d)},
+                       ValueError, "agree in batch, heads"),
+    "kv-lengths": (lambda d: {"k": torch.randn(1, 2, 12, 16, device=d), "v": torch.randn(1, 2, 9, 16, device=d)},
+                   ValueError, "k and v must have the same shape"),
+    "dtype-mismatch": (lambda d: {"v": torch.randn(1, 2, 8, 16, device=d, dtype=torch.float16)}, TypeError,
+                       "share a dtype"),
+    "integer": (lambda d: {x: torch.ones(1, 2, 8, 16, device=d, dtype=torch.int32) for x in "qkv"}, TypeError,
+                "floating point"),
+    "devices": (lambda d: {"k": torch.randn(1, 2, 8, 16, device="meta")}, ValueError, "one device"),
+    "dropout-1": (lambda d: {"dropout_p": 1.0}, ValueError, r"dropout_p must be a number in \[0, 1\)"),
+    "dropout-1.5": (lambda d: {"dropout_p": 1.5}, ValueError, r"dropout_p must be a number in \[0, 1\)"),
+    "dropout-negative": (lambda d: {"dropout_p": -0.1}, ValueError, "dropout_p"),
+    "tq-gt-tk": (lambda d: {"q": torch.randn(1, 2, 9, 16, device=d)}, ValueError, "Tq <= Tk"),
+    "no-keys": (lambda d: {"k": torch.randn(1, 2, 0, 16, device=d), "v": torch.randn(1, 2, 0, 16, device=d),
+                           "causal": False}, ValueError, "at least one key"),
+    "scale": (lambda d: {"scale": "0.5"}, TypeError, "scale must be a float"),
+}
+# only the Triton kernels refuse these (the torch and reference backends compute them)
+BAD_FOR_TRITON = {
+    "float64": (lambda d: {x: torch.randn(1, 2, 8, 16, device=d, dtype=torch.float64) for x in "qkv"}, TypeError,
+                "float16, bfloat16"),
+    "unsupported-D": (lambda d: {x: torch.randn(1, 2, 8, 48, device=d) for x in "qkv"}, ValueError,
+                      r"16, 32, 64, 80, 96, 128"),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference", "triton"])
+@pytest.mark.parametrize("case", BAD_EVERYWHERE)
+def test_bad_input_every_backend(device, backend, case):
+    over, error, match = BAD_EVERYWHERE[case]
+    with pytest.raises(error, match=match), use_backend(backend):
+        gpt_kernels.attention(**_bad(device, **over(device)))
+
+
+@pytest.mark.parametrize("case", BAD_FOR_TRITON)
+def test_bad_input_for_the_kernels(device, case):
+    over, error, match = BAD_FOR_TRITON[case]
     with pytest.raises(error, match=match), use_backend("triton"):
         gpt_kernels.attention(**_bad(device, **over(device)))
+    with use_backend("torch"):  # computable: the torch backend takes it
+        gpt_kernels.attention(**_bad(device, **over(device)))
+
+
+def test_causal_tq_gt_tk_is_fine_without_causal(device):
+    """Cross-attention shapes (Tq > Tk) are refused only with ``causal``; without it every backend computes
+    the same finite answer."""
+    q, k, v = _qkv(1, 2, 9, 5, 16, f32, device)
+    outs = {}
+    for backend in ("torch", "reference", "triton"):
+        with use_backend(backend):
+            outs[backend] = gpt_kernels.attention(q, k, v, causal=False)
+    assert torch.isfinite(outs["reference"]).all()
+    for backend in ("torch", "triton"):
+        torch.testing.assert_close(outs[backend], outs["reference"], rtol=1e-4, atol=1e-5)
 
 
 def test_not_a_tensor(device):
@@ -481,8 +591,13 @@ def test_gpu_every_autotune_config(monkeypatch, name, config, block_d, dropout):
     Tq = 7 if name == "splitk" else 333  # flash-decoding: one query block against many keys
     if name == "splitk":
         monkeypatch.setattr(fa, "SPLIT_K", 3)
-    check_kernel(*_qkv(2, 2, Tq, 333, D, dtype, "cuda"), True, dropout_p=0.1 if dropout else 0.0, seed=3,
-                 atomic_dq=name == "bwd_atomic")
+    try:
+        check_kernel(*_qkv(2, 2, Tq, 333, D, dtype, "cuda"), True, dropout_p=0.1 if dropout else 0.0, seed=3,
+                     atomic_dq=name == "bwd_atomic")
+    except OutOfResources as e:  # a GPU with less shared memory a program (sm_86, sm_89): the autotuner prunes it
+        if e.name != "shared memory":
+            raise
+        pytest.skip(f"needs {e.required} B of shared memory a program, this GPU has {e.limit} B: pruned here")
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import gpt_kernels
 from gpt_kernels import fused_cross_entropy as fce
 from gpt_kernels import reference
-from gpt_kernels.testing import assert_close_to_ref, poison_
+from gpt_kernels.testing import assert_close_to_ref, launched_kernels, poison_
 
 GPT2_V = 50257
 _EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -318,7 +318,10 @@ def test_linear_chunked_equals_unchunked(device, chunk, reduction):
     h, w, b = _linear_inputs(N, C, V, torch.float32, device, bias=True)
     t = _targets(N, V, device, n_ignored=2)
     one_loss, one_grads, go = _run_linear(h, w, b, t, chunk_size=N, reduction=reduction)
-    loss, grads, _ = _run_linear(h, w, b, t, go, chunk_size=chunk, reduction=reduction)
+    with launched_kernels() as launched:
+        loss, grads, _ = _run_linear(h, w, b, t, go, chunk_size=chunk, reduction=reduction)
+    sweeps = 2 if reduction == "none" else 1  # "none": the backward sweeps the chunks again
+    assert launched == ["_cross_entropy_kernel"] * (sweeps * -(-N // chunk)), "one launch per chunk and sweep"
     torch.testing.assert_close(loss, one_loss, rtol=1e-6, atol=1e-6)
     for g, g1 in zip(grads, one_grads):
         torch.testing.assert_close(g, g1, rtol=1e-5, atol=1e-6)
@@ -431,6 +434,65 @@ def test_linear_bad_inputs(device):
             gpt_kernels.linear_cross_entropy(h, w, t, chunk_size=0)
         with pytest.raises(ValueError, match="reduction must be"):
             gpt_kernels.linear_cross_entropy(h, w, t, reduction="avg")
+
+
+def _rowwise_err(g: torch.Tensor, ref: torch.Tensor) -> float:
+    """The worst row's error relative to that row's largest reference value: a head row (one class) or a
+    token whose gradient is lost counts in full, however small its values. (The error over the whole
+    tensor is set by the few large target rows and would hide every other class.)"""
+    err = (g.double() - ref).abs().amax(dim=1)  # (rows,)
+    scale = ref.abs().amax(dim=1)  # (rows,)
+    if not torch.isfinite(g).all():
+        return float("inf")
+    return torch.where(scale > 0, err / scale.clamp_min(1e-300), err * 1e300).max().item()
+
+
+@pytest.mark.parametrize("loss_scale", [1024.0, 65536.0])
+def test_linear_fp16_gradients_under_a_loss_scale(device, loss_scale):
+    """fp16 training as ``gpt train --dtype float16`` runs it: autocast fp16 over fp32 master weights, the
+    loss multiplied by a GradScaler's factor before the backward (65,536 is its initial one) and the
+    gradients divided by it after. Every row of d_weight (one per class, most of them no token's target)
+    and of d_hidden must be as close to float64 as torch's own fp16 loss gets them, and finite. At 128
+    tokens and V = 4096 the gradient of a non-target logit, p / 128, is ~2e-6: below fp16's normal range
+    (6.1e-5) unless the loss scale reaches it before it is rounded to fp16."""
+    N, C, V = 128, 16, 4096
+    h = torch.randn(N, C, device=device).half().float()  # fp16 values: the float64 reference sees the inputs
+    w = (torch.randn(V, C, device=device) / C**0.5 * 2).half().float()  # that autocast's fp16 matmuls see
+    t = _targets(N, V, device, n_ignored=3)
+    hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
+    exact = torch.autograd.grad(reference.linear_cross_entropy(hr, wr, t), (hr, wr))
+    grads = {}
+    for backend in ("triton", "torch"):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with gpt_kernels.use_backend(backend), torch.autocast(torch.device(device).type, dtype=torch.float16):
+            loss = gpt_kernels.linear_cross_entropy(hh, ww, t)
+        assert loss.dtype == torch.float32
+        with launched_kernels() as launched:
+            (loss * loss_scale).backward()
+        if backend == "triton":
+            backward_launches = launched
+        grads[backend] = (hh.grad / loss_scale, ww.grad / loss_scale)  # the scaler's unscale_
+    assert backward_launches == ["_cross_entropy_kernel"]  # made in the backward, with the scale: one chunk
+    for name, g, base, ref in zip(("d_hidden", "d_weight"), grads["triton"], grads["torch"], exact):
+        assert torch.isfinite(g).all(), f"{name}: inf or NaN at loss scale {loss_scale:g}"
+        err, base_err = _rowwise_err(g, ref), _rowwise_err(base, ref)
+        assert err <= 2 * base_err + 1e-6, (f"{name}: worst row's error {err:.2e} vs float64 at loss scale "
+                                            f"{loss_scale:g}; torch's fp16 gets {base_err:.2e}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear_gradients_are_made_in_the_forward_except_in_fp16(device, dtype):
+    """bf16 and fp32 make the gradients in the forward's one sweep (the backward only scales them: no kernel);
+    fp16 makes them in the backward, where the loss scale is known (a second sweep)."""
+    N, C, V = 10, 8, 40
+    h, w, _ = _linear_inputs(N, C, V, dtype, device, bias=False)
+    hh, ww = h.requires_grad_(), w.requires_grad_()
+    with launched_kernels() as forward, gpt_kernels.use_backend("triton"):
+        loss = gpt_kernels.linear_cross_entropy(hh, ww, _targets(N, V, device), chunk_size=4)
+    with launched_kernels() as backward:
+        loss.backward()
+    assert len(forward) == 3
+    assert len(backward) == (3 if dtype == torch.float16 else 0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])

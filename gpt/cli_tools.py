@@ -1,0 +1,115 @@
+"""The command line's corpus, evaluation and export commands, ``gpt prepare-data``, ``gpt eval`` and
+``gpt export``: argparse only, registered by :mod:`gpt.cli` (which prints a user's mistake as one line, as for
+every command)."""
+
+from __future__ import annotations
+
+import argparse
+
+from gpt_kernels.backend import BACKENDS
+
+from .config import PRESETS
+from .hellaswag import DEFAULT_EVAL_PRESET, EvalConfig, evaluate
+from .runtime import DTYPES
+from .shards import PrepareConfig, prepare_data
+
+
+def add_prepare_command(sub) -> None:
+    d = PrepareConfig()
+    p = sub.add_parser(
+        "prepare-data", help="tokenize a corpus into token shards for gpt train --data DIR",
+        description="Tokenize text files, JSON lines or Parquet files (FineWeb's format), plain or gzip/bz2/xz, "
+                    "into uint16 token shards plus a validation shard and an index.json, with every core. Each "
+                    "document starts with <|endoftext|>. Run the same command again to resume an interrupted run "
+                    "(finished shards are kept); the same sources and settings always give the same bytes. Then: "
+                    "gpt train --data OUT.")
+    p.add_argument("sources", nargs="+", metavar="SRC",
+                   help="files and folders: .txt (one document a file), .jsonl/.json (one a line), .parquet (one a "
+                        "row; needs pyarrow: pip install 'gpt-triton[parquet]'); .gz/.bz2/.xz compressed text or "
+                        "JSON lines; a folder: every such file under it")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the output folder: new, empty, or an interrupted run of the same command (which resumes)")
+    p.add_argument("--field", default=d.field, metavar="NAME",
+                   help=f"the JSON field / Parquet column holding the text (default {d.field!r})")
+    p.add_argument("--tokenizer", default=d.tokenizer, metavar="NAME",
+                   help=f"a tiktoken encoding whose ids fit 16 bits (default {d.tokenizer}: bundled, no download)")
+    p.add_argument("--shard-tokens", type=int, default=d.shard_tokens, metavar="N",
+                   help=f"tokens per training shard (default {d.shard_tokens:,})")
+    p.add_argument("--val-tokens", type=int, default=d.val_tokens, metavar="N",
+                   help=f"the corpus's first N tokens form the validation shard; 0: none (default {d.val_tokens:,})")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="tokenizing threads (default: every core this process may use)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at a document that is not UTF-8 (default: skip it and count it in the index)")
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args) -> int:
+    prepare_data(PrepareConfig(sources=args.sources, out=args.out, field=args.field, tokenizer=args.tokenizer,
+                               shard_tokens=args.shard_tokens, val_tokens=args.val_tokens, strict=args.strict,
+                               workers=args.workers))
+    return 0
+
+
+def add_eval_command(sub) -> None:
+    d = EvalConfig()
+    p = sub.add_parser(
+        "eval", help="score a model on HellaSwag (completion style, as build-nanogpt and llm.c)",
+        description="Score a model on HellaSwag as build-nanogpt and llm.c do: the ending with the lowest summed "
+                    "(acc) or mean (acc_norm) loss of its tokens after the context. The file is read from the path "
+                    "given, never downloaded: hellaswag_val.jsonl from https://github.com/rowanz/hellaswag "
+                    "(data/hellaswag_val.jsonl, 10,042 examples).")
+    p.add_argument("--hellaswag", required=True, metavar="FILE", help="a HellaSwag JSON-lines file")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory of this project (a run of gpt train)")
+    g.add_argument("--hf", metavar="DIR", help="a Hugging Face GPT-2 directory (config.json + weights)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help=f"without --checkpoint/--hf: an untrained model of this size, for trying the command out: "
+                        f"{', '.join(PRESETS)} (default: {DEFAULT_EVAL_PRESET})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N",
+                   help=f"examples per forward pass, 4 rows each (default {d.batch_size})")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="score the first N examples only (default: all)")
+    p.add_argument("--device", default=d.device, help="auto (the default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPES,
+                   help="precision (default auto: bf16 autocast on CUDA, float32 on the CPU)")
+    p.add_argument("--kernels", default=d.kernels, choices=BACKENDS,
+                   help="implementation of the fused ops (default auto: Triton on CUDA, PyTorch on the CPU)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    evaluate(EvalConfig(**{k: getattr(args, k) for k in EvalConfig.__dataclass_fields__}))
+    return 0
+
+
+def add_train_hellaswag_args(g: argparse._ArgumentGroup) -> None:
+    """gpt train's options for HellaSwag at evaluations."""
+    g.add_argument("--hellaswag", metavar="FILE", default=None,
+                   help="score this HellaSwag file (hellaswag_val.jsonl) at evaluations, into log.jsonl (default: no)")
+    g.add_argument("--hellaswag-every", type=int, metavar="N", default=None,
+                   help="steps between HellaSwag scores, a multiple of --eval-every (default: every evaluation)")
+
+
+def cmd_export(args) -> int:
+    from .hf_export import export_run
+
+    out, what = export_run(args.run, args.to, force=args.force)
+    print(f"exported {what} from {args.run} to {out}: load it with transformers' from_pretrained({str(out)!r}) "
+          f"and AutoTokenizer.from_pretrained({str(out)!r})")
+    return 0
+
+
+def add_export_command(sub) -> None:
+    e = sub.add_parser("export", help="write a run as a Hugging Face GPT-2 directory (transformers loads it)",
+                       description="Write a run as a Hugging Face GPT-2 directory: config.json, model.safetensors, "
+                                   "generation_config.json and GPT-2's tokenizer files, which transformers' "
+                                   "from_pretrained and AutoTokenizer load offline. A pretraining or instruction run "
+                                   "becomes a GPT2LMHeadModel (LoRA adapters merged), a classifier run a "
+                                   "GPT2ForSequenceClassification with its labels.")
+    e.add_argument("run", metavar="RUN", help="a run directory of gpt train, gpt finetune-* or gpt lora-merge")
+    e.add_argument("--to", required=True, metavar="DIR", help="where to write it (a new or empty directory)")
+    e.add_argument("--force", action="store_true",
+                   help="write into a directory that holds other files, replacing the Hugging Face files there "
+                        "(default: refuse a directory that is not empty)")
+    e.set_defaults(func=cmd_export)
