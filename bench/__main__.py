@@ -35,10 +35,11 @@ SUITES: dict[str, tuple[str, bool]] = {
     "e2e_cpu": ("bench.e2e_cpu", False),
     "prepare": ("bench.bench_prepare", False),
     "hf_accelerate": ("bench.bench_hf_accelerate", False),
+    "recompute": ("bench.bench_recompute", False),
 }
 GROUPS = {
-    "cpu": ["e2e_cpu", "generate", "prepare", "hf_accelerate"],
-    "gpu": ["norm", "activation", "attention", "cross_entropy", "e2e_train", "generate", "hf_accelerate"],
+    "cpu": ["e2e_cpu", "generate", "prepare", "hf_accelerate", "recompute"],
+    "gpu": ["norm", "activation", "attention", "cross_entropy", "e2e_train", "generate", "hf_accelerate", "recompute"],
 }
 _METRIC_GUESSES = ("tflops", "TFLOP/s", "gbps", "GB/s", "tokens_per_s", "per_s")
 _IMPL_KEYS = ("impl", "provider", "variant", "method")

@@ -95,6 +95,28 @@ def peak_memory(fn) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+def cpu_peak_memory(fn) -> int:
+    """Peak bytes torch's CPU allocator held while ``fn()`` ran, above what it held before.
+
+    torch's CPU allocator keeps no statistics (there is no ``max_memory_allocated`` for it), but its every
+    allocation and free is reported to the profiler with ``profile_memory=True``, with the byte count and a
+    timestamp; their running sum in time order is the live tensor memory, to the byte, whichever op or
+    thread made it (tracemalloc sees none of it: torch does not allocate through Python). Slow ops are not
+    slower for it, but every allocation is recorded: keep ``fn`` to a step or two.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def format_table(rows: list[dict], columns: list[str], floatfmt: str = ".3g") -> str:
     """A plain-text table of ``rows`` (dicts) over ``columns``."""
     def cell(v):

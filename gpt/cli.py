@@ -21,7 +21,7 @@ import torch
 from gpt_kernels.backend import BACKENDS
 
 from . import __version__, classify, instruct
-from .cli_tools import add_eval_command, add_export_command, add_prepare_command, add_train_hellaswag_args
+from .cli_tools import add_tool_commands, add_train_hellaswag_args
 from .config import PRESETS
 from .engine import RunConfig
 from .finetune import (
@@ -34,7 +34,7 @@ from .finetune import (
     task_name,
 )
 from .generate import check_sampling_args, decode_stream, generate_stream
-from .model import GPT
+from .model import GPT, RECOMPUTE
 from .pretrain import DEFAULT_EPOCHS, DEFAULT_PRESET, TrainConfig, train
 from .runtime import DTYPES, check_backend, pick_device
 from .tokenizer import EOT_ID, check_utf8_arg, decode_utf8, encode, not_utf8
@@ -105,6 +105,9 @@ def add_run_args(p: argparse.ArgumentParser, d: RunConfig, epochs: int, checkpoi
                    help="training precision (default auto: bf16 autocast on CUDA, float32 on the CPU; float16 "
                         "needs CUDA)")
     s.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    s.add_argument("--recompute", default=d.recompute, choices=RECOMPUTE,
+                   help="activation recomputation, less memory for more compute: blocks (keep each block's input, "
+                        "run the block again in the backward), attention (its two branches) (default none)")
     s.add_argument("--kernels", default=d.kernels, choices=BACKENDS,
                    help="implementation of the fused ops (default: $GPT_KERNELS if set, as for every command, else "
                         "auto: Triton on CUDA, PyTorch on the CPU)")
@@ -462,9 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_command(sub)
     add_finetune_commands(sub)
     add_use_commands(sub)
-    add_prepare_command(sub)
-    add_eval_command(sub)
-    add_export_command(sub)
+    add_tool_commands(sub)  # prepare-data, eval, export, plan
     p.commands = sub.choices  # name -> the command's parser
     return p
 

@@ -1,6 +1,6 @@
-"""The command line's corpus, evaluation and export commands, ``gpt prepare-data``, ``gpt eval`` and
-``gpt export``: argparse only, registered by :mod:`gpt.cli` (which prints a user's mistake as one line, as for
-every command)."""
+"""The command line's corpus, evaluation, export and planning commands, ``gpt prepare-data``, ``gpt eval``,
+``gpt export`` and ``gpt plan``: argparse only, registered by :mod:`gpt.cli` (which prints a user's mistake as
+one line, as for every command)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from gpt_kernels.backend import BACKENDS
 
 from .config import PRESETS
 from .hellaswag import DEFAULT_EVAL_PRESET, EvalConfig, evaluate
+from .model import RECOMPUTE
+from .plan import DTYPES as PLAN_DTYPES
+from .plan import GPUS, PARALLEL, PlanConfig, format_plan, plan
 from .runtime import DTYPES
 from .shards import PrepareConfig, prepare_data
 
@@ -113,3 +116,46 @@ def add_export_command(sub) -> None:
                    help="write into a directory that holds other files, replacing the Hugging Face files there "
                         "(default: refuse a directory that is not empty)")
     e.set_defaults(func=cmd_export)
+
+
+def add_plan_command(sub) -> None:
+    d = PlanConfig()
+    p = sub.add_parser(
+        "plan", help="memory per GPU and time per step of a training run, before running it",
+        description="Work out a training step's memory per GPU (weights, gradients, AdamW state, DDP/FSDP buffers, "
+                    "activations without and with recomputation) and its time from the model's FLOPs and the GPU's "
+                    "peak at an assumed utilisation. The formulas and their sources: gpt/plan.py. Nothing is run.")
+    p.add_argument("--preset", default=d.preset, choices=PRESETS, metavar="NAME",
+                   help=f"the model: {', '.join(PRESETS)} (default {d.preset})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, metavar="B",
+                   help=f"sequences per GPU per forward (default {d.batch_size})")
+    p.add_argument("--seq-len", type=int, default=None, metavar="T",
+                   help="tokens per sequence (default: the model's context length)")
+    p.add_argument("--parallel", default=d.parallel, choices=PARALLEL,
+                   help="none (one GPU), ddp (a whole copy per GPU), fsdp (weights, gradients and optimizer state "
+                        f"sharded over the GPUs) (default {d.parallel})")
+    p.add_argument("--gpus", type=int, default=d.gpus, metavar="N", help=f"GPUs in the run (default {d.gpus})")
+    p.add_argument("--gpu", default=d.gpu, choices=GPUS, metavar="NAME",
+                   help=f"the GPU: {', '.join(GPUS)} (default {d.gpu})")
+    p.add_argument("--recompute", default=d.recompute, choices=RECOMPUTE,
+                   help=f"the recomputation the run will use, marked in the output (default {d.recompute})")
+    p.add_argument("--dtype", default=d.dtype, choices=PLAN_DTYPES,
+                   help=f"training precision: autocast's dtype, or float32 with TF32 matmuls (default {d.dtype})")
+    p.add_argument("--mfu", type=float, default=d.mfu, metavar="F",
+                   help=f"the share of the GPU's dense peak the step time assumes (default {d.mfu:g})")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    print(format_plan(plan(PlanConfig(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len,
+                                      parallel=args.parallel, gpus=args.gpus, gpu=args.gpu, recompute=args.recompute,
+                                      dtype=args.dtype, mfu=args.mfu))))
+    return 0
+
+
+def add_tool_commands(sub) -> None:
+    """prepare-data, eval, export and plan, in that order in ``gpt --help``."""
+    add_prepare_command(sub)
+    add_eval_command(sub)
+    add_export_command(sub)
+    add_plan_command(sub)

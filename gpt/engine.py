@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from .checks import check_run_settings
 from .clock import RunClock
+from .model import set_recompute
 from .optim import make_optimizer, make_scheduler, optimizer_step
 from .rundir import LOG_FILE, STATE_FILE, RunLog, claim_run_dir, save_staged, tensor_bytes
 from .runtime import (
@@ -97,11 +98,12 @@ class RunConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1 (under torchrun: each process's own GPU)
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16, float16 (CUDA only)
     compile: bool = False  # torch.compile the model
+    recompute: str = "none"  # activation recomputation: none, blocks, attention (gpt.model.RECOMPUTE)
 
     # settings a resumed run may change; every other one comes from the checkpoint (another data set, batch
     # or schedule would make the resumed run something other than a continuation)
     RESUME_MAY_CHANGE: ClassVar[frozenset] = frozenset({
-        "epochs", "max_steps", "out", "resume", "device", "dtype", "compile", "kernels", "eval_every",
+        "epochs", "max_steps", "out", "resume", "device", "dtype", "compile", "recompute", "kernels", "eval_every",
         "eval_batches", "save_every"})
     WARMUP_SHARE: ClassVar[float] = 0.05  # warm-up steps when warmup_steps is None, as a share of the run
     MIN_LR_SHARE: ClassVar[float] = 0.1  # min_lr when None, as a share of lr
@@ -207,6 +209,7 @@ class Trainer:
             self._restore(state)
         else:
             seed_all(self.config.seed + env.rank)  # the same weights everywhere, different dropout per process
+        set_recompute(self.model, self.config.recompute)
         self.fwd_model = torch.compile(self.model) if self.config.compile else self.model
         self.train_model = self.fwd_model
         if env.world > 1:

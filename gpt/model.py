@@ -13,12 +13,21 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import gpt_kernels
-from gpt_kernels.backend import use_backend
+from gpt_kernels.backend import get_backend, use_backend
 
 from .config import GPTConfig
 from .kv_cache import KVCache, LayerKVCache
+
+# activation recomputation (checkpointing) in training: what the forward keeps for the backward
+RECOMPUTE = {
+    "none": "every activation the backward needs is kept",
+    "blocks": "only each block's input is kept; the whole block runs again in the backward",
+    "attention": "inside each block, the attention and MLP branches (norm, projections, attention, GELU, dropout) "
+                 "keep only their inputs and run again in the backward; the residual stream and norms are kept",
+}
 
 
 class LayerNorm(nn.LayerNorm):
@@ -77,6 +86,27 @@ class MLP(nn.Module):
         return self.proj(h)  # (B, T, C)
 
 
+def recomputed(fn, *args):
+    """``fn(*args)`` keeping none of its activations: ``torch.utils.checkpoint`` (non-reentrant) runs it
+    again in the backward to get them back.
+
+    The recomputation replays the forward exactly: the checkpoint restores the random generators of the CPU
+    and of the inputs' device (the dropout masks, and the attention kernel's dropout seed, which it draws
+    from torch's generator on its device) and the autocast state; the kernel backend the forward ran on is
+    put back here (it is a per-thread setting, and the backward may run on another thread or outside the
+    model's ``use_backend``). Under ``torch.compile`` the backend was fixed when the graph was traced.
+    """
+    if torch.compiler.is_compiling():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    backend = get_backend()
+
+    def on_backend(*a):
+        with use_backend(backend):
+            return fn(*a)
+
+    return torch.utils.checkpoint.checkpoint(on_backend, *args, use_reentrant=False)
+
+
 class Block(nn.Module):
     """x + attn(ln1(x)), then + mlp(ln2(.)); the first residual add is fused with ln2."""
 
@@ -88,23 +118,42 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cache: LayerKVCache | None = None):
-        a = self.drop(self.attn(self.ln1(x), cache))  # (B, T, C)
+    def forward(self, x, cache: LayerKVCache | None = None, recompute: str = "none"):
+        """The block on x (B, T, C); ``recompute`` (see :data:`RECOMPUTE`) trades compute for activation
+        memory in training (no cache)."""
+        if recompute == "blocks":
+            return recomputed(self._forward, x)
+        return self._forward(x, cache, recompute == "attention")
+
+    def _forward(self, x, cache: LayerKVCache | None = None, recompute_branches: bool = False):
+        if recompute_branches:
+            a = recomputed(self._attention_branch, x)  # (B, T, C)
+        else:
+            a = self._attention_branch(x, cache)  # (B, T, C)
         x, h = gpt_kernels.add_layer_norm(a, x, self.ln2.weight, self.ln2.bias, self.ln2.eps)  # both (B, T, C)
-        return x + self.drop(self.mlp(h))
+        return x + (recomputed(self._mlp_branch, h) if recompute_branches else self._mlp_branch(h))
+
+    def _attention_branch(self, x, cache: LayerKVCache | None = None):
+        return self.drop(self.attn(self.ln1(x), cache))  # (B, T, C)
+
+    def _mlp_branch(self, h):
+        return self.drop(self.mlp(h))  # (B, T, C)
 
 
 class GPT(nn.Module):
     """A GPT-2 model. ``model(idx)`` gives logits (B, T, V); ``model(idx, targets)`` gives (logits, loss).
 
     ``kernel_backend`` (``"auto"``, ``"triton"``, ``"torch"``, ``"reference"`` or None to follow the global
-    setting) picks the implementation of the fused ops for this model's forward and backward.
+    setting) picks the implementation of the fused ops for this model's forward and backward. ``recompute``
+    (``"none"``, ``"blocks"``, ``"attention"``: :data:`RECOMPUTE`) trades compute for activation memory when
+    gradients are on; it changes no result.
     """
 
-    def __init__(self, config: GPTConfig, kernel_backend: str | None = None):
+    def __init__(self, config: GPTConfig, kernel_backend: str | None = None, recompute: str = "none"):
         super().__init__()
         self.config = config
         self.kernel_backend = kernel_backend
+        self.recompute = recompute
         V, C = config.padded_vocab_size, config.emb_dim
         self.tok_emb = nn.Embedding(V, C)
         self.pos_emb = nn.Embedding(config.context_length, C)
@@ -117,6 +166,17 @@ class GPT(nn.Module):
         if config.init == "gpt2":  # else keep PyTorch's defaults, as the book's GPTModel does
             self.apply(self._init_weights)
 
+    @property
+    def recompute(self) -> str:
+        """Activation recomputation in training: ``"none"``, ``"blocks"`` or ``"attention"`` (:data:`RECOMPUTE`)."""
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, mode: str) -> None:
+        if mode not in RECOMPUTE:
+            raise ValueError(f"unknown recompute mode {mode!r}: choose one of {', '.join(RECOMPUTE)}")
+        self._recompute = mode
+
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
             std = 0.02 / math.sqrt(2 * self.config.n_layers) if getattr(m, "residual_scaled", False) else 0.02
@@ -127,9 +187,9 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     @classmethod
-    def from_preset(cls, name: str, kernel_backend: str | None = None, **overrides) -> GPT:
+    def from_preset(cls, name: str, kernel_backend: str | None = None, recompute: str = "none", **overrides) -> GPT:
         """A freshly initialised model of a preset (``gpt2-small``..``gpt2-xl``, ``mini``, ``tiny``)."""
-        return cls(GPTConfig.from_preset(name, **overrides), kernel_backend=kernel_backend)
+        return cls(GPTConfig.from_preset(name, **overrides), kernel_backend=kernel_backend, recompute=recompute)
 
     def set_dropout(self, p: float) -> None:
         """Change every dropout rate (embeddings, attention weights, residual branches) and the config to ``p``."""
@@ -188,8 +248,9 @@ class GPT(nn.Module):
         if cache is None:
             pos = torch.arange(T, device=idx.device)
             x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+            recompute = self.recompute if torch.is_grad_enabled() else "none"  # nothing to keep without gradients
             for block in self.blocks:
-                x = block(x)
+                x = block(x, recompute=recompute)
             return self.final_norm(x)  # (B, T, C)
         if cache.batch_size != B:
             raise ValueError(f"the KV cache was made for {cache.batch_size} rows, the input has {B}")
@@ -236,6 +297,15 @@ class GPT(nn.Module):
         logits = F.linear(h, self.head.weight)  # (B, T, padded V)
         V = self.config.vocab_size
         return logits if logits.shape[-1] == V else logits[..., :V]  # (B, T, V)
+
+
+def set_recompute(model: nn.Module, mode: str) -> int:
+    """Set the activation recomputation (:data:`RECOMPUTE`) of every :class:`GPT` in ``model`` (a GPT, a
+    classifier, a model with LoRA adapters); returns how many there are."""
+    gpts = [m for m in model.modules() if isinstance(m, GPT)]
+    for m in gpts:
+        m.recompute = mode
+    return len(gpts)
 
 
 class GPTClassifier(nn.Module):
