@@ -5,18 +5,28 @@
     python -m bench.gpu_check --out DIR --only tests e2e_train --budget 300
     python -m bench.gpu_check --out DIR --tune 150   # within the same budget: its last 150 s run bench.tune
 
+First a preflight, in this process: a line for each package that does not import, for a missing C compiler
+and for a missing ``Python.h`` (Triton 3.6 builds its launcher with them: without them no kernel launches).
+It stops nothing: the stages a missing piece makes impossible are skipped with that reason, the rest run.
+
 Stages, in priority order. Every step runs in its own subprocess with a time limit, so a hang, a crash or
 a CUDA error in one loses nothing else; a stage gets at most its cap (``CAPS_S``, scaled with
-``--budget``) and never more than the time left:
+``--budget``) and never more than the time left. The caps add up to less than the budget (with
+``SUMMARY_RESERVE_S`` and ``MARGIN_S`` for what the parent does between steps), so no stage is starved:
 
 1. ``env``: the GPU, driver, library versions, and the two ceilings measured here: a device-to-device
    copy (GB/s, bytes read + written, 512 MiB of random bf16) and a bf16 matmul (TFLOP/s, 8192^3, random).
-2. ``tests``: ``pytest -m "gpu or gpu_path"`` (the GPU tests, and the autocast / torch.compile / custom-op
+2. ``precompile``: ``python -m gpt_kernels.precompile bench.workloads:gpu_check``: every kernel the suites
+   below launch (``bench/workloads.py``: each suite's Triton calls at its quick shapes), compiled in
+   parallel over the host's cores before they run, so the suites do not compile one kernel after another
+   inside their caps. The dry run only plans them (``--plan-only``, for sm_90, on the CPU).
+3. ``tests``: ``pytest -m "gpu or gpu_path"`` (the GPU tests, and the autocast / torch.compile / custom-op
    tests of the GPU user's path, on CUDA) over the host's cores (pytest-xdist) with ``GPT_KERNELS_AUTOTUNE=first``:
    each autotuned attention launch compiles the first config its pruning leaves instead of every
    candidate, which on a cold Triton cache is most of the tests' time (test_gpu_every_autotune_config
-   still runs every config, forced). 30 s before its cap pytest gets SIGINT and reports what ran.
-3. each benchmark suite's quick form (``python -m bench <suite> --quick``) in this order: attention;
+   still runs every config, forced). 30 s before its cap pytest gets SIGINT and reports what ran; a test
+   file that fails to import is reported and the others still run (``--continue-on-collection-errors``).
+4. each benchmark suite's quick form (``python -m bench <suite> --quick``) in this order: attention;
    e2e_train (eager PyTorch, ours, torch.compile + SDPA); cross_entropy; norm; activation; generate.
    A suite runs in steps of one shape or one variant each, so a cap or a crash keeps the steps before it.
 
@@ -43,6 +53,7 @@ import argparse
 import datetime
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -50,6 +61,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
@@ -60,14 +72,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BUDGET_S = 530  # within 9 minutes, with 40 s to spare for start-up and the summary
 DRY_RUN_BUDGET_S = 900  # the CPU dry run takes ~1-2 min; a slow CI machine must not cut it
-# The most each stage may take at the default budget (scaled with --budget): caps, not reservations, so
-# they add up to more than the budget and a stage that finishes early leaves its time to the next.
-CAPS_S = {"env": 60, "tests": 210, "attention": 75, "e2e_train": 170, "cross_entropy": 60, "norm": 60,
-          "activation": 45, "generate": 45}
+# The most each stage may take at the default budget (scaled with --budget). With SUMMARY_RESERVE_S and
+# MARGIN_S they fit in the budget (tests/bench/test_gpu_check.py), so every stage gets its cap even when
+# each runs to it; a stage that finishes early leaves its time to the ones after it.
+CAPS_S = {"env": 35, "precompile": 50, "tests": 150, "attention": 55, "e2e_train": 110, "cross_entropy": 30,
+          "norm": 25, "activation": 20, "generate": 25}
 STAGES = tuple(CAPS_S)
-SUITES = STAGES[2:]  # the benchmark suites, in priority order
+SUITES = STAGES[3:]  # the benchmark suites, in priority order
 MIN_STEP_S = 15  # less than this left: a step could not even import torch and start CUDA
 SUMMARY_RESERVE_S = 5
+MARGIN_S = 25  # the parent's own time between steps (writing the results, starting the next), with room to spare
+PRECOMPILE_WORKLOAD = "bench.workloads:gpu_check"
 INTERRUPT_GRACE_S = 30  # pytest's time between SIGINT and its report
 TUNE_MARGIN_S = 40  # bench.tune's budget only stops new shapes: the one in flight and the summary need this
 MAX_TEST_WORKERS = 16
@@ -127,6 +142,47 @@ def _version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+# distribution -> the module it installs, for the preflight; and the stages that cannot run without it
+IMPORT_NAMES = {"pytest-xdist": "xdist"}
+NEEDED_BY = {"pytest": ("tests",), "triton": ("precompile",)}
+
+
+def _python_include() -> str:
+    """Where Triton looks for ``Python.h`` when it builds its launcher (triton/runtime/build.py)."""
+    scheme = sysconfig.get_default_scheme()
+    return sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+
+
+def preflight(find_spec=importlib.util.find_spec, which=shutil.which, environ=os.environ,
+              include_dir: str | None = None) -> list[str]:
+    """One line for each thing the check needs that is missing here: a package (PACKAGES) that is not
+    installed, a C compiler (``$CC``, gcc or clang) and ``Python.h``, which Triton 3.6 needs to build the
+    launcher of every kernel. Empty when nothing is missing. The arguments are for tests."""
+    problems = []
+    for dist in PACKAGES:
+        if find_spec(IMPORT_NAMES.get(dist, dist).replace("-", "_")) is None:
+            problems.append(f"package {dist} is not installed (pip install {dist})")
+    if not (environ.get("CC") or which("gcc") or which("clang")):
+        problems.append("no C compiler (gcc or clang on PATH, or $CC): Triton builds each kernel's launcher with "
+                        "one, so no Triton kernel can launch (apt-get install gcc)")
+    include_dir = include_dir or _python_include()
+    if not os.path.exists(os.path.join(include_dir, "Python.h")):
+        problems.append(f"no Python.h in {include_dir}: Triton builds each kernel's launcher against it, so no "
+                        f"Triton kernel can launch (apt-get install python{sys.version_info.major}."
+                        f"{sys.version_info.minor}-dev, or a Python that ships its headers)")
+    return problems
+
+
+def blocked_stages(problems: list[str]) -> dict[str, str]:
+    """Stage -> the preflight line that keeps it from running (the other stages run regardless)."""
+    out = {}
+    for dist, stages in NEEDED_BY.items():
+        line = next((p for p in problems if p.startswith(f"package {dist} ")), None)
+        if line:
+            out.update({stage: line for stage in stages})
+    return out
 
 
 def _nvidia_smi() -> dict:
@@ -360,6 +416,8 @@ class Check:
         self.stem = f"unknown-{datetime.date.today().isoformat()}"  # <machine>-<date> once env names it
         self.env_info: dict = {}
         self.outcomes: dict[str, Outcome] = {}
+        self.problems: list[str] = []  # the preflight's lines
+        self.blocked: dict[str, str] = {}  # stage -> why it cannot run here
         out.mkdir(parents=True, exist_ok=True)
         self.log = out / f"{self.stem}-gpu-check.log"
         self.log.write_text(f"bench.gpu_check {'--dry-run ' if dry_run else ''}budget {budget_s:.0f} s\n")
@@ -402,7 +460,7 @@ class Check:
         self._write_json(self.out / f"{self.stem}-gpu-check.json", {
             "check": "bench.gpu_check" + (" --dry-run" if self.dry_run else ""),
             "budget_s": self.budget_s, "elapsed_s": round(time.monotonic() - self.t0, 1),
-            "env": self.env_info, **({"tune": self.tune} if self.tune else {}),
+            "env": self.env_info, "preflight": self.problems, **({"tune": self.tune} if self.tune else {}),
             "stages": {k: {"status": o.status, "seconds": round(o.seconds, 1), "error": o.error, **o.detail}
                        for k, o in self.outcomes.items()}})
 
@@ -457,8 +515,9 @@ class Check:
         # on the GPU also the GPU user's path (autocast, torch.compile, the custom ops) on CUDA; the dry run
         # leaves those out: the CPU suite runs them under the interpreter already
         marks = "gpu" if self.dry_run else "gpu or gpu_path"
+        # a test file that cannot be imported here (a missing package) is reported; the others still run
         cmd = [sys.executable, "-m", "pytest", "-m", marks, "-q", "-rfE", "-p", "no:cacheprovider",
-               f"--junitxml={junit}", "--durations=10"]
+               "--continue-on-collection-errors", f"--junitxml={junit}", "--durations=10"]
         xdist = _version("pytest-xdist")
         if workers > 1 and xdist:  # without pytest-xdist: one process, and the cap decides how far it gets
             cmd += ["-n", str(workers)]
@@ -466,10 +525,49 @@ class Check:
                 cmd += ["--dist", "worksteal"]  # compile-heavy tests vary a lot in length
         return cmd
 
+    def _skip(self, stage: str, timeout: float) -> bool:
+        """Record ``stage`` as skipped (and say so) if the preflight blocks it or too little time is left."""
+        why = self.blocked.get(stage) or ("no time left" if timeout < MIN_STEP_S else None)
+        if why:
+            self.outcomes[stage] = Outcome("skipped", 0.0, why)
+            self.say(f"{stage} skipped: {why}")
+        return why is not None
+
+    def run_precompile(self) -> None:
+        """``python -m gpt_kernels.precompile`` over the suites' workloads (the dry run: plans them only)."""
+        timeout = min(self.cap("precompile"), self.left())
+        if self._skip("precompile", timeout):
+            return
+        report = self.tmp / "precompile.json"
+        # the dry run plans one cheap suite for sm_90 on the CPU: the path, not the GPU's list
+        workload = "bench.workloads:norm" if self.dry_run else PRECOMPILE_WORKLOAD
+        cmd = [sys.executable, "-m", "gpt_kernels.precompile", workload, "--json", str(report),
+               *(["--plan-only", "--capability", "90"] if self.dry_run else [])]
+        env = {k: v for k, v in self.env().items() if k not in ("TRITON_INTERPRET", "GPT_KERNELS")}
+        start = self._header(f"precompile: {' '.join(cmd[1:])} (limit {timeout:.0f} s)")
+        rc, seconds, timed_out = run_subprocess(cmd, self.log, timeout, env)
+        got = json.loads(report.read_text()) if report.exists() else {}
+        detail = {k: got[k] for k in ("compiles", "launched", "plan_s", "compile_s", "workers", "by_kernel")
+                  if k in got}
+        detail["headline"] = (f"{got.get('compiles', '?')} kernels {'planned' if self.dry_run else 'compiled'}"
+                              + (f" in {got['compile_s']} s on {got['workers']} processes (plan {got['plan_s']} s)"
+                                 if "compile_s" in got else ""))
+        if timed_out:
+            outcome = Outcome("timeout", seconds, f"ran past its {timeout:.0f} s limit; killed", detail)
+        elif rc != 0 or not got:
+            errors = got.get("errors") or []
+            why = f"{len(errors)} kernels failed to compile, e.g. {errors[0]['error']}" if errors else (
+                f"exit code {rc}: {_log_tail(self.log, start)}")
+            outcome = Outcome("failed", seconds, why, detail)
+        else:
+            outcome = Outcome("ok", seconds, None, detail)
+        self.outcomes["precompile"] = outcome
+        self.write_check()
+        self.say(f"precompile {outcome.status} ({seconds:.0f} s) {detail['headline']}")
+
     def run_tests(self) -> None:
         timeout = min(self.cap("tests"), self.left())
-        if timeout < MIN_STEP_S:
-            self.outcomes["tests"] = Outcome("skipped", 0.0, "no time left")
+        if self._skip("tests", timeout):
             return
         junit = self.tmp / "junit.xml"
         cmd = self.test_command(junit)
@@ -563,7 +661,8 @@ class Check:
     # -- the summary
 
     def summary(self) -> str:
-        text = [f"{'stage':<14}{'status':<9}{'s':>5}  result", "-" * 100]
+        text = [f"preflight: {line}" for line in self.problems] + ([""] if self.problems else [])
+        text += [f"{'stage':<14}{'status':<9}{'s':>5}  result", "-" * 100]
         text += [f"{k:<14}{o.status:<9}{o.seconds:>5.0f}  {(o.detail.get('headline') or o.error or '')[:160]}"
                  for k, o in self.outcomes.items()]
         failed = self.outcomes.get("tests", Outcome("skipped")).detail.get("failed", [])
@@ -581,7 +680,13 @@ class Check:
     def run(self, only: tuple[str, ...] = STAGES) -> int:
         self.say(f"bench.gpu_check{' --dry-run' if self.dry_run else ''}: budget {self.budget_s:.0f} s, "
                  f"results in {self.out}")
+        self.problems = preflight()
+        self.blocked = blocked_stages(self.problems)
+        for line in self.problems:
+            self.say(f"preflight: {line}")
         self.run_env()  # always: it names the files
+        if "precompile" in only:
+            self.run_precompile()
         if "tests" in only:
             self.run_tests()
         for suite in SUITES:

@@ -34,6 +34,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from gpt_kernels.backend import planning
+
 from .errors import UserError
 from .kv_cache import KVCache
 
@@ -195,7 +197,9 @@ def _decode_steps(model, buf: torch.Tensor, pad: torch.Tensor, max_new_tokens: i
     for step in range(max_new_tokens):
         end = P + step  # columns [0, end) hold the text so far
         logits = next_logits(end)  # (B, V)
-        if step == 0 and not bool(torch.isfinite(logits).all()):  # once: a sync; later steps sample or argmax
+        # once: a sync; later steps sample or argmax. Not while a plan records the kernel launches without
+        # running them (gpt_kernels.precompile): the logits are then never computed
+        if step == 0 and planning() is None and not bool(torch.isfinite(logits).all()):
             raise UserError(NOT_FINITE)
         nxt = sample_next(logits, temperature, top_k, top_p, generator)[:, 0]  # (B,)
         if eos_id is not None:

@@ -14,9 +14,10 @@ import functools
 import os
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import tiktoken
-from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+if TYPE_CHECKING:  # imported by get_tokenizer() on first use, not with `gpt`: see there
+    import tiktoken
 
 from .errors import UserError
 
@@ -24,12 +25,9 @@ EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256  # the last id of GPT-2's 50,257-token vocabulary
 VOCAB_SIZE = 50257
 
-# GPT-2's pre-tokenisation pattern: contractions, letters, digits, other. tiktoken's own copy (a faster
-# possessive form of the same pattern) where this tiktoken has it.
-try:
-    from tiktoken_ext.openai_public import r50k_pat_str as GPT2_PATTERN
-except ImportError:  # older tiktoken
-    GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-2's pre-tokenisation pattern: contractions, letters, digits, other (tiktoken's own copy, a faster
+# possessive form of the same pattern, is used where the installed tiktoken has it)
+_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
@@ -41,14 +39,27 @@ def asset_path(name: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def get_tokenizer() -> tiktoken.Encoding:
-    """The GPT-2 tokenizer (a ``tiktoken.Encoding``); ``<|endoftext|>`` is id 50256."""
+    """The GPT-2 tokenizer (a ``tiktoken.Encoding``); ``<|endoftext|>`` is id 50256.
+
+    tiktoken is imported here, on first use, not when ``gpt`` is imported: the model, the kernels and their
+    tests run without it (a GPU host missing it still runs every kernel test)."""
+    try:
+        import tiktoken
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    except ImportError as e:
+        raise ImportError(f"the GPT-2 tokenizer needs tiktoken, which does not import here ({e}): "
+                          "pip install tiktoken") from e
+    try:
+        from tiktoken_ext.openai_public import r50k_pat_str as pattern
+    except ImportError:  # older tiktoken
+        pattern = _GPT2_PATTERN
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=asset_path("vocab.bpe"),
         encoder_json_file=asset_path("encoder.json"),
         vocab_bpe_hash=_VOCAB_BPE_SHA256,
         encoder_json_hash=_ENCODER_JSON_SHA256,
     )
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+    return tiktoken.Encoding(name="gpt2", pat_str=pattern, mergeable_ranks=ranks,
                              special_tokens={EOT_TOKEN: EOT_ID}, explicit_n_vocab=VOCAB_SIZE)
 
 

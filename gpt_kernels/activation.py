@@ -151,7 +151,7 @@ def _bias_gelu_fwd_kernel(
     tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_program"])  # its value follows the GPU's size: one compile for all
 def _bias_gelu_bwd_kernel(
     X,  # the forward's input rows, (M, N), row stride stride_x
     BIAS,  # bias, (N,)
@@ -258,8 +258,10 @@ def _bias_gelu_bwd(dy, x, bias, approx_tanh: bool, round_bias: bool):
     def args(part, rows_per_program):
         return (x2, b, dy2, dx, part, x2.stride(0), dy2.stride(0), m, n, rows_per_program)
 
+    # the warm-up compiles what the launch runs: the fp32 partials (a fresh, so aligned, buffer) stand in as a
+    # dtype, and the kernel does not specialize on rows_per_program
     key = (tuple(meta.items()), x2.dtype, dy2.dtype, b.dtype, n % 16 == 0)
-    resident = resident_programs(_bias_gelu_bwd_kernel, args(b, 3), meta, x.device, key)
+    resident = resident_programs(_bias_gelu_bwd_kernel, args(torch.float32, 0), meta, x.device, key)
     # row groups: one wave of (groups x column tiles) programs, each walking >= 4 row tiles
     groups, rows_per_program = split_rows(m, cfg["BLOCK_M"], max(1, resident // n_tiles))
     part = new_buffer((groups, n), torch.float32, x.device)
@@ -396,49 +398,52 @@ def _check_bias(x, bias) -> None:
 
 
 def compile_cases():
-    """Every kernel at the configurations its launcher picks for the compile check's widths, both GELU
-    forms: bf16, autocast's mix for bias + GELU, and float32 for the backward (the heaviest in registers).
-    GELU's block is fixed; bias + GELU's tile is the same for every width >= 1024 and for 768. Pointers,
-    strides, widths and GELU's element count are 16-divisible, as at every GPT-2 size (M * N with N a
-    multiple of 16): the JIT specializes on that at run time, and it is what lets the loads and stores be
-    128-bit."""
-    from .compile_check import WIDTHS, CompileCase
+    """Every kernel at the configurations its launcher picks for the compile check's widths: GELU's fixed
+    block (the benchmarks' bf16, both forms; the backward in float32 too); bias + GELU's tile for each width
+    class (256, and every width >= 768 share one) in the dtypes the model runs it in (bf16; autocast's mix, a
+    bf16 activation with its fp32 bias rounded in the kernel; float32) with GPT-2's tanh form, and the erf
+    form at the GPT-2 widths. fp16 is compiled as bf16 (compile_check.stand_in). Pointers, strides, widths and
+    GELU's element count are 16-divisible, as at every GPT-2 size (M * N with N a multiple of 16): the JIT
+    specializes on that at run time, and it is what lets the loads and stores be 128-bit."""
+    from .compile_check import ARCHS, BENCH_WIDTHS, FF_WIDTHS, PRIMARY, CompileCase
 
     cases = []
     for ty in ("bf16", "fp32"):
         for tanh in (True, False):
             form = "tanh" if tanh else "erf"
+            archs = ARCHS if tanh and ty == "bf16" else PRIMARY  # the benchmarks' GELU: every target
             if ty == "bf16":
                 cases.append(CompileCase(
                     "gpt_kernels.activation", "_gelu_fwd_kernel", {"X": f"*{ty}", "Y": f"*{ty}", "n_elements": "i32"},
                     {"BLOCK": GELU_BLOCK, "APPROX_TANH": tanh}, num_warps=GELU_WARPS, label=f"{form} {ty}",
-                    extra={"divisible_by_16": ["X", "Y", "n_elements"]}))
+                    extra={"divisible_by_16": ["X", "Y", "n_elements"]}, archs=archs))
             cases.append(CompileCase(
                 "gpt_kernels.activation", "_gelu_bwd_kernel",
                 {"X": f"*{ty}", "DY": f"*{ty}", "DX": f"*{ty}", "n_elements": "i32"},
                 {"BLOCK": GELU_BLOCK, "APPROX_TANH": tanh}, num_warps=GELU_WARPS, label=f"{form} {ty}",
-                extra={"divisible_by_16": ["X", "DY", "DX", "n_elements"]}))
+                extra={"divisible_by_16": ["X", "DY", "DX", "n_elements"]}, archs=archs))
     fwd_sig = {"X": "", "BIAS": "", "Y": "", "stride_x": "i32", "M": "i32", "N": "i32"}
     bwd_sig = {"X": "", "BIAS": "", "DY": "", "DX": "", "DB_PART": "*fp32", "stride_x": "i32", "stride_dy": "i32",
                "M": "i32", "N": "i32", "rows_per_program": "i32"}
-    configs = {}
-    for n in WIDTHS:
-        configs.setdefault(tuple(bias_gelu_config(n).items()), n)
+    configs = {}  # config -> the widths it serves: the model's feed-forward widths, the benchmarks' (bf16)
+    for n in sorted(set(FF_WIDTHS + BENCH_WIDTHS)):
+        configs.setdefault(tuple(bias_gelu_config(n).items()), []).append(n)
     # "amp": what autocast gives the model, a bf16 activation with its fp32 bias (rounded in the kernel)
-    for cfg_items, n in configs.items():
+    for cfg_items, widths in configs.items():
         cfg = dict(cfg_items)
         warps = cfg.pop("num_warps")
-        for ty in ("bf16", "amp", "fp32"):
-            for tanh in (True, False):
+        n = widths[0]
+        for ty in ("bf16", "amp", "fp32") if set(widths) & set(FF_WIDTHS) else ("bf16",):
+            for tanh in (True, False) if n >= 768 else (True,):
                 form = "tanh" if tanh else "erf"
                 for kernel, base in (("_bias_gelu_fwd_kernel", fwd_sig), ("_bias_gelu_bwd_kernel", bwd_sig)):
-                    if ty == "fp32" and kernel == "_bias_gelu_fwd_kernel":
-                        continue
                     sig = {k: (v or f"*{'bf16' if ty == 'amp' else ty}") for k, v in base.items()}
                     if ty == "amp":
                         sig["BIAS"] = "*fp32"
+                    default = n >= 768 and tanh and ty != "fp32"  # GPT-2's, bf16 or autocast: every target
                     cases.append(CompileCase(
                         "gpt_kernels.activation", kernel, sig, {**cfg, "APPROX_TANH": tanh, "ROUND_BIAS": ty == "amp"},
                         num_warps=warps, label=f"N>={n} {form} {ty}",
-                        extra={"divisible_by_16": [k for k in base if k not in ("M", "rows_per_program")]}))
+                        extra={"divisible_by_16": [k for k in base if k not in ("M", "rows_per_program")]},
+                        archs=ARCHS if default else PRIMARY))
     return cases

@@ -27,6 +27,15 @@ ENV_VAR = "GPT_KERNELS"
 
 _state = threading.local()
 
+# The plan being recorded (gpt_kernels.precompile.planning): launches are recorded, not run; None otherwise.
+# Process-wide, as Triton's compile hook it relies on is.
+_plan = None
+
+
+def planning():
+    """The :class:`gpt_kernels.precompile.Plan` being recorded, or None (kernels run as usual)."""
+    return _plan
+
 
 def _check(name: str) -> str:
     name = str(name).strip().lower()
@@ -92,7 +101,8 @@ def select(*tensors: torch.Tensor) -> str:
     Raises a clear error when Triton is asked for but cannot run on the tensors' device.
     """
     backend = get_backend()
-    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    # while a plan is recorded, tensors stand for the GPU's (gpt_kernels.precompile): the path CUDA tensors take
+    on_cuda = _plan is not None or any(t is not None and t.is_cuda for t in tensors)
     if backend == "auto":
         return "triton" if on_cuda and triton_available() else "torch"
     if backend == "triton":

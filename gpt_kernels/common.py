@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .backend import planning
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what every Triton kernel here reads and writes
 
 # constexprs, so kernels can use them (a kernel may read a module global only if it is a tl.constexpr)
@@ -189,7 +191,16 @@ def resident_programs(kernel, args, meta: dict, device: torch.device, key) -> in
     kernel (``kernel.warmup`` compiles without launching) and cached per ``key``. A grid of exactly this
     many programs finishes in one wave; a few more would leave most SMs idle for a second one. Under the
     CPU interpreter: 4, so the tests run several programs with several loop steps each.
+
+    ``args`` must specialize the kernel as the launch that follows does (the same dtypes, 16-byte
+    alignments and integers, or integers the kernel does not specialize on): the warm-up's compile is
+    then the launch's, not a second one. While a plan is recorded (:mod:`gpt_kernels.precompile`) the
+    warm-up is recorded like a launch and the count is the plan's estimate.
     """
+    plan = planning()
+    if plan is not None:
+        kernel.warmup(*args, grid=(1,), **meta)  # recorded by the plan, not compiled
+        return plan.programs_per_gpu(device, meta["num_warps"])
     if device.type != "cuda":
         return 4
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -73,7 +73,7 @@ import triton.language as tl
 
 from . import reference
 from .autocast import autocast_dtype
-from .backend import interpreter_enabled, select
+from .backend import interpreter_enabled, planning, select
 from .common import INTERPRETER, LAUNCH_OPTIONS, LN2, LOG2E, on_inputs_device, smem_per_block
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
@@ -728,7 +728,9 @@ DKDV_CONFIGS = (
             archs=(90,)),
     *((_Config(32, 128, 8, 1, block_d=(), dropout_block_d=(128,), archs=(90,)),)
       if _DKDV_D128_DROPOUT_STAGES == 1 else ()),
-    _Config(32, 64, 8, 3, block_d=(128,), dropout_block_d=(128,), archs=(80,)),  # HGMMA.64x16 on sm_90
+    _Config(32, 64, 8, 3, block_d=(128,), dropout_block_d=(), archs=(80,)),  # HGMMA.64x16 on sm_90
+    # with dropout 3 stages spill at head dim 80 (8 bytes, Triton 3.9); 2 stages neither at 80 nor at 128
+    _Config(32, 64, 8, 2, block_d=(), dropout_block_d=(128,), archs=(80,)),
     _Config(16, 16, 8, 2, fp32=True),
 )
 DQ_CONFIGS = (
@@ -755,6 +757,7 @@ SPLITK_KEYS = 128  # split lengths are multiples of this, the largest BLOCK_N ab
 SPLITK_MAX_TQ = 16  # the longest query block the split-K path takes (its BLOCK_M)
 SPLITK_COMBINE_BLOCK = 16  # splits the merge kernel reads per step
 PREPROCESS_BLOCK_M = 64
+PREPROCESS_WARPS = 8  # 4 warps spill on sm_100 at head dim 64 (24 bytes, Triton 3.9's ptxas); 8 nowhere
 MASK_BLOCK = 64
 
 # Under TRITON_INTERPRET=1 there is no autotuning: one small config per kernel, not square, so the
@@ -795,17 +798,25 @@ def _bucket(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
+def family_of(capability: int) -> int:
+    """The family of compiled code the configs were checked for (``_Config.archs``; compile_check: registers,
+    no spills) of compute capability ``capability`` (86 for 8.6): 80 for the GPUs whose tensor cores take
+    warp-level MMAs (8.x: A100, and the consumer Ampere and Ada parts; 12.x: consumer Blackwell, which has no
+    warpgroup MMA either), 90 for those with warpgroup MMAs (Hopper, 9.x; datacenter Blackwell, 10.x and
+    11.x). Shared memory is a separate limit, per device (:func:`_smem_limit`): sm_86 and sm_89 are family 80
+    with 99 KB a program against an A100's 163 KB. The compile check compiles each config for the
+    capabilities of the families it serves."""
+    return 90 if capability // 10 in (9, 10, 11) else 80
+
+
 def _arch_family(device: torch.device) -> int:
-    """The family of compiled code the configs were checked for (compile_check: registers, no spills): 80
-    for the GPUs whose tensor cores take warp-level MMAs (compute capability 8.x: A100, and the consumer
-    Ampere and Ada parts; 12.x: consumer Blackwell, which has no warpgroup MMA either), 90 for those with
-    warpgroup MMAs (Hopper, 9.x; datacenter Blackwell, 10.x and 11.x). 90 off CUDA (the interpreter's
-    tests). Shared memory is a separate limit, per device (:func:`_smem_limit`): sm_86 and sm_89 are
-    family 80 with 99 KB a program against an A100's 163 KB."""
+    """The config family of ``device`` (:func:`family_of`); off CUDA 90 (the interpreter's tests), or the
+    family of the GPU a plan names (gpt_kernels.precompile)."""
     if device.type != "cuda":
-        return 90
-    major = torch.cuda.get_device_capability(device)[0]
-    return 90 if major in (9, 10, 11) else 80
+        plan = planning()  # a plan made without a GPU stands for the GPU it names
+        return 90 if plan is None else family_of(plan.capability)
+    major, minor = torch.cuda.get_device_capability(device)
+    return family_of(10 * major + minor)
 
 
 def _smem_limit(device: torch.device) -> int | None:
@@ -891,15 +902,21 @@ def _prune_for(name: str, kernel):
 
 
 _AUTOTUNED: dict = {}
+# each autotuned launch's kernel
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "bwd_atomic": _attn_bwd_dkdv,
+            "splitk": _attn_fwd_splitk}
+
+
+def _launches(name: str) -> list[tuple]:
+    """The distinct launches of kernel ``name``'s table (one launch may serve several head dims)."""
+    return list(dict.fromkeys(c.launch for c in _kernel_table(name)[0]))
 
 
 def _autotuned(name: str):
     """The autotuned wrapper of a kernel, built on first use (never at import: no CUDA touched then). Its
     configs are the table's distinct launches (one launch may serve several head dims: it is timed once)."""
     if name not in _AUTOTUNED:
-        kernel = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "bwd_atomic": _attn_bwd_dkdv,
-                  "splitk": _attn_fwd_splitk}[name]
-        launches = list(dict.fromkeys(c.launch for c in _kernel_table(name)[0]))
+        kernel, launches = _KERNELS[name], _launches(name)
         _AUTOTUNED[name] = triton.autotune(
             configs=[_triton_config(launch) for launch in launches],
             key=["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "DROPOUT"],  # + the tensors' dtypes, automatically
@@ -916,6 +933,12 @@ def _launch(name: str, kernel, grid_rows: int, grid_other: int, args: dict, tile
     ``tile=None``, (grid_rows, grid_other) whatever the tile.
     """
     forced = INTERPRET_CONFIGS[name] if interpreter_enabled() else (FORCE_CONFIGS or {}).get(name)
+    if forced is None and planning() is not None:  # recording a plan: each config the autotuner would time
+        kernel = _KERNELS[name]
+        for tc in _prune_for(name, kernel)([_triton_config(launch) for launch in _launches(name)], args):
+            size = 1 if tile is None else tc.kwargs[tile]
+            kernel[(triton.cdiv(grid_rows, size), grid_other)](**args, **tc.all_kwargs(), **LAUNCH_OPTIONS)
+        return
     if forced is not None:
         size = 1 if tile is None else forced.block_m if tile == "BLOCK_M" else forced.block_n
         kernel[(triton.cdiv(grid_rows, size), grid_other)](
@@ -1071,7 +1094,8 @@ def _atomic_dq_served(D: int, dropout: bool, q: torch.Tensor) -> bool:
 def _num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (4 under the CPU interpreter, so tests split)."""
     if device.type != "cuda":
-        return 4
+        plan = planning()  # a plan made without a GPU stands for the GPU it names
+        return 4 if plan is None else plan.sms
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -1146,6 +1170,7 @@ def _backward(do, q, k, v, o, lse, causal: bool, dropout_p: float, scale: float,
     delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # (B, H, Tq)
     _attn_bwd_preprocess[(triton.cdiv(Tq, PREPROCESS_BLOCK_M), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, Tq, **_head_dims(D), BLOCK_M=PREPROCESS_BLOCK_M,
+        num_warps=PREPROCESS_WARPS,
         **LAUNCH_OPTIONS)
     common = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta,
                   **dict(zip(("stride_qb", "stride_qh", "stride_qt", "stride_qd"), _strides(q))),
@@ -1301,35 +1326,50 @@ def attention(q, k, v, causal=True, dropout_p=0.0, scale=None):
 # ======================================================================================= compile check
 
 
-def compile_cases():
-    """Every kernel at every config the autotuner can pick: each config at D = 64 and 128 where it serves
-    them (80 and 96 share BLOCK_D = 128 with 128), causal (both loop stages), without dropout where it
-    serves no dropout and with dropout where it serves dropout, for the compute capabilities it serves.
+# The head dims compiled per padded head dim (BLOCK_D): the power of two itself, and for 128 also 80, where
+# HEAD_DIM < BLOCK_D masks the feature columns (96 is compiled as 80, 16 and 32 as 64: compile_check.stand_in)
+COMPILE_HEAD_DIMS = {64: (64,), 128: (128, 80)}
 
-    Compiled with the alignment the launcher's inputs give at run time: 16-byte aligned pointers and
-    strides that are multiples of 16 elements (every supported D is a multiple of 16), feature stride 1.
+
+def compile_cases():
+    """Every kernel at every config the autotuner can pick: 16-bit, each config at every head dim of
+    :data:`COMPILE_HEAD_DIMS` whose BLOCK_D it serves, causal and not, with dropout where it serves dropout,
+    without where it serves no dropout; float32 at head dim 64, causal (the model's float32 runs); for the
+    capabilities of the families it serves (:func:`family_of`; the newer targets get the model's own
+    attention: compile_check.PRIMARY); the decoding merge and the backward's preprocessing at each head dim
+    and dtype. One autotuned launch's candidates share a group; fp16 compiles as bf16 (compile_check).
+    Aligned as the launcher's inputs are at run time: 16-byte aligned pointers, strides multiples of 16
+    elements (every supported D is a multiple of 16), feature stride 1.
     """
-    from .compile_check import CompileCase
+    from .compile_check import ARCHS, PRIMARY, CompileCase
 
     mod = "gpt_kernels.flash_attention"
     scalars = {"H": "i32", "Tq": "i32", "Tk": "i32", "sm_scale": "fp32", "dropout_p": "fp32",
                "TQ_KEY": "i32", "TK_KEY": "i32"}
 
-    def case(kernel, tensors: dict, stride_prefixes, consts: dict, c: _Config | None, label: str, extra_scalars=None):
+    def case(kernel, tensors: dict, stride_prefixes, consts: dict, c: _Config | None, label: str, extra_scalars=None,
+             group="", num_warps=4):
         sig = {name: f"*{ty}" for name, ty in tensors.items()}
         aligned = list(tensors)
         consts = dict(consts)
         for p in stride_prefixes:
-            for dim in "bht":
+            unused = p == "dq" and consts.get("ATOMIC_DQ") is False  # the launcher passes 0 for DQ's strides
+            for dim in "bhtd" if unused else "bht":
                 sig[f"stride_{p}{dim}"] = "i32"
                 aligned.append(f"stride_{p}{dim}")
-            consts[f"stride_{p}d"] = 1  # Triton specialises a stride of 1 to a constant at run time
+            if not unused:
+                consts[f"stride_{p}d"] = 1  # Triton specialises a stride of 1 to a constant at run time
         sig.update(scalars if extra_scalars is None else extra_scalars)
         if c is not None:
             consts.update(BLOCK_M=c.block_m, BLOCK_N=c.block_n)
-        return CompileCase(mod, kernel, sig, consts, num_warps=c.num_warps if c else 4,
+        causal, head_dim = consts.get("CAUSAL", True), consts.get("HEAD_DIM")
+        # every target for the model's attention (16-bit, D = 64, causal); not launched: only the API reaches it
+        default = tensors.get("Q", tensors.get("O")) == "bf16" and head_dim == 64 and causal
+        archs = tuple(cap for cap in (ARCHS if default else PRIMARY) if c is None or family_of(cap) in c.archs)
+        return CompileCase(mod, kernel, sig, consts, num_warps=c.num_warps if c else num_warps,
                            num_stages=c.num_stages if c else 3, label=label, extra={"divisible_by_16": aligned},
-                           archs=c.archs if c else (80, 90))
+                           archs=archs, group=group, launched=causal and head_dim != 80 and (
+                               head_dim == 64 or "Q" not in tensors or tensors["Q"] == "bf16"))
 
     # (kernel, short name, configs, I/O tensors in the working dtype, fp32 tensors, stride prefixes, extra)
     kernels = (
@@ -1347,17 +1387,27 @@ def compile_cases():
         more = {"keys_per_split": "i32"} if short == "splitk" else {}
         for c in configs:
             t = "fp32" if c.fp32 else "bf16"
-            tensors = {**{n: t for n in io}, **{n: "fp32" for n in f32}, "SEED": "i64"}
             for block_d, dropout in [(d, False) for d in c.block_d] + [(d, True) for d in c.dropout_block_d]:
-                flags = {"HEAD_DIM": block_d, "BLOCK_D": block_d, "CAUSAL": True, "DROPOUT": dropout, **extra}
-                cases.append(case(kernel, tensors, prefixes, flags, c,
-                                  f"{short} D={block_d} {t}{' dropout' if dropout else ''}", {**scalars, **more}))
-    cases.append(case("_attn_splitk_combine", {"O_PART": "fp32", "LSE_PART": "fp32", "O": "bf16", "LSE": "fp32"},
-                      ("o",), {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": SPLITK_COMBINE_BLOCK}, None, "D=128 bf16",
-                      {"H": "i32", "Tq": "i32", "SPLITS": "i32"}))
-    cases.append(case("_attn_bwd_preprocess", {"O": "bf16", "DO": "bf16", "DELTA": "fp32"}, ("o", "do"),
-                      {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": PREPROCESS_BLOCK_M}, None, "D=128 bf16",
-                      {"H": "i32", "Tq": "i32"}))
+                # the seed is read only with dropout; without, the launcher passes the lse in its place
+                tensors = {**{n: t for n in io}, **{n: "fp32" for n in f32}, "SEED": "i64" if dropout else "fp32"}
+                # float32: causal at HEAD_DIM = BLOCK_D (the model's float32 runs head dim 64); 16-bit: every
+                # head dim of COMPILE_HEAD_DIMS, causal and not ("full")
+                for head_dim in COMPILE_HEAD_DIMS[block_d] if t == "bf16" else (block_d,):
+                    for causal in (True, False) if t == "bf16" else (True,):
+                        flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, DROPOUT=dropout, **extra)
+                        label = f"{short} D={head_dim} {t}{' dropout' if dropout else ''}{'' if causal else ' full'}"
+                        cases.append(case(kernel, tensors, prefixes, flags, c, label, {**scalars, **more},
+                                          group=label))
+    for block_d, head_dims in COMPILE_HEAD_DIMS.items():
+        for head_dim in head_dims:
+            for t in ("bf16", "fp32") if head_dim == 64 else ("bf16",):
+                dims = {"HEAD_DIM": head_dim, "BLOCK_D": block_d}
+                cases.append(case("_attn_splitk_combine", {"O_PART": "fp32", "LSE_PART": "fp32", "O": t, "LSE": "fp32"},
+                                  ("o",), {**dims, "BLOCK_S": SPLITK_COMBINE_BLOCK}, None, f"D={head_dim} {t}",
+                                  {"H": "i32", "Tq": "i32", "SPLITS": "i32"}))
+                cases.append(case("_attn_bwd_preprocess", {"O": t, "DO": t, "DELTA": "fp32"}, ("o", "do"),
+                                  {**dims, "BLOCK_M": PREPROCESS_BLOCK_M}, None, f"D={head_dim} {t}",
+                                  {"H": "i32", "Tq": "i32"}, num_warps=PREPROCESS_WARPS))
     cases.append(case("_dropout_mask_kernel", {"KEEP": "i8"}, (), {"BLOCK_M": MASK_BLOCK, "BLOCK_N": MASK_BLOCK},
                       None, "mask", {"Tq": "i32", "Tk": "i32", "dropout_p": "fp32", "SEED": "*i64"}))
     return cases

@@ -595,46 +595,50 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, r
 def compile_cases():
     """The kernel in each role at the configurations the launcher picks for GPT-2's vocabulary and small V.
 
-    Roles: "fwd" (loss and log-sum-exp: cross_entropy's forward), "bwd" (gradient from a saved lse, with a
-    per-row incoming gradient: cross_entropy's backward), "fused" (both in one launch, gradient in place:
-    every chunk of linear_cross_entropy). V = 50,257 in fp32/fp16/bf16; the model's padded rows (row
-    stride 50,304, 16-byte aligned: vector loads) in bf16 and fp32, with and without label smoothing;
-    int32 targets; small V: 7 -> (8, 1 warp), 1000 -> (1024, 2).
+    Roles: "fwd" (loss and log-sum-exp: cross_entropy's forward), "bwd" (gradient from a saved lse, with the
+    rows' incoming gradient: cross_entropy's backward), "fused" (both in one launch, gradient in place: every
+    chunk of linear_cross_entropy). V = 50,257 in bf16 and fp32 (fp16 compiles as bf16: compile_check.stand_in):
+    rows 50,257 apart in every role, as the benchmarks and an unpadded model or a user's logits give them; the
+    model's padded head (rows 50,304 apart, 16-byte aligned: vector loads) in training (fused) and evaluation
+    (fwd, a view of the padded logits); label smoothing; int32 targets; small V: 7 -> (8, 1 warp), 1000 ->
+    (1024, 2).
     """
-    from .compile_check import CompileCase
+    from .compile_check import ARCHS, PRIMARY, CompileCase
 
-    tl_dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     roles = {"fwd": (True, False), "bwd": (False, True), "fused": (True, True)}
 
-    def case(V, dtype, role, smoothing=False, target="*i64", row_stride=None):
+    def case(V, t, role, smoothing=False, target="*i64", row_stride=None):
         block_v, num_warps = _launch_config(V)
-        t = tl_dtype[dtype]
         sig = {"X": f"*{t}", "stride_x": "i32", "G": f"*{t}", "stride_g": "i32", "T": target, "LOSS": "*fp32",
                "LSE": "*fp32", "ROW_SCALE": "*fp32", "stride_rs": "i32", "V": "i32", "V_PAD": "i32",
                "ignore_index": "i32", "smoothing": "fp32"}
         forward, write_grad = roles[role]
         consts = {"BLOCK_V": block_v, "HAS_SMOOTHING": smoothing, "FORWARD": forward, "WRITE_GRAD": write_grad}
         # fresh torch allocations are 16-byte aligned and the JIT specializes on it; a row stride that is a
-        # multiple of 16 (the padded vocabulary) too, which is what makes 128-bit loads possible
-        divisible = ["X", "G", "T", "LOSS", "LSE", "ROW_SCALE"]
+        # multiple of 16 (the padded vocabulary) too, which is what makes 128-bit loads possible. The row
+        # factors are one value expanded (stride 0) unless reduction="none" hands in a row of them
+        divisible = ["X", "G", "T", "LOSS", "LSE", "ROW_SCALE", "stride_rs"]
         row_stride = V if row_stride is None else row_stride
         if row_stride % 16 == 0:
             divisible += ["stride_x", "stride_g"] + (["V_PAD"] if role == "fused" else [])
         label = f"V={V} {t} {role}{' smooth' if smoothing else ''}{' i32' if target == '*i32' else ''}"
         if row_stride != V:
             label += f" rows={row_stride}"
+        default = V == 50257 and t == "bf16" and not smoothing and target == "*i64"  # a GPU's default: every target
         return CompileCase(module=__name__, kernel="_cross_entropy_kernel", signature=sig, constexprs=consts,
-                           num_warps=num_warps, num_stages=3, label=label, extra={"divisible_by_16": divisible})
+                           num_warps=num_warps, num_stages=3, label=label, extra={"divisible_by_16": divisible},
+                           archs=ARCHS if default else PRIMARY)
 
     cases = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        cases += [case(50257, dtype, "fwd", smoothing=True), case(50257, dtype, "bwd", smoothing=True)]
-    for dtype in (torch.bfloat16, torch.float32):  # the model's training path: padded head, chunks in place
-        cases += [case(50257, dtype, "fused", row_stride=50304), case(50257, dtype, "fused", True, row_stride=50304)]
+    for t in ("bf16", "fp32"):
+        for role in ("fwd", "bwd", "fused"):
+            cases += [case(50257, t, role), case(50257, t, role, smoothing=True)]
+        # the model's padded head: training (chunks, in place) and evaluation (the logits' view)
+        cases += [case(50257, t, "fused", row_stride=50304), case(50257, t, "fused", True, row_stride=50304),
+                  case(50257, t, "fwd", row_stride=50304)]
     cases += [
-        case(50257, torch.bfloat16, "fwd", row_stride=50304),  # the model's evaluation logits: a padded view
-        case(50257, torch.bfloat16, "fwd", target="*i32"),
-        case(7, torch.float32, "fused", smoothing=True),
-        case(1000, torch.float16, "fused", smoothing=True),
+        case(50257, "bf16", "fwd", target="*i32"),
+        case(7, "fp32", "fused", smoothing=True),
+        case(1000, "bf16", "fused", smoothing=True),
     ]
     return cases

@@ -105,7 +105,7 @@ def _layer_norm_fwd_kernel(
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_program"])  # its value follows the GPU's size: one compile for all
 def _layer_norm_bwd_kernel(
     X,  # the normalized rows as the forward saw them (x, or the sum for add_layer_norm), (M, N), stride_x
     W,  # weight, (N,) (read only when HAS_WEIGHT)
@@ -266,17 +266,21 @@ def _layer_norm_bwd(dy, xn, weight, has_bias, mean, rstd, dx_dtype, ds=None, dr_
                 HAS_BIAS=has_bias, HAS_DS=ds is not None, HAS_DR=dr is not None, num_warps=cfg["num_warps"],
                 **LAUNCH_OPTIONS)
 
-    def args(part, rows_per_program):
-        return (x2, w, mean, rstd, dy2, ds2, dx, dr if dr is not None else dx, part[0], part[1],
+    def args(dw_part, db_part, rows_per_program):
+        return (x2, w, mean, rstd, dy2, ds2, dx, dr if dr is not None else dx, dw_part, db_part,
                 x2.stride(0), dy2.stride(0), ds2.stride(0), n, m, n, rows_per_program)
 
+    # the warm-up compiles what the launch runs: the fp32 partials (fresh, so aligned, buffers) stand in as a
+    # dtype, and the kernel does not specialize on rows_per_program
     key = (tuple(meta.items()), x2.dtype, dy2.dtype, ds2.dtype, w.dtype, dx.dtype, n % 16 == 0)
-    resident = resident_programs(_layer_norm_bwd_kernel, args((mean, mean), 3), meta, xn.device, key)
+    resident = resident_programs(_layer_norm_bwd_kernel, args(torch.float32, torch.float32, 0), meta, xn.device,
+                                 key)
     g, rows_per_program = split_rows(m, cfg["BLOCK_M"], resident, min_rows=MIN_ROWS_PER_PROGRAM)
-    part = new_buffer((2, g, n), torch.float32, xn.device)  # [0]: dweight partials, [1]: dbias partials
-    _layer_norm_bwd_kernel[(g,)](*args(part, rows_per_program), **meta)
-    dw = part[0].sum(0) if weight is not None else None  # (N,) float32
-    db = part[1].sum(0) if has_bias else None
+    dw_part = new_buffer((g, n), torch.float32, xn.device)  # (G, N) dweight partials
+    db_part = new_buffer((g, n), torch.float32, xn.device)  # (G, N) dbias partials
+    _layer_norm_bwd_kernel[(g,)](*args(dw_part, db_part, rows_per_program), **meta)
+    dw = dw_part.sum(0) if weight is not None else None  # (N,) float32
+    db = db_part.sum(0) if has_bias else None
     return dx, dr, dw, db
 
 
@@ -471,55 +475,70 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
 # ------------------------------------------------------------------------------------- compile check
 
 
+# The dtypes the launchers run with, as the model and the benchmarks call them: name -> the pointer types of
+# the forward and the backward (an unused pointer gets what the launcher passes in its place: x or y, dy or
+# dx), and whether the forward adds a residual / the backward adds the sum's gradient (with a separate
+# residual gradient when the dtypes differ). fp16 is compiled as bf16 (compile_check.stand_in).
+DTYPE_VARIANTS = {
+    # layer_norm on 16-bit rows: the benchmarks, bf16 generation
+    "bf16": ({"X": "bf16", "R": "bf16", "S": "bf16", "Y": "bf16", "W": "bf16", "B": "bf16"}, False,
+             {"X": "bf16", "W": "bf16", "DY": "bf16", "DS": "bf16", "DX": "bf16", "DR": "bf16"}, False),
+    "bf16 +res": ({"X": "bf16", "R": "bf16", "S": "bf16", "Y": "bf16", "W": "bf16", "B": "bf16"}, True,
+                  {"X": "bf16", "W": "bf16", "DY": "bf16", "DS": "bf16", "DX": "bf16", "DR": "bf16"}, True),
+    # autocast: ln1 and the final norm read the fp32 residual stream and give bf16 to the next matmul
+    "amp": ({"X": "fp32", "R": "fp32", "S": "bf16", "Y": "bf16", "W": "fp32", "B": "fp32"}, False,
+            {"X": "fp32", "W": "fp32", "DY": "bf16", "DS": "bf16", "DX": "fp32", "DR": "fp32"}, False),
+    # autocast: add_layer_norm of a bf16 branch into the fp32 residual stream
+    "amp +res": ({"X": "bf16", "R": "fp32", "S": "fp32", "Y": "bf16", "W": "fp32", "B": "fp32"}, True,
+                 {"X": "fp32", "W": "fp32", "DY": "bf16", "DS": "fp32", "DX": "bf16", "DR": "fp32"}, True),
+    # float32 training and generation
+    "fp32": ({"X": "fp32", "R": "fp32", "S": "fp32", "Y": "fp32", "W": "fp32", "B": "fp32"}, False,
+             {"X": "fp32", "W": "fp32", "DY": "fp32", "DS": "fp32", "DX": "fp32", "DR": "fp32"}, False),
+    "fp32 +res": ({"X": "fp32", "R": "fp32", "S": "fp32", "Y": "fp32", "W": "fp32", "B": "fp32"}, True,
+                  {"X": "fp32", "W": "fp32", "DY": "fp32", "DS": "fp32", "DX": "fp32", "DR": "fp32"}, True),
+}
+
+
 def compile_cases():
     """Every forward/backward configuration the launchers pick for the compile check's widths (the configs
-    depend on the width only): bf16 for each, with and without the residual; the mix autocast gives
-    (fp32 residual stream and parameters, bf16 branch and output: forward with the residual, backward with
-    the sum's gradient and a separate fp32 residual gradient); float32 at the widest block."""
-    from .compile_check import WIDTHS, CompileCase
+    depend on the width only), in every dtype variant of :data:`DTYPE_VARIANTS`."""
+    from .compile_check import ARCHS, BENCH_WIDTHS, MODEL_WIDTHS, PRIMARY, CompileCase
 
-    fwd_sig = {"X": "", "R": "", "S": "", "Y": "", "W": "", "B": "", "Mean": "*fp32", "Rstd": "*fp32",
-               "stride_x": "i32", "stride_r": "i32", "stride_out": "i32", "M": "i32", "N": "i32", "eps": "fp32"}
-    bwd_sig = {"X": "", "W": "", "Mean": "*fp32", "Rstd": "*fp32", "DY": "", "DS": "", "DX": "", "DR": "",
-               "DW_PART": "*fp32", "DB_PART": "*fp32", "stride_x": "i32", "stride_dy": "i32", "stride_ds": "i32",
-               "stride_dx": "i32", "M": "i32", "N": "i32", "rows_per_program": "i32"}
-    amp = {"fwd": {"X": "*bf16", "R": "*fp32", "S": "*fp32", "Y": "*bf16", "W": "*fp32", "B": "*fp32"},
-           "bwd": {"X": "*fp32", "W": "*fp32", "DY": "*bf16", "DS": "*fp32", "DX": "*bf16", "DR": "*fp32"}}
+    fwd_sig = {"Mean": "*fp32", "Rstd": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_out": "i32",
+               "M": "i32", "N": "i32", "eps": "fp32"}
+    bwd_sig = {"Mean": "*fp32", "Rstd": "*fp32", "DW_PART": "*fp32", "DB_PART": "*fp32", "stride_x": "i32",
+               "stride_dy": "i32", "stride_ds": "i32", "stride_dx": "i32", "M": "i32", "N": "i32",
+               "rows_per_program": "i32"}
 
-    def sig(base, ty, which):
-        if ty == "amp":
-            return {k: v or amp[which][k] for k, v in base.items()}
-        return {k: (v or f"*{ty}") for k, v in base.items()}
-
-    # as the JIT specializes them at these widths: aligned pointers, strides and widths that are
-    # multiples of 16 (rows M and rows_per_program can be anything)
-    def aligned(base):
-        return {"divisible_by_16": [k for k in base if k not in ("M", "rows_per_program", "eps")]}
-
-    def configs(pick):  # config -> the widths that use it, e.g. "768,1024"
+    def configs(pick, widths):  # config -> the widths that use it, e.g. "768,1024"
         seen = {}
-        for n in WIDTHS:
+        for n in widths:
             key = tuple(pick(n).items())
             seen[key] = f"{seen[key]},{n}" if key in seen else str(n)
         return seen
 
-    def flags(which, ty, extra):  # extra: the residual (forward) or the sum's gradient (backward)
-        if which == "fwd":
-            return {"HAS_RESIDUAL": extra, "HAS_WEIGHT": True, "HAS_BIAS": True}, " +res" if extra else ""
-        return {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_DS": extra, "HAS_DR": ty == "amp"}, " +ds" if extra else ""
-
-    widest = next_pow2(max(WIDTHS))
     cases = []
     for which, kernel, base, pick in (("fwd", "_layer_norm_fwd_kernel", fwd_sig, fwd_config),
                                       ("bwd", "_layer_norm_bwd_kernel", bwd_sig, bwd_config)):
-        for cfg_items, n in configs(pick).items():
-            cfg = dict(cfg_items)
-            warps = cfg.pop("num_warps")
-            variants = [("bf16", False), ("bf16", True), ("amp", True)]
-            if cfg["BLOCK_N"] == widest:
-                variants += [("fp32", False), ("fp32", True)]
-            for ty, extra in variants:
-                consts, tag = flags(which, ty, extra)
-                cases.append(CompileCase("gpt_kernels.norm", kernel, sig(base, ty, which), {**cfg, **consts},
-                                         num_warps=warps, label=f"N={n} {ty}{tag}", extra=aligned(base)))
+        for name, (fwd_ptrs, residual, bwd_ptrs, ds) in DTYPE_VARIANTS.items():
+            # the model at its widths in every dtype; the benchmarks, in bf16, at theirs
+            widths = sorted(set(MODEL_WIDTHS + (BENCH_WIDTHS if name.startswith("bf16") else ())))
+            ptrs = fwd_ptrs if which == "fwd" else bwd_ptrs
+            sig = {**{k: f"*{t}" for k, t in ptrs.items()}, **base}
+            if which == "fwd":
+                flags = {"HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True}
+            else:  # a separate residual gradient where the residual's and the input's dtypes differ
+                flags = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_DS": ds, "HAS_DR": ds and ptrs["DR"] != ptrs["DX"]}
+            # as the JIT specializes them at these widths: aligned pointers, strides and widths that are
+            # multiples of 16 (rows M and rows_per_program can be anything)
+            aligned = [k for k in sig if k not in ("M", "rows_per_program", "eps")]
+            for cfg_items, n in configs(pick, widths).items():
+                cfg = dict(cfg_items)
+                warps = cfg.pop("num_warps")
+                # every target for what a GPU runs by default (16-bit and autocast at GPT-2's widths)
+                default = "fp32" not in name and int(n.split(",")[0]) >= 768
+                label = f"N={n} {name if which == 'fwd' else name.replace('+res', '+ds')}"
+                cases.append(CompileCase("gpt_kernels.norm", kernel, sig, {**cfg, **flags}, num_warps=warps,
+                                         label=label, extra={"divisible_by_16": aligned},
+                                         archs=ARCHS if default else PRIMARY))
     return cases

@@ -203,3 +203,78 @@ def test_without_a_gpu_the_real_check_says_how_to_dry_run(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--dry-run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_stage_caps_fit_the_budget_with_margin():
+    """Every stage can run to its cap and the check still ends within its budget: the caps, the summary's
+    reserve and the parent's margin add up to no more than the default budget (before, 725 s of caps
+    against a 525 s deadline left the last suites no time)."""
+    total = sum(gpu_check.CAPS_S.values()) + gpu_check.SUMMARY_RESERVE_S + gpu_check.MARGIN_S
+    assert total <= gpu_check.DEFAULT_BUDGET_S, (
+        f"caps {sum(gpu_check.CAPS_S.values())} s + reserve + margin = {total} s > {gpu_check.DEFAULT_BUDGET_S} s")
+    assert set(gpu_check.CAPS_S) == set(gpu_check.STAGES)
+    check = Check.__new__(Check)
+    for budget in (300, 530, 900):  # caps scale with --budget
+        check.scale = budget / gpu_check.DEFAULT_BUDGET_S
+        assert sum(check.cap(s) for s in gpu_check.STAGES) + gpu_check.SUMMARY_RESERVE_S <= budget
+
+
+def test_dry_run_overhead_between_steps_stays_within_the_margin(dry_run):
+    """What the parent spends outside the stages (preflight, bookkeeping, starting steps) is within MARGIN_S."""
+    _, _, check, _ = dry_run
+    outside = check["elapsed_s"] - sum(s["seconds"] for s in check["stages"].values())
+    assert outside <= gpu_check.MARGIN_S * gpu_check.DRY_RUN_BUDGET_S / gpu_check.DEFAULT_BUDGET_S, outside
+
+
+def test_dry_run_plans_the_precompile(dry_run):
+    """The precompile stage plans a workload's kernels (on the GPU it compiles them; here it plans for sm_90)."""
+    _, _, check, _ = dry_run
+    stage = check["stages"]["precompile"]
+    assert stage["status"] == "ok", stage
+    assert stage["compiles"] >= 4 and stage["compiles"] == stage["launched"], stage
+
+
+def _present(name):
+    return object()
+
+
+def test_preflight_names_each_missing_piece_in_one_line(tmp_path):
+    (tmp_path / "Python.h").write_text("")
+    ok = gpu_check.preflight(find_spec=_present, which=lambda c: f"/usr/bin/{c}", environ={},
+                             include_dir=str(tmp_path))
+    assert ok == []
+    missing = {"tiktoken", "xdist"}
+    lines = gpu_check.preflight(find_spec=lambda m: None if m in missing else object(), which=lambda c: None,
+                                environ={}, include_dir=str(tmp_path / "nowhere"))
+    assert len(lines) == 4, lines
+    assert any(line.startswith("package tiktoken ") and "pip install tiktoken" in line for line in lines)
+    assert any(line.startswith("package pytest-xdist ") and "pip install pytest-xdist" in line for line in lines)
+    assert any(line.startswith("no C compiler") for line in lines)
+    assert any(line.startswith("no Python.h in ") and str(tmp_path / "nowhere") in line for line in lines)
+    assert gpu_check.preflight(find_spec=_present, which=lambda c: None, environ={"CC": "cc"},
+                               include_dir=str(tmp_path)) == []  # $CC counts as a compiler
+
+
+def test_preflight_blocks_only_the_stages_that_need_the_missing_package():
+    lines = ["package pytest is not installed (pip install pytest)", "package tiktoken is not installed (...)",
+             "no C compiler (...)"]
+    assert gpu_check.blocked_stages(lines) == {"tests": lines[0]}
+    assert gpu_check.blocked_stages(["package triton is not installed (pip install triton)"]) == {
+        "precompile": "package triton is not installed (pip install triton)"}
+
+
+def test_a_stage_the_preflight_blocks_is_skipped_and_the_rest_still_run(tmp_path, monkeypatch):
+    missing = "package pytest is not installed (pip install pytest)"
+    monkeypatch.setattr(gpu_check, "preflight", lambda: [missing, "no C compiler (simulated)"])
+    check = Check(tmp_path, dry_run=True, budget_s=600)
+    rc = check.run(only=("tests",))
+    saved = json.loads(next(tmp_path.glob("*-gpu-check.json")).read_text())
+    assert saved["preflight"] == [missing, "no C compiler (simulated)"]
+    assert saved["stages"]["tests"] == {"status": "skipped", "seconds": 0.0, "error": missing}
+    assert saved["stages"]["env"]["status"] == "ok", "the env stage still ran"
+    assert rc == 1
+
+
+def test_the_gpu_tests_go_on_past_a_test_file_that_fails_to_import(tmp_path):
+    check = Check(tmp_path, dry_run=False, budget_s=600)
+    assert "--continue-on-collection-errors" in check.test_command(tmp_path / "junit.xml")

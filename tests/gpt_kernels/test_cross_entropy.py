@@ -238,7 +238,7 @@ def test_launch_config():
     for V in (7, 1000, GPT2_V):
         block_v, warps = fce._launch_config(V)
         assert any(b == block_v and w == warps for b, w, _ in compiled), f"V={V} config not compile-checked"
-    for dt in ("*fp32", "*fp16", "*bf16"):
+    for dt in ("*fp32", "*bf16"):  # fp16 is compiled as bf16 (compile_check.stand_in, checked in test_compile.py)
         assert (4096, 8, dt) in compiled
 
 
