@@ -24,9 +24,12 @@ How the package is built; calls go one way, from the command line to the jobs to
 - corpora and benchmarks: ``corpus`` (text, JSON-lines and Parquet sources read document by document),
   ``shards`` (``gpt prepare-data``: a corpus tokenized into uint16 shards and an index), ``stream`` (those
   shards as training windows, by memory map), ``hellaswag`` (HellaSwag scored completion-style: ``gpt eval``);
-- the one training engine, ``engine`` (RunConfig, the Task protocol, the loop) with ``checks`` (the
-  settings' checks) and ``clock`` (the estimate of a run's length), and ``job`` (how a run starts: settings
-  checked, resume resolved, task built, engine run);
+- the one training engine: ``plan`` (RunConfig, and ``plan_run``, the one place a run's settings are
+  resolved, into a frozen Plan), ``engine`` (the Task protocol, the loop), ``trainer_state`` (the one module
+  that writes, reads and puts back a run's trainer state), with ``checks`` (the settings' checks) and
+  ``clock`` (the estimate of a run's length, its speed), and ``job`` (how a run starts: settings checked, the
+  run to resume read, the plan made with its task, the engine run);
+- ``errors`` (UserError: a user's mistake, which the command line prints as one line);
 - the jobs, each a function taking a config dataclass: ``pretrain`` (TrainConfig, train), ``finetune``
   (what finetuning shares: FinetuneConfig, trainable weights, finetuned models on disk), ``classify`` and
   ``instruct`` (the two finetuning tasks);

@@ -8,6 +8,8 @@ import os
 import types
 import typing
 
+from .errors import UserError
+
 _KINDS = {int: "an integer", float: "a number", str: "text (a path or a name)", bool: "True or False"}
 
 
@@ -21,40 +23,49 @@ def check_positive(cfg, name: str, allow_none: bool = False) -> None:
     if v is None and allow_none:
         return
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{flag(name)} must be a positive integer, got {v!r}")
+        raise UserError(f"{flag(name)} must be a positive integer, got {v!r}")
 
 
 def check_run_settings(cfg) -> None:
-    """The checks of :meth:`gpt.engine.RunConfig.check`: the settings every training job shares."""
+    """The checks of :meth:`gpt.settings.RunConfig.check`: the settings every training job shares."""
     from gpt_kernels.backend import BACKENDS
 
-    from .runtime import DTYPES
+    from .runtime import DTYPES, PARALLEL_MODES
 
     check_types(cfg)
     check_positive(cfg, "batch_size")
     for name in ("epochs", "max_steps", "eval_every", "eval_batches", "save_every"):
         check_positive(cfg, name, allow_none=True)
     if cfg.epochs is not None and cfg.max_steps is not None:
-        raise ValueError(f"--epochs {cfg.epochs} and --max-steps {cfg.max_steps} both set the run's length: give "
-                         f"one of them")
+        raise UserError(f"--epochs {cfg.epochs} and --max-steps {cfg.max_steps} both set the run's length: give "
+                        f"one of them")
     if not cfg.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+        raise UserError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.min_lr is not None and not 0 <= cfg.min_lr <= cfg.lr:
-        raise ValueError(f"--min-lr must be in [0, --lr {cfg.lr:g}], got {cfg.min_lr}")
+        raise UserError(f"--min-lr must be in [0, --lr {cfg.lr:g}], got {cfg.min_lr}")
     if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
-        raise ValueError(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
+        raise UserError(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
+    if not 0 <= cfg.warmup_share < 1:
+        raise UserError(f"warmup_share must be in [0, 1), got {cfg.warmup_share}")
+    if not 0 <= cfg.min_lr_share <= 1:
+        raise UserError(f"min_lr_share must be in [0, 1], got {cfg.min_lr_share}")
+    if cfg.beta2 is not None and not 0 <= cfg.beta2 < 1:
+        raise UserError(f"--beta2 must be in [0, 1), got {cfg.beta2}")
     if cfg.weight_decay < 0:
-        raise ValueError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+        raise UserError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     if cfg.grad_clip is not None and cfg.grad_clip < 0:
-        raise ValueError(f"--grad-clip must be >= 0 (0: no clipping), got {cfg.grad_clip}")
+        raise UserError(f"--grad-clip must be >= 0 (0: no clipping), got {cfg.grad_clip}")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
-        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.kernels is not None and cfg.kernels not in BACKENDS:
-        raise ValueError(f"--kernels {cfg.kernels!r} is not a kernel backend: choose one of {', '.join(BACKENDS)}")
+        raise UserError(f"--kernels {cfg.kernels!r} is not a kernel backend: choose one of {', '.join(BACKENDS)}")
     if cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype {cfg.dtype!r} is not a training precision: choose one of {', '.join(DTYPES)}")
+        raise UserError(f"--dtype {cfg.dtype!r} is not a training precision: choose one of {', '.join(DTYPES)}")
+    if cfg.parallel is not None and cfg.parallel not in PARALLEL_MODES:
+        raise UserError(f"--parallel {cfg.parallel!r} is not a way to train on several processes: choose one of "
+                        f"{', '.join(PARALLEL_MODES)}")
     if cfg.checkpoint and cfg.hf:
-        raise ValueError("give either --checkpoint or --hf to start from, not both")
+        raise UserError("give either --checkpoint or --hf to start from, not both")
 
 
 def check_types(cfg) -> None:
@@ -71,7 +82,7 @@ def check_types(cfg) -> None:
             continue
         kinds = " or ".join(_KINDS.get(t, getattr(t, "__name__", str(t))) for t in allowed)
         none = " (or None)" if union else ""
-        raise ValueError(f"{flag(f.name)} must be {kinds}{none}, got {value!r} ({type(value).__name__})")
+        raise UserError(f"{flag(f.name)} must be {kinds}{none}, got {value!r} ({type(value).__name__})")
 
 
 def _fits(value, t) -> bool:

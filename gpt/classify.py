@@ -20,7 +20,6 @@ nothing (a causal model's earlier positions never see later ones).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import random
 from pathlib import Path
@@ -30,10 +29,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .engine import RunResult, Trainer
-from .finetune import FinetuneConfig, FinetuneTask, fmt_loss, prepare_config
+from .errors import UserError
+from .finetune import FinetuneConfig, FinetuneTask, fmt_loss
 from .job import run
 from .model import GPTClassifier
 from .rundir import need
+from .settings import configure
 from .tokenizer import EOT_ID, asset_path, encode, read_utf8
 
 DEFAULT_EPOCHS = 5  # chapter 6
@@ -52,7 +53,7 @@ def read_sms_spam(path=None) -> tuple[list[str], list[str]]:
             continue
         label, tab, text = line.partition("\t")
         if not tab:
-            raise ValueError(f"{path}, line {n}: no tab between the label and the text")
+            raise UserError(f"{path}, line {n}: no tab between the label and the text")
         if text.strip():
             texts.append(text)
             labels.append(label.strip())
@@ -69,8 +70,8 @@ def detect_delimiter(path, sample: str) -> str:
     try:
         return csv.Sniffer().sniff(sample, delimiters=",\t;|").delimiter
     except csv.Error:
-        raise ValueError(f"could not tell how the columns of {path} are separated: name it .csv (commas) or "
-                         f".tsv (tabs)") from None
+        raise UserError(f"could not tell how the columns of {path} are separated: name it .csv (commas) or "
+                        f".tsv (tabs)") from None
 
 
 def read_table(path, text_column: str = "text", label_column: str = "label") -> tuple[list[str], list[str]]:
@@ -78,24 +79,24 @@ def read_table(path, text_column: str = "text", label_column: str = "label") -> 
     path = need(path, "file", "data file", "give a CSV or TSV file")
     text = read_utf8(path)
     if not text.strip():
-        raise ValueError(f"{path} is empty: give a CSV/TSV file with a header row and some rows")
+        raise UserError(f"{path} is empty: give a CSV/TSV file with a header row and some rows")
     with io.StringIO(text, newline="") as f:
         rows = csv.reader(f, delimiter=detect_delimiter(path, text[:64 * 1024]))
         header = [h.strip() for h in next(rows)]
         for name, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
             if name not in header:
-                raise ValueError(f"{path} has no column {name!r} (its columns: {header}): name the right one "
-                                 f"with {flag}")
+                raise UserError(f"{path} has no column {name!r} (its columns: {header}): name the right one "
+                                f"with {flag}")
         ti, li = header.index(text_column), header.index(label_column)
         texts, labels = [], []
         for n, row in enumerate(rows, 2):
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) <= max(ti, li):
-                raise ValueError(f"{path}, row {n}: has {len(row)} columns, the header has {len(header)}")
+                raise UserError(f"{path}, row {n}: has {len(row)} columns, the header has {len(header)}")
             text, label = row[ti], row[li].strip()
             if not label:
-                raise ValueError(f"{path}, row {n}: the label (column {label_column!r}) is empty")
+                raise UserError(f"{path}, row {n}: the label (column {label_column!r}) is empty")
             if text.strip():
                 texts.append(text)
                 labels.append(label)
@@ -106,8 +107,8 @@ def class_names(labels, source: str = "the data") -> list[str]:
     """The distinct labels, sorted (so ``ham`` = 0 and ``spam`` = 1, as in the book)."""
     names = sorted(set(labels))
     if len(names) < 2:
-        raise ValueError(f"{source} has only one class ({names[0] if names else 'no rows at all'!r}): a "
-                         f"classifier needs examples of at least two labels")
+        raise UserError(f"{source} has only one class ({names[0] if names else 'no rows at all'!r}): a "
+                        f"classifier needs examples of at least two labels")
     return names
 
 
@@ -122,7 +123,7 @@ def balance_classes(texts, labels, seed: int = 123, limit: int | None = None) ->
     per_class = min(len(v) for v in by_class.values())
     if limit is not None:
         if limit < len(by_class):
-            raise ValueError(f"--limit {limit} is fewer than one example per class ({len(by_class)} classes)")
+            raise UserError(f"--limit {limit} is fewer than one example per class ({len(by_class)} classes)")
         per_class = min(per_class, limit // len(by_class))
     rng = random.Random(seed)
     return [(t, label) for label in sorted(by_class) for t in rng.sample(by_class[label], per_class)]
@@ -135,9 +136,9 @@ def split_examples(examples, seed: int = 123, train_frac: float = 0.7, val_frac:
     n_train, n_val = int(len(examples) * train_frac), int(len(examples) * val_frac)
     train, val, test = examples[:n_train], examples[n_train:n_train + n_val], examples[n_train + n_val:]
     if not train or not val or not test:
-        raise ValueError(f"{len(examples)} examples are too few for a {train_frac:.0%}/{val_frac:.0%}/"
-                         f"{1 - train_frac - val_frac:.0%} split (one of the parts would be empty): use at "
-                         f"least 10 examples (a larger --limit)")
+        raise UserError(f"{len(examples)} examples are too few for a {train_frac:.0%}/{val_frac:.0%}/"
+                        f"{1 - train_frac - val_frac:.0%} split (one of the parts would be empty): use at "
+                        f"least 10 examples (a larger --limit)")
     return train, val, test
 
 
@@ -149,7 +150,7 @@ class ClassificationDataset(Dataset):
         self.items = []
         for text, label in examples:
             if label not in index:
-                raise ValueError(f"label {label!r} is not one of the classifier's labels {label_names}")
+                raise UserError(f"label {label!r} is not one of the classifier's labels {label_names}")
             ids = encode(text, allow_special=False)  # "<|endoftext|>" in a message stays plain text
             self.items.append((ids[:max_length] if max_length else ids, index[label]))
 
@@ -213,7 +214,7 @@ def predict(model: GPTClassifier, texts: list[str], max_length: int | None = Non
         for n, text in enumerate(texts[start:start + batch_size], start + 1):
             ids = encode(text, allow_special=False)[:limit]
             if not ids:
-                raise ValueError(f"text {n} is empty: there is nothing to classify")
+                raise UserError(f"text {n} is empty: there is nothing to classify")
             batch.append((ids, 0))
         ids, lengths, _ = collate_classification(batch)
         out.append(torch.softmax(model(ids.to(model.device), lengths).float(), dim=-1).cpu())  # (b, K)
@@ -226,14 +227,13 @@ def predict(model: GPTClassifier, texts: list[str], max_length: int | None = Non
 def finetune_classifier(cfg: FinetuneConfig | None = None, *, on_step=None, **settings) -> RunResult:
     """Finetune a GPT as a text classifier as ``cfg`` says (``gpt finetune-classifier``); the result's
     ``metrics`` hold the last evaluation's loss and accuracy on the train, validation and test splits."""
-    return run(prepare_config(cfg, settings), ClassifierTask, defaults={"epochs": DEFAULT_EPOCHS},
-               on_step=on_step)
+    return run(configure(FinetuneConfig, cfg, settings), ClassifierTask, on_step=on_step)
 
 
 class ClassifierTask(FinetuneTask):
     name = "classifier finetuning"
     kind = run_prefix = "classifier"
-    default_trainable = DEFAULT_TRAINABLE
+    default_trainable, default_epochs = DEFAULT_TRAINABLE, DEFAULT_EPOCHS
 
     def load_data(self, cfg: FinetuneConfig) -> None:
         if cfg.data:
@@ -251,21 +251,21 @@ class ClassifierTask(FinetuneTask):
     def wrap(self, gpt) -> GPTClassifier:
         return GPTClassifier(gpt, len(self.labels))
 
-    def setup(self, cfg: FinetuneConfig) -> None:
+    def setup(self, cfg: FinetuneConfig) -> int:
         if self.meta.get("labels", self.labels) != self.labels:
-            raise ValueError(f"--resume {cfg.resume}: that run's labels {self.meta['labels']} differ from the "
-                             f"data's {self.labels}")
+            raise UserError(f"--resume {cfg.resume}: that run's labels {self.meta['labels']} differ from the "
+                            f"data's {self.labels}")
         ctx = self.gpt.config.context_length
         if cfg.max_length is not None and not 1 <= cfg.max_length <= ctx:
-            raise ValueError(f"--max-length {cfg.max_length} must be between 1 and the model's context length "
-                             f"{ctx}")
+            raise UserError(f"--max-length {cfg.max_length} must be between 1 and the model's context length "
+                            f"{ctx}")
         max_length = cfg.max_length or min(ClassificationDataset(self.splits[0], self.labels).longest(), ctx)
-        self.config = dataclasses.replace(cfg, max_length=max_length)
         self.meta.update(labels=self.labels, max_length=max_length)
         self.datasets = [ClassificationDataset(part, self.labels, max_length) for part in self.splits]
         self.train_set = self.datasets[0]
         self.lines.append(f"texts truncated to {max_length} tokens and padded with <|endoftext|> to the longest "
                           f"in each batch")
+        return max_length
 
     def collate(self, items):
         return collate_classification(items)

@@ -4,7 +4,9 @@ Every argparse detail lives here and nowhere else. A training command turns its 
 config dataclass (:class:`gpt.pretrain.TrainConfig`, :class:`gpt.finetune.FinetuneConfig`) and calls the job
 (``train``, ``finetune_classifier``, ``finetune_instruct``); the options' defaults and choices come from
 those configs, :data:`gpt_kernels.backend.BACKENDS` and :data:`gpt.runtime.DTYPES`. A user's mistake (a bad
-path, a bad setting) prints one line on stderr and exits non-zero; set ``GPT_DEBUG=1`` to see the traceback.
+path, a bad setting: :class:`gpt.errors.UserError`, or a file that cannot be read or written) prints one line
+on stderr and exits 1 (``GPT_DEBUG=1`` shows its traceback); any other exception is a bug and shows its
+traceback.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from gpt_kernels.backend import BACKENDS
 from . import __version__, classify, instruct
 from .cli_tools import add_tool_commands, add_train_hellaswag_args
 from .config import PRESETS
-from .engine import RunConfig
+from .errors import UserError
 from .finetune import (
     DEFAULT_LORA_ALPHA,
     DEFAULT_LORA_RANK,
@@ -34,9 +36,10 @@ from .finetune import (
     task_name,
 )
 from .generate import check_sampling_args, decode_stream, generate_stream
-from .model import GPT, RECOMPUTE
+from .model import RECOMPUTE
 from .pretrain import DEFAULT_EPOCHS, DEFAULT_PRESET, TrainConfig, train
-from .runtime import DTYPES, check_backend, pick_device
+from .runtime import DTYPES, PARALLEL_MODES, check_backend, pick_device
+from .settings import BETA2, RunConfig
 from .tokenizer import EOT_ID, check_utf8_arg, decode_utf8, encode, not_utf8
 from .weights import describe_source, load_model, model_source
 
@@ -80,14 +83,17 @@ def add_run_args(p: argparse.ArgumentParser, d: RunConfig, epochs: int, checkpoi
     p.add_argument("--seed", type=int, metavar="N", default=d.seed, help=f"random seed (default {d.seed})")
     p.add_argument("--device", default=d.device, help=DEVICE_HELP)
     o = p.add_argument_group("optimisation")
-    warmup = f"{d.WARMUP_SHARE:.0%}% of the run" if d.WARMUP_SHARE else "none"  # %%: argparse %-formats help
-    min_lr = f"lr x {d.MIN_LR_SHARE:g}" if d.MIN_LR_SHARE != 1 else "--lr: a constant rate"
+    warmup = f"{d.warmup_share:.0%}% of the run" if d.warmup_share else "none"  # %%: argparse %-formats help
+    min_lr = f"lr x {d.min_lr_share:g}" if d.min_lr_share != 1 else "--lr: a constant rate"
     o.add_argument("--warmup-steps", type=int, metavar="N", default=d.warmup_steps,
                    help=f"linear warm-up steps (default: {warmup})")
     o.add_argument("--min-lr", type=float, default=d.min_lr,
                    help=f"learning rate at the end of the cosine (default: {min_lr})")
     o.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help=f"AdamW weight decay on weights of 2+ dimensions (default {d.weight_decay:g})")
+    o.add_argument("--beta2", type=float, default=d.beta2,
+                   help=f"AdamW's second-moment decay (beta1 is 0.9) (default {BETA2:g}, PyTorch's, as the book; GPT-2 "
+                        f"recipes use 0.95)")
     o.add_argument("--grad-clip", type=float, default=d.grad_clip,
                    help=f"max gradient norm; 0 = off (default {_default(d.grad_clip, 'off')})")
     o.add_argument("--dropout", type=float, default=d.dropout,
@@ -105,6 +111,10 @@ def add_run_args(p: argparse.ArgumentParser, d: RunConfig, epochs: int, checkpoi
                    help="training precision (default auto: bf16 autocast on CUDA, float32 on the CPU; float16 "
                         "needs CUDA)")
     s.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    s.add_argument("--parallel", default=d.parallel, choices=PARALLEL_MODES,
+                   help="under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: each holds a shard "
+                        "of every weight, gradient and optimizer moment, for models too big for one GPU) (default: "
+                        "ddp, or the mode of the run being resumed)")
     s.add_argument("--recompute", default=d.recompute, choices=RECOMPUTE,
                    help="activation recomputation, less memory for more compute: blocks (keep each block's input, "
                         "run the block again in the backward), attention (its two branches) (default none)")
@@ -242,7 +252,7 @@ def add_finetune_commands(sub) -> None:
 def cmd_generate(args) -> int:
     """Print the prompt, then each new piece of text as soon as its token is chosen; tokens/s on stderr."""
     if not args.prompt:
-        raise ValueError("the prompt is empty: give some text with --prompt \"...\"")
+        raise UserError("the prompt is empty: give some text with --prompt \"...\"")
     check_utf8_arg(args.prompt, "--prompt")
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, flags=True)
     device = model_device(args.device)
@@ -318,12 +328,12 @@ def cmd_classify(args) -> int:
     texts = [check_utf8_arg(t, "the text to classify") for t in args.text]
     texts = texts or [line for line in read_stdin().splitlines() if line.strip()]
     if not texts:
-        raise ValueError("no text to classify: give it as an argument (gpt classify --checkpoint DIR \"text\") "
-                         "or one per line on stdin")
+        raise UserError("no text to classify: give it as an argument (gpt classify --checkpoint DIR \"text\") "
+                        "or one per line on stdin")
     model, meta = load_finetuned(args.checkpoint, model_device(args.device))
     if meta.get("task") != "classifier":
-        raise ValueError(f"{args.checkpoint} holds {task_name(meta)}, not a classifier: finetune one "
-                         f"with `gpt finetune-classifier`")
+        raise UserError(f"{args.checkpoint} holds {task_name(meta)}, not a classifier: finetune one "
+                        f"with `gpt finetune-classifier`")
     probs = classify.predict(model, texts, meta.get("max_length"))  # (N, K)
     for text, p in zip(texts, probs):
         k = int(p.argmax())
@@ -366,28 +376,6 @@ def cmd_lora_merge(args) -> int:
     return 0
 
 
-def cmd_info(args) -> int:
-    import gpt_kernels.backend as kb
-
-    print(f"kernels: {kb.describe()}")
-    print(f"torch {torch.__version__}", end="")
-    try:
-        import triton
-
-        print(f", triton {triton.__version__}")
-    except ImportError:
-        print(", triton not installed")
-    print(f"\n{'preset':<12} {'layers':>6} {'width':>6} {'heads':>6} {'context':>8} {'params (tied)':>15} "
-          f"{'params (untied)':>16}")
-    for name, cfg in PRESETS.items():
-        with torch.device("meta"):
-            tied = GPT(cfg).num_parameters()
-            untied = GPT(dataclasses.replace(cfg, tie_weights=False)).num_parameters()
-        print(f"{name:<12} {cfg.n_layers:>6} {cfg.emb_dim:>6} {cfg.n_heads:>6} {cfg.context_length:>8} "
-              f"{tied:>15,} {untied:>16,}")
-    return 0
-
-
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float, top_k: int) -> None:
     p.add_argument("--max-new-tokens", type=int, metavar="N", default=max_new_tokens,
                    help=f"most tokens to generate (default {max_new_tokens})")
@@ -400,7 +388,7 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperatu
 
 
 def add_use_commands(sub) -> None:
-    """generate, classify, chat, lora-merge, info."""
+    """generate, classify, chat, lora-merge."""
     g = sub.add_parser("generate", help="continue a prompt with a model",
                        description="Continue a prompt with a model, printing each piece of text as soon as its token "
                                    "is chosen (tokens/s on stderr). The model: --checkpoint DIR (a run of gpt train, "
@@ -452,10 +440,6 @@ def add_use_commands(sub) -> None:
     m.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model (a new directory)")
     m.set_defaults(func=cmd_lora_merge)
 
-    i = sub.add_parser("info", help="presets, parameter counts and the active kernel backend",
-                       description="The presets with their sizes and parameter counts, the torch and Triton "
-                                   "versions, and which kernels run.")
-    i.set_defaults(func=cmd_info)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -488,8 +472,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as e:
-        if os.environ.get("GPT_DEBUG"):
+    except (UserError, OSError, torch.OutOfMemoryError) as e:  # a user's mistake, a file problem, a batch too big
+        if os.environ.get("GPT_DEBUG"):  # (anything else is a bug, and shows its traceback)
             raise
-        print(f"gpt {args.command}: error: {e}", file=sys.stderr)
+        oom = isinstance(e, torch.OutOfMemoryError)
+        print(f"gpt {args.command}: error: " + (f"out of memory ({str(e).splitlines()[0]}): use a smaller --batch-size "
+                                                f"or model" if oom else str(e)), file=sys.stderr)
         return 1

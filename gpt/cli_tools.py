@@ -1,19 +1,22 @@
-"""The command line's corpus, evaluation, export and planning commands, ``gpt prepare-data``, ``gpt eval``,
-``gpt export`` and ``gpt plan``: argparse only, registered by :mod:`gpt.cli` (which prints a user's mistake as
-one line, as for every command)."""
+"""The command line's corpus, evaluation, export, information and planning commands, ``gpt
+prepare-data``, ``gpt eval``, ``gpt export``, ``gpt info`` and ``gpt plan``: argparse only, registered by
+:mod:`gpt.cli` (which prints a user's mistake as one line, as for every command)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+import torch
 
 from gpt_kernels.backend import BACKENDS
 
 from .config import PRESETS
 from .hellaswag import DEFAULT_EVAL_PRESET, EvalConfig, evaluate
-from .model import RECOMPUTE
+from .model import GPT, RECOMPUTE
 from .plan import DTYPES as PLAN_DTYPES
 from .plan import GPUS, PARALLEL, PlanConfig, format_plan, plan
-from .runtime import DTYPES
+from .runtime import DTYPES, kernels_in_force
 from .shards import PrepareConfig, prepare_data
 
 
@@ -118,6 +121,36 @@ def add_export_command(sub) -> None:
     e.set_defaults(func=cmd_export)
 
 
+def add_info_command(sub) -> None:
+    i = sub.add_parser("info", help="presets, parameter counts and the active kernel backend",
+                       description="The presets with their sizes and parameter counts, the torch and Triton "
+                                   "versions, and which kernels run.")
+    i.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    import gpt_kernels.backend as kb
+
+    kernels_in_force()  # a $GPT_KERNELS that names no backend is refused, as by every command
+    print(f"kernels: {kb.describe()}")
+    print(f"torch {torch.__version__}", end="")
+    try:
+        import triton
+
+        print(f", triton {triton.__version__}")
+    except ImportError:
+        print(", triton not installed")
+    print(f"\n{'preset':<12} {'layers':>6} {'width':>6} {'heads':>6} {'context':>8} {'params (tied)':>15} "
+          f"{'params (untied)':>16}")
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):
+            tied = GPT(cfg).num_parameters()
+            untied = GPT(dataclasses.replace(cfg, tie_weights=False)).num_parameters()
+        print(f"{name:<12} {cfg.n_layers:>6} {cfg.emb_dim:>6} {cfg.n_heads:>6} {cfg.context_length:>8} "
+              f"{tied:>15,} {untied:>16,}")
+    return 0
+
+
 def add_plan_command(sub) -> None:
     d = PlanConfig()
     p = sub.add_parser(
@@ -154,7 +187,8 @@ def cmd_plan(args) -> int:
 
 
 def add_tool_commands(sub) -> None:
-    """prepare-data, eval, export and plan, in that order in ``gpt --help``."""
+    """info, prepare-data, eval, export and plan, in that order in ``gpt --help``."""
+    add_info_command(sub)
     add_prepare_command(sub)
     add_eval_command(sub)
     add_export_command(sub)

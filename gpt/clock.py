@@ -6,6 +6,9 @@ each part and, once a few steps are timed, prints one line: the time left, what 
 clock time the run should end at. The first step of a run is not counted: it carries the warm-up (memory
 allocation, kernel autotuning, ``torch.compile``). When that first estimate had no evaluation timed yet
 (finetuning evaluates after each epoch), a second line follows the first evaluation.
+
+How fast a run trains (:class:`Throughput`): tokens and examples per second, in the progress bar and in
+each evaluation's record of ``log.jsonl`` (``"speed"``).
 """
 
 from __future__ import annotations
@@ -87,3 +90,29 @@ class RunClock:
         the end, and ends an epoch every ``steps_per_epoch`` steps and at the end."""
         return self.estimate(total - step, count_due(step, total, eval_every), count_due(step, total, steps_per_epoch),
                              then)
+
+
+class Throughput:
+    """The training's speed: tokens and examples per second of the steps' own time (not the evaluations'),
+    for the progress bar (each step) and the log (the steps since the last evaluation). :meth:`rates` is
+    the one place that turns counts and seconds into the figures both show."""
+
+    def __init__(self):
+        self.tokens, self.examples, self.seconds = 0, 0, 0.0  # since the last call of since_last
+
+    def step(self, tokens: int, examples: int, seconds: float) -> dict:
+        """Record a step (all processes' tokens and examples); its own rates."""
+        self.tokens, self.examples, self.seconds = (self.tokens + tokens, self.examples + examples,
+                                                    self.seconds + seconds)
+        return self.rates(tokens, examples, seconds)
+
+    def since_last(self) -> dict | None:
+        """The rates of the steps since the last call (None if there were none), and start counting anew."""
+        counts, self.tokens, self.examples, self.seconds = (self.tokens, self.examples, self.seconds), 0, 0, 0.0
+        return self.rates(*counts) if counts[2] > 0 else None
+
+    @staticmethod
+    def rates(tokens: int, examples: int, seconds: float) -> dict:
+        """{"tokens_per_s", "examples_per_s"} of ``tokens`` and ``examples`` in ``seconds``."""
+        seconds = max(seconds, 1e-9)
+        return {"tokens_per_s": round(tokens / seconds, 1), "examples_per_s": round(examples / seconds, 2)}

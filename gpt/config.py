@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .errors import UserError
+
 
 @dataclass
 class GPTConfig:
@@ -27,13 +29,13 @@ class GPTConfig:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "pad_vocab_multiple"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
+                raise UserError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
         if self.emb_dim % self.n_heads:
-            raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+            raise UserError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
         if self.init not in ("gpt2", "torch"):
-            raise ValueError(f"init must be 'gpt2' or 'torch', got {self.init!r}")
+            raise UserError(f"init must be 'gpt2' or 'torch', got {self.init!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def head_dim(self) -> int:
@@ -52,14 +54,14 @@ class GPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown GPTConfig field(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise UserError(f"unknown GPTConfig field(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GPTConfig:
         """A preset by name (see ``PRESETS``), with any field overridden, e.g. ``context_length=256``."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+            raise UserError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
 

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
 from .tokenizer import not_utf8
 
 KINDS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
@@ -48,7 +49,7 @@ _CUT = re.compile(f"[^{WHITESPACE}](?=[{WHITESPACE}])")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """A source that cannot be used as it is: the message names the file (and line) and what to do."""
 
 

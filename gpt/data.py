@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .errors import UserError
 from .rundir import atomic_write, need
 from .tokenizer import EOT_ID, VOCAB_SIZE, asset_path, encode, not_utf8, read_utf8
 
@@ -41,17 +42,17 @@ class SlidingWindowDataset(Dataset):
 
     def __init__(self, tokens, context_length: int, stride: int | None = None):
         if context_length < 1:
-            raise ValueError(f"context_length must be >= 1, got {context_length}")
+            raise UserError(f"context_length must be >= 1, got {context_length}")
         stride = context_length if stride is None else stride
         if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
+            raise UserError(f"stride must be >= 1, got {stride}")
         if isinstance(tokens, list):
             tokens = np.asarray(tokens, dtype=np.int64)
         self.tokens, self.context_length, self.stride = tokens, context_length, stride
         n = len(tokens)
         if n < context_length + 1:
-            raise ValueError(f"the text has {n} tokens, fewer than one window needs ({context_length} + 1 for "
-                             f"the shifted targets): use a longer text or a smaller context length")
+            raise UserError(f"the text has {n} tokens, fewer than one window needs ({context_length} + 1 for "
+                            f"the shifted targets): use a longer text or a smaller context length")
         self.num_windows = (n - context_length - 1) // stride + 1
 
     def __len__(self) -> int:
@@ -69,30 +70,9 @@ class SlidingWindowDataset(Dataset):
 def split_tokens(tokens, val_ratio: float):
     """Split a token sequence into (train, validation) at ``1 - val_ratio`` of its length."""
     if not 0.0 <= val_ratio < 1.0:
-        raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
+        raise UserError(f"val_ratio must be in [0, 1), got {val_ratio}")
     cut = int(round(len(tokens) * (1.0 - val_ratio)))
     return tokens[:cut], tokens[cut:]
-
-
-def create_dataloader(tokens, batch_size: int = 4, context_length: int = 256, stride: int | None = None,
-                      shuffle: bool = True, drop_last: bool = True, num_workers: int = 0,
-                      seed: int | None = None) -> DataLoader:
-    """A DataLoader of (inputs, targets) batches, each (batch_size, context_length) int64.
-
-    ``tokens`` may also be a string, which is tokenized with the GPT-2 tokenizer first.
-    """
-    if isinstance(tokens, str):
-        tokens = encode(tokens)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ds = SlidingWindowDataset(tokens, context_length, stride)
-    if drop_last and len(ds) < batch_size:
-        raise ValueError(f"{len(ds)} windows of {context_length} tokens do not fill one batch of {batch_size} "
-                         f"with drop_last: lower the batch size, the context length or the stride, or use "
-                         f"more text")
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
-                      generator=gen)
 
 
 # ------------------------------------------------------------------------------ corpora bigger than memory
@@ -179,7 +159,7 @@ def load_token_file(path) -> np.memmap:
     if not path.is_file():
         raise FileNotFoundError(f"token file {str(path)!r} does not exist: create it with tokenize_to_file")
     if path.stat().st_size % 2:
-        raise ValueError(f"{path} has an odd number of bytes: not a uint16 token file (or truncated)")
+        raise UserError(f"{path} has an odd number of bytes: not a uint16 token file (or truncated)")
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
@@ -194,7 +174,7 @@ def load_tokens(source, cache_dir=None, max_in_memory_bytes: int = 64 << 20):
     files = list_text_files(source)
     size = sum(f.stat().st_size for f in files)
     if size == 0:
-        raise ValueError(f"the data at {source!s} is empty: give a text file with some text in it")
+        raise UserError(f"the data at {source!s} is empty: give a text file with some text in it")
     if len(files) == 1 and size <= max_in_memory_bytes and Path(source).is_file():
         return np.asarray(encode(read_utf8(files[0]), allow_special=False), dtype=np.int64)
     name = "corpus" if isinstance(source, (list, tuple)) else Path(source).name

@@ -3,12 +3,17 @@
 A *task* (:class:`Task`) says what differs between jobs: the model, the training examples and how a batch
 is built from them, the loss, the evaluation, what a checkpoint's model files are, what happens at the
 end. The engine owns the rest, the same for all: the learning-rate schedule, the optimizer rule
-(:mod:`gpt.optim`), mixed precision, gradient accumulation and clipping, DistributedDataParallel under
-torchrun, evaluations and checkpoints on a schedule, exact resume at any step, Ctrl-C (finish the
-step, or cut the evaluation or sample after it short; save; stop), a run directory held from start to end
-(:func:`gpt.rundir.claim_run_dir`), and an estimate of the run's length once its first steps are timed
-(:mod:`gpt.clock`).
-As nanoGPT's one loop serves every config and Lightning's ``Trainer`` every module.
+(:mod:`gpt.optim`), mixed precision, gradient accumulation and clipping, several processes under
+torchrun (DDP or FSDP2: :mod:`gpt.parallel`), evaluations and checkpoints on a schedule, exact resume at
+any step (:mod:`gpt.trainer_state`), Ctrl-C (finish the step, or cut the evaluation or sample after it
+short; save; stop), a run directory held from start to end, the training's speed (tokens/s in the
+progress bar and the log) and an estimate of the run's length once its first steps are timed
+(:mod:`gpt.clock`). As nanoGPT's one loop serves every config and Lightning's ``Trainer`` every module.
+
+The run's settings come resolved in a frozen :class:`gpt.settings.Plan` (``run.plan``, its settings
+``run.config``); neither the engine nor a task changes them. The model has two handles: ``model``, the
+raw model (sharded in place under FSDP), which evaluations, samples and saves use, and ``step_model``,
+what a training step calls (compiled when asked, inside DDP under ddp).
 
 **Which examples a step sees** (:mod:`gpt.sources`). Each epoch shuffles the training examples with a
 generator seeded by (seed, epoch), or keeps their order (a task's ``shuffle = False``: prepared shards,
@@ -17,7 +22,7 @@ streamed). Optimizer step ``s`` of the epoch takes the next ``G`` examples of th
 and process ``r`` its ``r``-th ``batch_size``. Examples left over at an epoch's end are skipped (as
 ``drop_last``). The loss of a step is the mean over all its loss terms (tokens, or examples) on every
 process, however they are split: one process with batch 8, two with batch 4, or one with batch 2 and 4
-accumulation steps follow the same curve (up to float rounding).
+accumulation steps follow the same curve (up to float rounding), under DDP or FSDP alike.
 
 **Exact resume.** A checkpoint is taken between two steps and holds everything the later steps depend
 on: weights, optimizer, schedule, gradient scaler, the step, every process's position in the data and
@@ -25,7 +30,8 @@ its random generators (CPU and GPU: dropout masks and the attention kernels' dro
 loss since the last evaluation, and the step's evaluation or sample if Ctrl-C left it undone (a resume
 does it first). Evaluations and samples run with the generators saved and put back
 (:func:`gpt.runtime.rng_preserved`), so they never shift the training's random streams. A run stopped
-at any step and resumed ends bit-identical to one that was never stopped (tested for every task).
+at any step and resumed ends bit-identical to one that was never stopped (tested for every task, and
+for FSDP); resumed with another number of processes, it continues with the same data and schedule.
 """
 
 from __future__ import annotations
@@ -34,88 +40,28 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checks import check_run_settings
-from .clock import RunClock
+from . import trainer_state
+from .clock import RunClock, Throughput
+from .errors import UserError
 from .model import set_recompute
 from .optim import make_optimizer, make_scheduler, optimizer_step
-from .rundir import LOG_FILE, STATE_FILE, RunLog, claim_run_dir, save_staged, tensor_bytes
-from .runtime import (
-    Precision,
-    Processes,
-    StopOnSignal,
-    rng_preserved,
-    rng_state,
-    seed_all,
-    set_rng_state,
-    to_device,
-)
+from .parallel import Parallel
+from .rundir import LOG_FILE, RunLog
+from .runtime import Precision, Processes, StopOnSignal, rng_preserved, seed_all, to_device
+from .settings import Plan
 from .sources import ExampleSource
-
-STATE_FORMAT = "gpt-triton-trainer-3"  # 3: every process's data position ("data")
-
-
-@dataclass
-class RunConfig:
-    """The settings every training job shares (:class:`gpt.pretrain.TrainConfig` and
-    :class:`gpt.finetune.FinetuneConfig` add their own). ``None`` means "work it out" (see each comment)."""
-
-    # the model to start from
-    preset: str | None = None  # architecture of a fresh model; None: "mini" (ignored with checkpoint/hf)
-    checkpoint: str | None = None  # start from one of our checkpoint directories instead
-    hf: str | None = None  # ... or from a Hugging Face GPT-2 directory
-    dropout: float | None = None  # None: the model's own (0.1 for the presets)
-    kernels: str | None = None  # kernel backend of the model's fused ops: auto, triton, torch, reference; None:
-    # $GPT_KERNELS if set, else auto (the rule of every command; resolved when the run starts, also on resume)
-    # the run directory
-    out: str | None = None  # None: a new folder under runs/ (or the --resume directory)
-    resume: str | None = None  # a run directory to continue
-    # the optimisation
-    epochs: int | None = None  # passes over the training examples; None: the job's (10 pretraining, 5 or 2
-    # finetuning, as the book's chapters)
-    max_steps: int | None = None  # the run's length in optimizer steps instead of epochs (give one of them).
-    # The schedule spans the run's length: a resume that changes it (either setting) reshapes what is left
-    batch_size: int = 2  # examples per forward pass per process
-    lr: float = 4e-4  # peak learning rate
-    min_lr: float | None = None  # where the cosine ends; None: lr * MIN_LR_SHARE
-    warmup_steps: int | None = None  # linear warm-up steps; None: WARMUP_SHARE of the run's steps
-    weight_decay: float = 0.1  # AdamW's, on weights of 2 or more dimensions only (see gpt.optim)
-    grad_clip: float | None = 1.0  # clip the global gradient norm to this; None or 0: no clipping
-    # evaluation and checkpoints
-    eval_every: int | None = 5  # optimizer steps between evaluations; None: after each epoch
-    eval_batches: int | None = 5  # batches (of batch_size per process) per evaluated split; None: all
-    save_every: int | None = 500  # optimizer steps between checkpoints; None: after each epoch (and always
-    # at the end and on Ctrl-C)
-    # the machine
-    seed: int = 123
-    device: str = "auto"  # auto, cpu, cuda, cuda:1 (under torchrun: each process's own GPU)
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16, float16 (CUDA only)
-    compile: bool = False  # torch.compile the model
-    recompute: str = "none"  # activation recomputation: none, blocks, attention (gpt.model.RECOMPUTE)
-
-    # settings a resumed run may change; every other one comes from the checkpoint (another data set, batch
-    # or schedule would make the resumed run something other than a continuation)
-    RESUME_MAY_CHANGE: ClassVar[frozenset] = frozenset({
-        "epochs", "max_steps", "out", "resume", "device", "dtype", "compile", "recompute", "kernels", "eval_every",
-        "eval_batches", "save_every"})
-    WARMUP_SHARE: ClassVar[float] = 0.05  # warm-up steps when warmup_steps is None, as a share of the run
-    MIN_LR_SHARE: ClassVar[float] = 0.1  # min_lr when None, as a share of lr
-
-    def check(self) -> None:
-        """Clear errors for settings that make no sense (before anything is loaded or written)."""
-        check_run_settings(self)
 
 
 @dataclass
 class RunResult:
-    model: nn.Module  # the trained model (not wrapped in DDP or torch.compile)
+    model: nn.Module  # the trained model (not wrapped in DDP or torch.compile; sharded in place under FSDP)
     out_dir: Path | None  # the run directory (None on processes other than the first)
     step: int  # optimizer steps done in total (including those before a resume)
     examples_seen: int  # training examples (windows, texts, records) the steps took, over all processes
@@ -125,13 +71,17 @@ class RunResult:
 
 
 class Task:
-    """What a training job says; the engine does the rest. Set the attributes in ``__init__``."""
+    """What a training job says; the engine does the rest. ``__init__(settings, env, saved)`` loads the
+    model and the data under ``settings`` (the run's settings as far as they are known before its model
+    and data are: :func:`gpt.settings.plan_run`) and sets the attributes; after that a task reads the run's
+    settings from ``run.config``."""
 
     name: str  # recorded in the checkpoint: a run resumes only as the task it was
     run_prefix: str = ""  # a new run's default directory is runs/<prefix>-<date-time>
-    config: RunConfig  # the job's settings with everything resolved (what a resume continues with)
+    default_epochs: int  # the run's length when neither epochs nor max_steps is given
     model: nn.Module  # on the device, with its trainable parameters marked (requires_grad)
     train_set: Sequence  # the training examples: the engine shuffles and deals them out
+    found: dict  # the settings the task worked out from its model and data (context length...): the plan's
     shuffle: bool = True  # a new order of train_set each epoch; False: its own order (streamed shards)
     examples_per_step: int | None = None  # all processes together; None: one batch per process
     eval_at_start: bool = False  # evaluate before the first step too
@@ -149,6 +99,10 @@ class Task:
         """How many terms the batch's mean loss averages (tokens with a target, examples)."""
         raise NotImplementedError
 
+    def tokens(self, batch) -> int:
+        """How many tokens the model reads for the batch (its speed is counted in these): the input ids'."""
+        return batch[0].numel()
+
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         """The batch's mean loss (a scalar tensor), in training mode."""
         raise NotImplementedError
@@ -164,11 +118,9 @@ class Task:
     def epoch_end(self, run: Trainer) -> None:
         """After each epoch and after the last step (e.g. print a sample)."""
 
-    def begin(self, run_dir: Path) -> None:
-        """Once, when the run directory has been created (first process only)."""
-
-    def save(self, run: Trainer, directory: Path) -> None:
-        """Write the model's files of a checkpoint into ``directory`` (first process only)."""
+    def save(self, run: Trainer, model: nn.Module, directory: Path) -> None:
+        """Write the model's files of a checkpoint into ``directory`` (first process only), from ``model``:
+        the trained model, whole (under FSDP a copy gathered on this process's CPU)."""
         raise NotImplementedError
 
     def finish(self, run: Trainer) -> dict:
@@ -180,94 +132,58 @@ class Task:
 
 
 class Trainer:
-    """One run of a task: the schedule, the steps, the evaluations and checkpoints (see the module's doc).
+    """One run of a task as its plan says: the steps, the evaluations and checkpoints (see the module's doc).
 
-    What a task may use: ``model`` (the raw model), ``step``, ``epoch`` (fractional), ``steps_per_epoch``,
-    ``total_steps``, ``per_step`` (examples per step), ``env`` (rank, world size), ``run_dir``, ``evals``,
-    ``say``, ``log_record``, ``elapsed``, ``running_loss`` and ``eval_sums``.
+    What a task may use: ``config`` (the run's settings), ``model`` (the raw model), ``step``, ``epoch``
+    (fractional), ``steps_per_epoch``, ``total_steps``, ``per_step`` (examples per step), ``env`` (rank,
+    world size), ``precision``, ``run_dir``, ``evals``, ``say``, ``log_record``, ``elapsed``,
+    ``running_loss`` and ``eval_sums``.
     """
 
-    def __init__(self, task: Task, env: Processes, precision: Precision, state: dict | None, run_dir: Path,
-                 on_step: Callable[[int, float], None] | None = None):
-        self.task, self.env, self.precision, self.run_dir, self.on_step = task, env, precision, run_dir, on_step
-        self.model = task.model
+    def __init__(self, task: Task, plan: Plan, env: Processes, precision: Precision, saved: dict | None,
+                 run_dir: Path, on_step: Callable[[int, float], None] | None = None):
+        c = self.config = plan.config
+        self.task, self.plan, self.env, self.precision, self.run_dir = task, plan, env, precision, run_dir
+        self.on_step, self.model = on_step, task.model
         self.say = tqdm.write if env.main else (lambda *a, **k: None)
-        self._plan(task.config)
         self.step, self.evals, self.losses = 0, [], []
-        self._running = [0.0, 0]  # sum and count of the step losses since the last evaluation
-        self.source = ExampleSource(task.train_set, self.config.seed if task.shuffle else None)
-        self._pending = ["evaluate"] if task.eval_at_start else []  # the step's evaluation and epoch end, not done
-        self._finished = False  # the task's final work (Task.finish) is done for this step
-        self.in_place = bool(task.config.resume) and Path(task.config.resume).resolve() == run_dir.resolve()
-        self._checkpoint = (Path(task.config.resume), state["step"]) if state else None  # (where, step): latest
-        self.clock = RunClock()
-        fused = env.device.type in ("cuda", "cpu")
-        self.optimizer = make_optimizer(self.model, self.config.lr, self.config.weight_decay, fused=fused)
-        self.scheduler = make_scheduler(self.optimizer, self.config.lr, self.config.min_lr,
-                                        self.config.warmup_steps, self.total_steps)
-        if state is not None:
-            self._restore(state)
+        self.running = [0.0, 0]  # sum and count of the step losses since the last evaluation
+        self.pending = ["evaluate"] if task.eval_at_start else []  # the step's evaluation and epoch end, not done
+        self.finished = False  # the task's final work (Task.finish) is done for this step
+        self.source = ExampleSource(task.train_set, c.seed if task.shuffle else None)
+        self.in_place = bool(c.resume) and Path(c.resume).resolve() == run_dir.resolve()
+        self.clock, self.speed = RunClock(), Throughput()
+        # the model spread over the processes, then the optimizer over what each holds, and the schedule
+        self.parallel = Parallel(c.parallel, env)
+        self.parallel.shard(self.model)
+        self.optimizer = make_optimizer(self.model, c.lr, c.weight_decay, fused=env.device.type in ("cuda", "cpu"),
+                                        betas=(0.9, c.beta2))
+        self.scheduler = make_scheduler(self.optimizer, c.lr, c.min_lr, c.warmup_steps, plan.total_steps)
+        if saved is not None:
+            trainer_state.restore(self, saved)
+            log = RunLog(Path(c.resume) / LOG_FILE).read(self.step)
+            self.evals = [r for r in log if r.get("event") == "eval"]
+            self.finished = {"event": "finished", "step": self.step} in log
         else:
-            seed_all(self.config.seed + env.rank)  # the same weights everywhere, different dropout per process
-        set_recompute(self.model, self.config.recompute)
-        self.fwd_model = torch.compile(self.model) if self.config.compile else self.model
-        self.train_model = self.fwd_model
-        if env.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [env.device.index] if env.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.fwd_model, device_ids=ids)
+            seed_all(c.seed + env.rank)  # the same weights everywhere, different dropout per process
+        self.checkpoint = (Path(c.resume), saved["step"]) if saved else None  # (where, step): the latest
+        set_recompute(self.model, c.recompute)
+        self.step_model = self.parallel.step_model(self.model, c.compile)
         self.model.train()
 
-    def _plan(self, cfg: RunConfig) -> None:
-        """How many examples make a step, how many steps an epoch and the run; the schedule's ends."""
-        self.per_micro = cfg.batch_size * self.env.world  # examples per micro-step, all processes together
-        self.per_step = self.task.examples_per_step or self.per_micro
-        if self.per_step % self.per_micro:
-            raise ValueError(f"{self.per_step} examples per optimizer step is not a multiple of the "
-                             f"{cfg.batch_size} per batch x {self.env.world} process(es) = {self.per_micro} of a "
-                             f"micro-step: change the batch size or the examples per step")
-        self.accum = self.per_step // self.per_micro
-        n = len(self.task.train_set)
-        self.steps_per_epoch = n // self.per_step
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set has {n} examples, fewer than one optimizer step needs "
-                             f"({cfg.batch_size} per batch x {self.env.world} process(es) x {self.accum} "
-                             f"accumulation step(s) = {self.per_step}): lower the batch size or the examples per "
-                             f"step, or give more data")
-        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        if cfg.warmup_steps and cfg.warmup_steps >= self.total_steps and not cfg.resume:
-            raise ValueError(f"--warmup-steps {cfg.warmup_steps} is not shorter than the run ({self.total_steps} "
-                             f"steps): the learning rate would never reach --lr {cfg.lr:g}; use fewer warm-up steps")
-        warmup = cfg.warmup_steps
-        if warmup is None:
-            warmup = max(1, round(cfg.WARMUP_SHARE * self.total_steps)) if cfg.WARMUP_SHARE else 0
-        min_lr = cfg.lr * cfg.MIN_LR_SHARE if cfg.min_lr is None else cfg.min_lr
-        self.config = replace(cfg, warmup_steps=warmup, min_lr=min_lr)  # as resolved: what a resume continues
-
-    def _restore(self, state: dict) -> None:
-        if state["examples_per_step"] != self.per_step:
-            raise ValueError(f"cannot resume {self.config.resume} with {self.env.world} process(es) of batch "
-                             f"{self.config.batch_size}: the run took {state['examples_per_step']} examples per "
-                             f"optimizer step, and micro-steps of {self.per_micro} do not add up to that; resume "
-                             f"with the number of processes it was saved with ({state['world_size']})")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.precision.scaler is not None and state.get("scaler"):
-            self.precision.scaler.load_state_dict(state["scaler"])
-        self.step, self._running, self._pending = state["step"], list(state["running"]), state.get("pending", [])
-        self.source.load_state_dict(state["data"], self.env.rank)
-        if state["world_size"] == self.env.world:
-            set_rng_state(state["rng"][self.env.rank])
-        else:
-            seed_all(self.config.seed + self.env.rank + self.step)
-            self.say(f"note: the run was saved with {state['world_size']} process(es), not {self.env.world}: the "
-                     f"data order continues exactly, the dropout masks do not")
-        log = RunLog(Path(self.config.resume) / LOG_FILE).read(self.step)
-        self.evals = [r for r in log if r.get("event") == "eval"]
-        self._finished = {"event": "finished", "step": self.step} in log
-
     # ---- what tasks use
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.total_steps
+
+    @property
+    def per_step(self) -> int:
+        return self.plan.examples_per_step
 
     @property
     def epoch(self) -> float:
@@ -279,7 +195,7 @@ class Trainer:
 
     def running_loss(self) -> float:
         """The mean training loss of the steps since the last evaluation (nan if none)."""
-        total, n = self._running
+        total, n = self.running
         return total / n if n else float("nan")
 
     def eval_sums(self, dataset: Sequence, fn: Callable, width: int, whole: bool = False) -> list[float]:
@@ -288,10 +204,10 @@ class Trainer:
         in eval mode and the run's precision, without touching the random generators. Returns the totals."""
         limit = len(dataset)
         if self.config.eval_batches is not None and not whole:
-            limit = min(limit, self.config.eval_batches * self.per_micro)
+            limit = min(limit, self.config.eval_batches * self.plan.examples_per_micro)
         mine = range(self.env.rank, limit, self.env.world)  # this process's share
         totals = torch.zeros(width, dtype=torch.float64, device=self.env.device)
-        model, bs = self.fwd_model, self.config.batch_size
+        model, bs = self.model, self.config.batch_size
         was_training = model.training
         model.eval()
         try:
@@ -317,17 +233,20 @@ class Trainer:
         for line in self.task.describe():
             self.say(line)
         self._announce()
-        if self.step >= self.total_steps and self._finished:
+        if self.step >= self.total_steps and self.finished:
             self.say(f"{self.config.resume} has already trained {self.step} steps ({self.epoch:g} epochs): raise "
                      f"--epochs or --max-steps to train more")
             return self._result({})
-        claim = claim_run_dir(self.run_dir, not self.in_place, self.task.name) if self.env.main else None
+        claim = (trainer_state.claim_run_dir(self.run_dir, not self.in_place, self.task.name) if self.env.main
+                 else None)
         with claim or contextlib.nullcontext():
+            self.log = RunLog(self.run_dir / LOG_FILE)
+            if self.env.main and self.config.resume:  # the resumed run's log, up to its checkpoint
+                self.log.rewrite(RunLog(Path(self.config.resume) / LOG_FILE).read(self.step))
             return self._fit()
 
     def _fit(self) -> RunResult:
         """Train (the pending work of the last step first), save, then the task's final work."""
-        self._open_run_dir()
         self.t_start = time.time()
         with StopOnSignal() as stop, tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                                           dynamic_ncols=True, disable=not self.env.main) as bar:
@@ -338,7 +257,8 @@ class Trainer:
             raise KeyboardInterrupt(f"training stopped at step {self.step}; checkpoint in {self.run_dir}")
         self._save()
         try:
-            final = self.task.finish(self) or {}
+            with self.parallel.whole(self.model):
+                final = self.task.finish(self) or {}
         except KeyboardInterrupt:
             self.say(f"stopped after the last step's checkpoint, in the run's final work: --resume {self.run_dir} "
                      f"does that work again")
@@ -347,73 +267,69 @@ class Trainer:
         return self._result(final)
 
     def _announce(self) -> None:
-        c = self.config
+        c, p = self.config, self.plan
         lr = f"lr {c.lr:g}" + (f" after {c.warmup_steps} warm-up steps" if c.warmup_steps else "")
         lr += f", cosine down to {c.min_lr:g}" if c.min_lr != c.lr else " (constant)"
-        self.say(f"schedule: {self.total_steps} steps ({self.steps_per_epoch} per epoch; {self.per_step} examples "
-                 f"per step = {c.batch_size} per batch x {self.accum} accumulation x {self.env.world} process(es)), "
-                 f"{lr}; {self.precision.name} on {self.env.device}; run directory {self.run_dir}"
+        processes = f"{self.env.world} process(es)" + (f" ({c.parallel})" if self.env.world > 1 else "")
+        self.say(f"schedule: {p.total_steps} steps ({p.steps_per_epoch} per epoch; {p.examples_per_step} examples "
+                 f"per step = {c.batch_size} per batch x {p.accumulation} accumulation x {processes}), {lr}; "
+                 f"{self.precision.name} on {self.env.device}; run directory {self.run_dir}"
                  + (f" (resumed at step {self.step})" if self.step else ""))
 
-    def _open_run_dir(self) -> None:
-        """Create the run directory (after every check passed); a resumed run's log, up to its checkpoint."""
-        self.log = RunLog(self.run_dir / LOG_FILE)
-        if not self.env.main:
-            return
-        if self.config.resume:
-            self.log.rewrite(RunLog(Path(self.config.resume) / LOG_FILE).read(self.step))
-        self.task.begin(self.run_dir)
-
     def _loop(self, stop: StopOnSignal, bar) -> bool:
-        """Train to the last step; True if stopped by a signal (after saving). After each step come its
-        evaluation and epoch end (when due), an estimate (once), and a checkpoint (when due). A signal during
-        a step stops after it; during the work after it, at once: what was cut short is saved as pending and
-        done first when the run resumes (see :class:`gpt.runtime.StopOnSignal`)."""
+        """Train to the last step; True if stopped by a signal (after saving). Each turn: the last step's
+        evaluation and epoch end (when due), an estimate (once), a checkpoint (when due), the next step. A
+        signal during a step stops after it; during the work after it, at once: what was cut short is saved
+        as pending and done first when the run resumes (see :class:`gpt.runtime.StopOnSignal`)."""
         c, spe = self.config, self.steps_per_epoch
         estimate_due = stepped = False
         while True:
-            try:  # (processes must stop together: after a step and its work, so never at once under DDP)
+            try:  # (processes must stop together: after a step and its work, so never at once with several)
                 with stop.at_once(self.env.world == 1):
-                    if not (stop.requested and self.env.world == 1):  # stopped in the step: its work waits for resume
+                    if not (stop.requested and self.env.world == 1):  # stopped in the step: its work waits
                         self._do_pending()
                         if estimate_due:
                             self._say_estimate()
             except KeyboardInterrupt:
                 if not stop.requested:
                     raise
-            last = self.step >= self.total_steps
             if self.env.sum([float(stop.requested)])[0] > 0:  # every process stops at the same step
                 self._save()
                 return True
-            if last:
+            if self.step >= self.total_steps:
                 return False
             if stepped and (self.step % c.save_every == 0 if c.save_every else self.step % spe == 0):
                 self._save()
             t0 = time.perf_counter()
-            loss, lr = self._train_step()
+            loss, lr, tokens = self._train_step()
             step_s = time.perf_counter() - t0
             self.step, stepped = self.step + 1, True
             self.losses.append(loss)
-            self._running = [self._running[0] + loss, self._running[1] + 1]
+            self.running = [self.running[0] + loss, self.running[1] + 1]
+            speed = self.speed.step(tokens, self.per_step, step_s)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", ex_s=f"{self.per_step / max(step_s, 1e-9):,.1f}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed['tokens_per_s']:,.0f}",
+                            ex_s=f"{speed['examples_per_s']:,.1f}")
             if self.on_step is not None:
                 self.on_step(self.step, loss)
             estimate_due = self.clock.step(step_s)
             epoch_done = self.step % spe == 0 or self.step == self.total_steps
-            self._pending = ["evaluate"] * self._evaluates_at(self.step) + ["epoch_end"] * epoch_done
+            self.pending = ["evaluate"] * self._evaluates_at(self.step) + ["epoch_end"] * epoch_done
 
     def _do_pending(self) -> None:
         """The evaluation and epoch end due after the last step, each taken off the list once done."""
-        while self._pending:
-            if self._pending[0] == "evaluate":
-                self._evaluate()
-            else:
-                t0 = time.perf_counter()
-                with rng_preserved():
-                    self.task.epoch_end(self)
-                self.clock.epoch_end(time.perf_counter() - t0)
-            self._pending.pop(0)
+        if not self.pending:
+            return
+        with self.parallel.whole(self.model):
+            while self.pending:
+                if self.pending[0] == "evaluate":
+                    self._evaluate()
+                else:
+                    t0 = time.perf_counter()
+                    with rng_preserved():
+                        self.task.epoch_end(self)
+                    self.clock.epoch_end(time.perf_counter() - t0)
+                self.pending.pop(0)
 
     def _evaluates_at(self, step: int) -> bool:
         every = self.config.eval_every
@@ -425,43 +341,41 @@ class Trainer:
             self.say(self.clock.estimate_rest(self.step, self.total_steps, self.config.eval_every or
                                               self.steps_per_epoch, self.steps_per_epoch, self.task.after_training))
 
-    def _batches(self) -> list[tuple]:
-        """This process's micro-batches of the next step (see the module's doc)."""
-        items = self.source.next_step(self.accum, self.config.batch_size, self.env.world, self.env.rank)
-        return [self.task.collate(examples) for examples in items]
-
-    def _train_step(self) -> tuple[float, float]:
-        """One optimizer step; returns its loss (the mean over every loss term of every process) and lr."""
-        batches = self._batches()
+    def _train_step(self) -> tuple[float, float, int]:
+        """One optimizer step; returns its loss (the mean over every loss term of every process), its learning
+        rate and the tokens it read (all processes)."""
+        batches = [self.task.collate(examples) for examples in self.source.next_step(
+            self.plan.accumulation, self.config.batch_size, self.env.world, self.env.rank)]
         counts = [self.task.count(b) for b in batches]
-        total = self.env.sum([float(sum(counts))])[0]  # loss terms of the step, all processes together
+        total, tokens = self.env.sum([float(sum(counts)), float(sum(self.task.tokens(b) for b in batches))])
         scaler, world = self.precision.scaler, self.env.world
         loss_sum = torch.zeros((), device=self.env.device)
         for m, (batch, n) in enumerate(zip(batches, counts)):
-            last = m == len(batches) - 1
-            sync = contextlib.nullcontext() if last or world == 1 else self.train_model.no_sync()
-            with sync:
+            with self.parallel.no_sync(self.step_model, last=m == len(batches) - 1):
                 with self.precision.autocast():
-                    loss = self.task.loss(self.train_model, to_device(batch, self.env.device))  # mean of n terms
-                # DDP averages the processes' gradients: scaled so that the step's gradient is that of the mean
-                # over all `total` terms, however they are split into micro-batches and processes
+                    loss = self.task.loss(self.step_model, to_device(batch, self.env.device))  # mean of n terms
+                # DDP and FSDP average the processes' gradients: scaled so that the step's gradient is that of
+                # the mean over all `total` terms, however they are split into micro-batches and processes
                 scaled = loss * (n * world / total)
                 (scaler.scale(scaled) if scaler else scaled).backward()
             loss_sum += loss.detach().float() * n
         lr = optimizer_step(self.optimizer, self.scheduler, scaler, self.model, self.config.grad_clip)
         step_loss = self.env.sum([loss_sum.item()])[0] / total
         if not math.isfinite(step_loss):
-            kept = (f"the checkpoint of step {self._checkpoint[1]} in {self._checkpoint[0]} is untouched"
-                    if self._checkpoint else f"no checkpoint had been saved, so nothing is kept in {self.run_dir}")
-            raise RuntimeError(f"the training loss became {step_loss} at step {self.step + 1}: lower --lr (it is "
-                               f"{self.config.lr:g}) or use --dtype bfloat16/float32; {kept}")
-        return step_loss, lr
+            kept = (f"the checkpoint of step {self.checkpoint[1]} in {self.checkpoint[0]} is untouched"
+                    if self.checkpoint else f"no checkpoint had been saved, so nothing is kept in {self.run_dir}")
+            raise UserError(f"the training loss became {step_loss} at step {self.step + 1}: lower --lr (it is "
+                            f"{self.config.lr:g}) or use --dtype bfloat16/float32; {kept}")
+        return step_loss, lr, int(tokens)
 
     def _evaluate(self) -> None:
         t0 = time.perf_counter()
         record = {"event": "eval", "step": self.step, "epoch": self.epoch, **self.task.evaluate(self),
                   "lr": self.scheduler.get_last_lr()[0], "time": round(self.elapsed(), 2)}
-        self._running = [0.0, 0]
+        speed = self.speed.since_last()
+        if speed:  # the training's speed since the last evaluation
+            record["speed"] = speed
+        self.running = [0.0, 0]
         self.evals.append(record)
         self.log_record(record)
         self.say(self.task.report(record))
@@ -469,28 +383,15 @@ class Trainer:
             self._say_estimate()
 
     def _save(self) -> None:
-        rng = self.env.gather(rng_state())  # every process's generators, so a resume continues them all
-        data = self.env.gather(self.source.state_dict())  # ... and its position in the data
-        if not self.env.main:
-            return
-        state = {"format": STATE_FORMAT, "task": self.task.name, "step": self.step, "world_size": self.env.world,
-                 "examples_per_step": self.per_step, "train_config": asdict(self.config), "running": self._running,
-                 "pending": list(self._pending),
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None, "rng": rng,
-                 "data": data}
-
-        def write(staging: Path):
-            self.task.save(self, staging)
-            torch.save(state, staging / STATE_FILE)
-
-        save_staged(self.run_dir, write, f"the checkpoint of step {self.step}",
-                    tensor_bytes([state, self.model.state_dict()]))
-        self._checkpoint = (self.run_dir, self.step)
+        """A checkpoint of this step (every process takes part; see :mod:`gpt.trainer_state`)."""
+        model = self.parallel.full_model(self.model)
+        trainer_state.save(self, model, lambda staging: self.task.save(self, model, staging))
+        self.checkpoint = (self.run_dir, self.step)
 
     def _result(self, final: dict) -> RunResult:
         metrics = {k: v for k, v in (self.evals[-1] if self.evals else {}).items()
-                   if k not in ("event", "time", "lr")}
+                   if k not in ("event", "time", "lr", "speed")}
         return RunResult(model=self.model, out_dir=self.run_dir if self.env.main else None, step=self.step,
                          examples_seen=self.step * self.per_step, losses=self.losses, evals=self.evals,
                          metrics={**metrics, **final})
+

@@ -21,10 +21,8 @@ and ``loss.png``: the loss per epoch and, for a classifier, the accuracy beside 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -33,7 +31,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .checks import check_positive
-from .engine import RunConfig, Task, Trainer
+from .engine import Task, Trainer
+from .errors import UserError
 from .lora import (
     DEFAULT_TARGETS,
     apply_lora,
@@ -47,8 +46,10 @@ from .lora import (
 )
 from .model import GPT, GPTClassifier
 from .plot import plot_finetuning
-from .rundir import atomic_write, check_new_run_dir, claim_run_dir, need
+from .rundir import atomic_write, need
 from .runtime import Processes
+from .settings import RunConfig
+from .trainer_state import check_new_run_dir, claim_run_dir
 from .weights import (
     ADAPTERS_FILE,
     CheckpointError,
@@ -70,7 +71,7 @@ DEFAULT_LORA_RANK = 16  # appendix E's rank and alpha
 DEFAULT_LORA_ALPHA = 16.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig(RunConfig):
     """Everything a finetuning run depends on: the shared settings of :class:`gpt.engine.RunConfig`, with
     the defaults of the book's chapters 6 and 7 (AdamW at a constant 5e-5, batch 8, no dropout, no
@@ -90,7 +91,7 @@ class FinetuneConfig(RunConfig):
     limit: int | None = None  # use only this many examples (a quick run on a slice of the data)
     max_length: int | None = None  # truncate every example to this many tokens (None: up to the context)
     examples_per_step: int | None = None  # examples per optimizer step, reached by gradient accumulation;
-    # None: one batch per process
+    # None: one batch per process (recorded as that number: a resume with other processes accumulates to it)
     # which weights train
     trainable: str | None = None  # last-block, all or lora; None: the task's ("lora" with lora_rank/alpha)
     lora_rank: int | None = None  # None with LoRA: 16
@@ -103,25 +104,21 @@ class FinetuneConfig(RunConfig):
     mask_prompt: bool = False  # the loss on the response tokens only
     max_new_tokens: int = 256  # longest generated response for the test set
 
+    warmup_share: float = 0.0  # a constant learning rate unless told otherwise, as the book: no warm-up...
+    min_lr_share: float = 1.0  # ... and no decay
+
     RESUME_MAY_CHANGE: ClassVar[frozenset] = RunConfig.RESUME_MAY_CHANGE | {"merge", "max_new_tokens"}
-    WARMUP_SHARE: ClassVar[float] = 0.0  # a constant learning rate unless told otherwise, as the book
-    MIN_LR_SHARE: ClassVar[float] = 1.0
 
     def check(self) -> None:
         super().check()
         for name in ("limit", "max_length", "examples_per_step"):
             check_positive(self, name, allow_none=True)
         if self.trainable is not None and self.trainable not in TRAINABLE_CHOICES:
-            raise ValueError(f"unknown --trainable {self.trainable!r}: choose one of {', '.join(TRAINABLE_CHOICES)}")
+            raise UserError(f"unknown --trainable {self.trainable!r}: choose one of {', '.join(TRAINABLE_CHOICES)}")
         if self.lora_rank is not None or self.lora_alpha is not None:
             check_lora_settings(self.lora_rank or DEFAULT_LORA_RANK, self.lora_alpha or DEFAULT_LORA_ALPHA)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise ValueError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens!r}")
-
-
-def prepare_config(cfg: FinetuneConfig | None, settings: dict) -> FinetuneConfig:
-    """``cfg`` (default: all defaults) with ``settings`` applied."""
-    return dataclasses.replace(cfg or FinetuneConfig(), **settings)
+            raise UserError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens!r}")
 
 
 def resolve_trainable(cfg: FinetuneConfig, default: str) -> tuple[str, dict | None]:
@@ -129,10 +126,10 @@ def resolve_trainable(cfg: FinetuneConfig, default: str) -> tuple[str, dict | No
     lora_given = cfg.lora_rank is not None or cfg.lora_alpha is not None
     mode = cfg.trainable or ("lora" if lora_given else default)
     if lora_given and mode != "lora":
-        raise ValueError(f"--lora-rank/--lora-alpha go with --trainable lora, not --trainable {mode}")
+        raise UserError(f"--lora-rank/--lora-alpha go with --trainable lora, not --trainable {mode}")
     if mode != "lora":
         if cfg.merge:
-            raise ValueError("--merge merges LoRA adapters: it needs --trainable lora (or --lora-rank R)")
+            raise UserError("--merge merges LoRA adapters: it needs --trainable lora (or --lora-rank R)")
         return mode, None
     rank = DEFAULT_LORA_RANK if cfg.lora_rank is None else cfg.lora_rank
     alpha = DEFAULT_LORA_ALPHA if cfg.lora_alpha is None else cfg.lora_alpha
@@ -154,10 +151,10 @@ def set_trainable(gpt: nn.Module, mode: str, new_modules=(), lora: dict | None =
         gpt.final_norm.requires_grad_(True)
     elif mode == "lora":
         if lora is None:
-            raise ValueError("--trainable lora needs LoRA settings (rank, alpha)")
+            raise UserError("--trainable lora needs LoRA settings (rank, alpha)")
         apply_lora(gpt, lora["rank"], lora["alpha"], lora.get("targets", DEFAULT_TARGETS))  # freezes the rest
     else:
-        raise ValueError(f"unknown --trainable {mode!r}: choose one of {', '.join(TRAINABLE_CHOICES)}")
+        raise UserError(f"unknown --trainable {mode!r}: choose one of {', '.join(TRAINABLE_CHOICES)}")
     for m in new_modules:
         m.requires_grad_(True)
 
@@ -182,11 +179,11 @@ class FinetuneTask(Task):
     kind: str
     default_trainable: str
 
-    def __init__(self, cfg: FinetuneConfig, env: Processes, state: dict | None):
-        self.env, self.lines = env, []
+    def __init__(self, cfg: FinetuneConfig, env: Processes, saved: dict | None):
+        self.env, self.lines, self.epochs = env, [], cfg.epochs
         self.load_data(cfg)  # the data first: its errors come before a model is loaded
         mode, lora = resolve_trainable(cfg, self.default_trainable)
-        if state is not None:
+        if saved is not None:
             model, meta = load_finetuned(cfg.resume, env.device)
             self.meta = {k: v for k, v in meta.items() if k not in ("format", "config", "history", "step")}
             self.lines.append(f"model: the {self.kind} run {cfg.resume}")
@@ -200,13 +197,14 @@ class FinetuneTask(Task):
         gpt.set_dropout(cfg.dropout)
         set_trainable(gpt, mode, new_modules=[model.head] if isinstance(model, GPTClassifier) else [], lora=lora)
         self.model, self.gpt = model.to(env.device), gpt
-        self.config = dataclasses.replace(cfg, trainable=mode, lora_rank=lora and lora["rank"],
-                                          lora_alpha=lora and lora["alpha"])
-        self.examples_per_step = cfg.examples_per_step
+        self.examples_per_step = cfg.examples_per_step or cfg.batch_size * env.world  # (recorded: a resume with
+        # another number of processes accumulates to the same step)
         self.lines.append(f"finetuning: --trainable {mode}" + (f" (LoRA rank {lora['rank']}, alpha "
                                                                f"{lora['alpha']:g})" if lora else "")
                           + f"; {describe_parameters(self.model)}; dropout {cfg.dropout:g}")
-        self.setup(self.config)  # the datasets, now that the model's context length is known
+        self.found = {"trainable": mode, "lora_rank": lora and lora["rank"], "lora_alpha": lora and lora["alpha"],
+                      "examples_per_step": self.examples_per_step,
+                      "max_length": self.setup(cfg)}  # the datasets, now that the model's context length is known
 
     def _base_model(self, cfg: FinetuneConfig, lora: dict | None, env: Processes) -> tuple[GPT, dict]:
         """The GPT to finetune and where it came from (recorded so that LoRA adapters find it again)."""
@@ -228,32 +226,27 @@ class FinetuneTask(Task):
         """Read and split the data; set ``source`` (what to record as the data) and add a line to ``lines``."""
         raise NotImplementedError
 
-    def setup(self, cfg: FinetuneConfig) -> None:
-        """Make the datasets (``train_set``...), now that the model is known; resolve ``self.config``."""
+    def setup(self, cfg: FinetuneConfig) -> int:
+        """Make the datasets (``train_set``...), now that the model is known; returns the length examples are
+        cut to (``max_length``, worked out when not given)."""
         raise NotImplementedError
 
     def describe(self) -> list[str]:
         return self.lines
 
     def epoch_label(self, record: dict) -> str:
-        return f"epoch {max(1, math.ceil(record['epoch']))}/{self.config.epochs} (step {record['step']})"
+        return f"epoch {max(1, math.ceil(record['epoch']))}/{self.epochs} (step {record['step']})"
 
-    def begin(self, run_dir: Path) -> None:
-        """A LoRA run on a fresh preset keeps that base model in ``base/``, once."""
-        if self.meta.get("base") != {"checkpoint": BASE_DIR} or (run_dir / BASE_DIR).exists():
-            return
-        if self.config.resume:
-            shutil.copytree(Path(self.config.resume) / BASE_DIR, run_dir / BASE_DIR)
-        else:
-            save_checkpoint(strip_lora(self.gpt), run_dir / BASE_DIR)
-
-    def save(self, run: Trainer, directory: Path) -> None:
-        save_finetuned(directory, self.model, {**self.meta, "step": run.step, "history": run.evals})
+    def save(self, run: Trainer, model: nn.Module, directory: Path) -> None:
+        if self.meta.get("base") == {"checkpoint": BASE_DIR} and not (run.run_dir / BASE_DIR).exists():
+            # a LoRA run on a fresh preset keeps that base model in base/, with its first checkpoint
+            save_checkpoint(strip_lora(_split(model)[0]), directory / BASE_DIR)
+        save_finetuned(directory, model, {**self.meta, "step": run.step, "history": run.evals})
         seen = [{**r, "examples": r["step"] * run.per_step} for r in run.evals]
         plot_finetuning(seen, directory / PLOT_FILE, title=f"{run.run_dir.name}: {self.kind} finetuning")
 
     def finish(self, run: Trainer) -> dict:
-        if self.config.merge and self.env.main:
+        if run.config.merge and self.env.main:
             merged = merge_finetuned(run.run_dir, run.run_dir / "merged", replace=True)
             run.say(f"merged the LoRA adapters into the base weights: {merged}")
         return {}
@@ -299,8 +292,8 @@ def read_finetune_meta(directory) -> dict:
                      "give the run directory that gpt finetune-classifier or gpt finetune-instruct wrote")
     path = directory / FINETUNE_FILE
     if not path.exists():
-        raise ValueError(f"{directory} holds no {FINETUNE_FILE}: it is not a finetuned model. Make one with "
-                         f"`gpt finetune-classifier` or `gpt finetune-instruct`")
+        raise UserError(f"{directory} holds no {FINETUNE_FILE}: it is not a finetuned model. Make one with "
+                        f"`gpt finetune-classifier` or `gpt finetune-instruct`")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -365,7 +358,7 @@ def merge_finetuned(src, out, replace: bool = False) -> Path:
     model, meta = load_finetuned(src)
     gpt, _ = _split(model)
     if not has_lora(gpt):
-        raise ValueError(f"{src} holds a full model, not LoRA adapters: there is nothing to merge")
+        raise UserError(f"{src} holds a full model, not LoRA adapters: there is nothing to merge")
     merge_lora(gpt)
     merged = {**{k: v for k, v in meta.items() if k not in ("format", "config", "base")}, "lora": None,
               "merged_from": {"adapters": str(Path(src).resolve()), "lora": meta["lora"], "base": meta["base"]}}

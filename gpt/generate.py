@@ -36,6 +36,7 @@ import torch
 
 from gpt_kernels.backend import planning
 
+from .errors import UserError
 from .kv_cache import KVCache
 
 NOT_FINITE = ("the model's next-token scores are not numbers (nan or inf): its weights hold nan/inf, or its dtype "
@@ -50,14 +51,14 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
         return "--" + p.replace("_", "-") if flags else p
 
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"{name('max_new_tokens')} must be a non-negative integer, got {max_new_tokens!r}")
+        raise UserError(f"{name('max_new_tokens')} must be a non-negative integer, got {max_new_tokens!r}")
     if temperature < 0:
-        raise ValueError(f"{name('temperature')} must be >= 0 (0 = greedy), got {temperature}")
+        raise UserError(f"{name('temperature')} must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         off = "0 = off" if flags else "or None for no top-k"
-        raise ValueError(f"{name('top_k')} must be a positive integer ({off}), got {top_k!r}")
+        raise UserError(f"{name('top_k')} must be a positive integer ({off}), got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p}")
+        raise UserError(f"{name('top_p')} must be in (0, 1], got {top_p}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -79,7 +80,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     try:
         return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
     except RuntimeError as e:  # "probability tensor contains either inf, nan or element < 0"
-        raise ValueError(NOT_FINITE) from e
+        raise UserError(NOT_FINITE) from e
 
 
 # ------------------------------------------------------------------------------------------ the prompts
@@ -96,22 +97,22 @@ def _prompt_rows(idx) -> tuple[list[torch.Tensor], str]:
         else:
             rows, kind = [], "tensor"
         if not rows or idx.shape[-1] == 0:
-            raise ValueError(f"the prompt must be a non-empty (T,) or (B, T) sequence of token ids, got shape "
-                             f"{tuple(idx.shape)}")
+            raise UserError(f"the prompt must be a non-empty (T,) or (B, T) sequence of token ids, got shape "
+                            f"{tuple(idx.shape)}")
         return rows, kind
     if isinstance(idx, (list, tuple)) and idx and all(isinstance(r, (list, tuple, torch.Tensor)) for r in idx):
         rows = []
         for i, r in enumerate(idx):
             t = torch.as_tensor(r, dtype=torch.long)
             if t.dim() != 1 or t.numel() == 0:
-                raise ValueError(f"prompt {i} of the batch is empty or not a flat list of token ids (shape "
-                                 f"{tuple(t.shape)}): every prompt needs at least one token")
+                raise UserError(f"prompt {i} of the batch is empty or not a flat list of token ids (shape "
+                                f"{tuple(t.shape)}): every prompt needs at least one token")
             rows.append(t)
         return rows, "list"
     t = torch.as_tensor(idx, dtype=torch.long)
     if t.dim() != 1 or t.numel() == 0:
-        raise ValueError(f"the prompt must be a non-empty (T,) or (B, T) sequence of token ids, got shape "
-                         f"{tuple(t.shape)}")
+        raise UserError(f"the prompt must be a non-empty (T,) or (B, T) sequence of token ids, got shape "
+                        f"{tuple(t.shape)}")
     return [t], "row"
 
 
@@ -199,7 +200,7 @@ def _decode_steps(model, buf: torch.Tensor, pad: torch.Tensor, max_new_tokens: i
         # once: a sync; later steps sample or argmax. Not while a plan records the kernel launches without
         # running them (gpt_kernels.precompile): the logits are then never computed
         if step == 0 and planning() is None and not bool(torch.isfinite(logits).all()):
-            raise ValueError(NOT_FINITE)
+            raise UserError(NOT_FINITE)
         nxt = sample_next(logits, temperature, top_k, top_p, generator)[:, 0]  # (B,)
         if eos_id is not None:
             nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
@@ -218,8 +219,8 @@ def _start(model, idx, max_new_tokens, temperature, top_k, top_p):
     for i, r in enumerate(rows):
         if len(r) > ctx:
             which = "the prompt" if len(rows) == 1 else f"prompt {i} of the batch"
-            raise ValueError(f"{which} has {len(r)} tokens but the model's context length is {ctx}: "
-                             f"shorten it to at most {ctx} tokens")
+            raise UserError(f"{which} has {len(r)} tokens but the model's context length is {ctx}: "
+                            f"shorten it to at most {ctx} tokens")
     buf, pad = _left_pad(rows, max_new_tokens, model.device)
     return buf, pad, rows, kind
 

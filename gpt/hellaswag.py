@@ -31,6 +31,7 @@ import torch
 import gpt_kernels
 from gpt_kernels.backend import use_backend
 
+from .errors import UserError
 from .rundir import need
 from .tokenizer import get_tokenizer
 
@@ -59,7 +60,7 @@ def read_hellaswag(path, limit: int | None = None) -> list[Example]:
             if raw.strip():
                 out.append(_example(enc, raw, f"{path}:{n}", n))
     if not out:
-        raise ValueError(f"{path} holds no examples")
+        raise UserError(f"{path} holds no examples")
     return out
 
 
@@ -67,21 +68,21 @@ def _example(enc, raw: bytes, where: str, line: int) -> Example:
     try:
         d = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise ValueError(f"{where}: not UTF-8 text") from None
+        raise UserError(f"{where}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{where}: a JSON {type(d).__name__}, not an object with ctx, endings and label")
+        raise UserError(f"{where}: a JSON {type(d).__name__}, not an object with ctx, endings and label")
     ctx, endings, label = d.get("ctx"), d.get("endings"), d.get("label")
     if not isinstance(ctx, str) or not ctx:
-        raise ValueError(f"{where}: 'ctx' must be a non-empty string, got {ctx!r:.60}")
+        raise UserError(f"{where}: 'ctx' must be a non-empty string, got {ctx!r:.60}")
     if not (isinstance(endings, list) and len(endings) == ENDINGS and all(isinstance(e, str) and e for e in endings)):
-        raise ValueError(f"{where}: 'endings' must be a list of {ENDINGS} non-empty strings, got {endings!r:.80}")
+        raise UserError(f"{where}: 'endings' must be a list of {ENDINGS} non-empty strings, got {endings!r:.80}")
     if isinstance(label, str) and label.isdigit():
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < ENDINGS:
         hint = " (the test split has no labels: use hellaswag_val.jsonl)" if label in (None, "") else ""
-        raise ValueError(f"{where}: 'label' must be 0, 1, 2 or 3, got {label!r}{hint}")
+        raise UserError(f"{where}: 'label' must be 0, 1, 2 or 3, got {label!r}{hint}")
     return Example(line, enc.encode_ordinary(ctx), [enc.encode_ordinary(" " + e) for e in endings], label)
 
 
@@ -95,8 +96,8 @@ def ending_losses(model, examples: list[Example], device, autocast=contextlib.nu
     for ex in examples:
         longest = len(ex.context) + max(map(len, ex.endings))
         if longest > limit:
-            raise ValueError(f"HellaSwag line {ex.line}: context and ending are {longest} tokens, more than the "
-                             f"model's context of {limit}")
+            raise UserError(f"HellaSwag line {ex.line}: context and ending are {longest} tokens, more than the "
+                            f"model's context of {limit}")
     L = max(len(r) for r, _ in rows)
     idx = torch.zeros(len(rows), L, dtype=torch.long)  # (4B, L), padded at the end
     targets = torch.full((len(rows), L - 1), -100, dtype=torch.long)  # (4B, L - 1): the ending's next tokens
@@ -166,11 +167,11 @@ def evaluate(cfg: EvalConfig, say=print) -> dict:
     from .weights import describe_source, load_model, model_source
 
     if not cfg.hellaswag:
-        raise ValueError("give the benchmark to score: --hellaswag FILE.jsonl")
+        raise UserError("give the benchmark to score: --hellaswag FILE.jsonl")
     for name in ("batch_size", "limit"):
         v = getattr(cfg, name)
         if v is not None and (not isinstance(v, int) or v < 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
     examples = read_hellaswag(cfg.hellaswag, cfg.limit)
     device = pick_device(cfg.device)
     check_backend(cfg.kernels, device)

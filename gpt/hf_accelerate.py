@@ -46,6 +46,8 @@ import gpt_kernels
 from gpt_kernels.backend import use_backend
 from gpt_kernels.flash_attention import SUPPORTED_HEAD_DIMS
 
+from .errors import UserError
+
 ATTENTION_NAME = "gpt_triton"  # our attention function's name in transformers' registry
 GELU_APPROXIMATE = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 REFUSED_AT_CALL = {"head_mask": "a head mask", "encoder_hidden_states": "cross-attention inputs",
@@ -169,8 +171,8 @@ def _check_config(cfg, hf: _HF) -> str:
     if head_dim not in SUPPORTED_HEAD_DIMS:
         problems.append(f"head size {head_dim} (the attention kernel takes {SUPPORTED_HEAD_DIMS})")
     if problems:
-        raise ValueError(f"accelerate_hf cannot run this GPT-2 on its kernels without changing what it computes: "
-                         f"{'; '.join(problems)}")
+        raise UserError(f"accelerate_hf cannot run this GPT-2 on its kernels without changing what it computes: "
+                        f"{'; '.join(problems)}")
     return GELU_APPROXIMATE[cfg.activation_function]
 
 
@@ -205,7 +207,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     """transformers' attention-function signature: q (B, H, Tq, D), k and v (B, H, Tk, D) -> ((B, Tq, H, D),
     no weights). A call with a mask, or a module not of ours, goes to transformers' SDPA function."""
     if head_mask is not None:
-        raise ValueError("accelerate_hf's attention cannot apply a head mask: call the model without head_mask")
+        raise UserError("accelerate_hf's attention cannot apply a head mask: call the model without head_mask")
     if scaling is None:  # transformers 4.x passes none: GPT-2's own rule, as its eager attention applies it
         scaling = _gpt2_scale(module, query.shape[-1])
     backend = getattr(module, "gpt_triton_backend", _NOT_OURS)
@@ -258,10 +260,10 @@ def _positional_names(fn) -> list[str]:
 def _refuse_call(model: nn.Module, named: dict) -> None:
     for key, what in REFUSED_AT_CALL.items():
         if named.get(key) not in (None, False):
-            raise ValueError(f"accelerate_hf's GPT-2 cannot serve {what}: call it without {key}")
+            raise UserError(f"accelerate_hf's GPT-2 cannot serve {what}: call it without {key}")
     if getattr(model.config, "output_attentions", False):
-        raise ValueError("accelerate_hf's GPT-2 cannot serve output_attentions (the kernel never forms the "
-                         "attention weights): set model.config.output_attentions = False")
+        raise UserError("accelerate_hf's GPT-2 cannot serve output_attentions (the kernel never forms the "
+                        "attention weights): set model.config.output_attentions = False")
 
 
 def _fused_loss_forward(model: nn.Module, named: dict, kernel_backend: str | None):

@@ -36,10 +36,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from .errors import UserError
 from .lora import has_lora, merge_lora
 from .model import GPT, GPTClassifier
 from .rundir import atomic_write, need
 from .tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE, asset_path
+from .trainer_state import holds_run
 from .weights import CONFIG_FILE, EXPORT_KEY, WEIGHTS_FILE, hf_name_table
 
 TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}  # HF's name: our bundled file
@@ -63,13 +65,13 @@ def export_hf(model: nn.Module, directory, *, labels: list[str] | None = None, f
     if not isinstance(gpt, GPT):
         raise TypeError(f"export_hf exports a gpt.GPT or gpt.GPTClassifier, got {type(model).__name__}")
     if labels is not None and head is None:
-        raise ValueError("labels are a classifier's: this model is a language model (a GPT), not a GPTClassifier")
+        raise UserError("labels are a classifier's: this model is a language model (a GPT), not a GPTClassifier")
     if has_lora(gpt):
         gpt = merge_lora(copy.deepcopy(gpt))  # the caller's model keeps its adapters
     cfg = gpt.config
     if tokenizer and cfg.vocab_size != VOCAB_SIZE:
-        raise ValueError(f"the model's vocabulary has {cfg.vocab_size:,} tokens, GPT-2's tokenizer {VOCAB_SIZE:,}: "
-                         f"export it with tokenizer=False and add a tokenizer of its own")
+        raise UserError(f"the model's vocabulary has {cfg.vocab_size:,} tokens, GPT-2's tokenizer {VOCAB_SIZE:,}: "
+                        f"export it with tokenizer=False and add a tokenizer of its own")
     labels = _labels(head, labels)
     state = hf_state(gpt, head)
     directory = _prepare_dir(directory, force)
@@ -98,8 +100,8 @@ def hf_state(gpt: GPT, head: nn.Linear | None = None) -> dict[str, torch.Tensor]
     known = {name for name, _, _ in table} | {"head.weight"}
     unknown = sorted(set(ours) - known)
     if unknown:
-        raise ValueError(f"the model has tensors HF's GPT-2 has no place for: {unknown[:4]}"
-                         f"{'...' if len(unknown) > 4 else ''} (a layer this export does not know)")
+        raise UserError(f"the model has tensors HF's GPT-2 has no place for: {unknown[:4]}"
+                        f"{'...' if len(unknown) > 4 else ''} (a layer this export does not know)")
     V = cfg.vocab_size
     out = {f"transformer.{hf}": (ours[name].t() if transposed else ours[name]) for name, hf, transposed in table}
     out["transformer.wte.weight"] = out["transformer.wte.weight"][:V]  # (V, C): the padding rows go
@@ -125,9 +127,9 @@ def _fold_bias(head: nn.Linear, ln_bias: torch.Tensor) -> tuple[torch.Tensor, to
     miss = (W64 @ (new.double() - ln_bias.double()) - c).abs().max().item()
     tol = max(FOLD_TOLERANCE, 8 * torch.finfo(ln_bias.dtype).eps) * (1.0 + c.abs().max().item())
     if not miss <= tol:
-        raise ValueError(f"the classifier's output bias cannot be moved into the final LayerNorm (off by {miss:.1e}: "
-                         f"its weight is rank-deficient or ill-conditioned), and HF's GPT2ForSequenceClassification "
-                         f"has no output bias")
+        raise UserError(f"the classifier's output bias cannot be moved into the final LayerNorm (off by {miss:.1e}: "
+                        f"its weight is rank-deficient or ill-conditioned), and HF's GPT2ForSequenceClassification "
+                        f"has no output bias")
     return new, W
 
 
@@ -137,7 +139,7 @@ def _labels(head: nn.Linear | None, labels) -> list[str] | None:
     k = head.out_features
     labels = [f"LABEL_{i}" for i in range(k)] if labels is None else [str(x) for x in labels]
     if len(labels) != k or len(set(labels)) != k:
-        raise ValueError(f"the classifier has {k} classes: give {k} distinct labels, got {labels}")
+        raise UserError(f"the classifier has {k} classes: give {k} distinct labels, got {labels}")
     return labels
 
 
@@ -179,13 +181,13 @@ def tokenizer_config(max_length: int, pad: bool) -> dict:
 def _prepare_dir(directory, force: bool) -> Path:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{directory} is a file: give a directory to export to")
+        raise UserError(f"{directory} is a file: give a directory to export to")
     if directory.exists() and any(directory.iterdir()):
         if not force:
-            raise ValueError(f"{directory} is not empty: give a new or empty directory, or --force (force=True) to "
-                             f"write over the Hugging Face files in it")
-        if (directory / "trainer_state.pt").exists() or (directory / "finetune.json").exists():
-            raise ValueError(f"{directory} holds a training run of this project: export into another directory")
+            raise UserError(f"{directory} is not empty: give a new or empty directory, or --force (force=True) to "
+                            f"write over the Hugging Face files in it")
+        if holds_run(directory) or (directory / "finetune.json").exists():
+            raise UserError(f"{directory} holds a training run of this project: export into another directory")
         for name in SHADOWING:
             (directory / name).unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
@@ -207,7 +209,7 @@ def export_run(run, directory, force: bool = False) -> tuple[Path, str]:
 
     run = need(run, "directory", "run directory", "give a directory that gpt train or gpt finetune-* wrote")
     if Path(directory).resolve() == run.resolve():
-        raise ValueError(f"--to {directory} is the run itself: export into another directory")
+        raise UserError(f"--to {directory} is the run itself: export into another directory")
     if (run / FINETUNE_FILE).exists():
         model, meta = load_finetuned(run)
         labels = meta.get("labels") if isinstance(model, GPTClassifier) else None

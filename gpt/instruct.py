@@ -28,7 +28,6 @@ an automatic, offline stand-in for chapter 7's scoring by a larger model (Llama 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import re
@@ -38,13 +37,13 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .engine import RunResult, Trainer
+from .errors import UserError
 from .finetune import (
     FINETUNE_FILE,
     FinetuneConfig,
     FinetuneTask,
     fmt_loss,
     load_finetuned,
-    prepare_config,
     task_name,
     update_finetune_meta,
 )
@@ -52,6 +51,7 @@ from .generate import generate
 from .job import run
 from .rundir import atomic_write, need
 from .runtime import rng_preserved
+from .settings import configure
 from .tokenizer import EOT_ID, asset_path, decode, encode, read_utf8, visible
 from .weights import CONFIG_FILE
 
@@ -83,18 +83,18 @@ def validate_instruction_data(data, source: str = "the instruction data") -> lis
     shape = 'a JSON list of records like {"instruction": "...", "input": "...", "output": "..."}'
     if not isinstance(data, list) or not data:
         what = "an empty list" if isinstance(data, list) else f"a JSON {type(data).__name__}"
-        raise ValueError(f"{source} must be {shape}; it is {what}")
+        raise UserError(f"{source} must be {shape}; it is {what}")
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
-            raise ValueError(f"{source}: record {i} is a {type(rec).__name__}, not a record; the file must be "
-                             f"{shape}")
+            raise UserError(f"{source}: record {i} is a {type(rec).__name__}, not a record; the file must be "
+                            f"{shape}")
         for key in ("instruction", "output"):
             if not isinstance(rec.get(key), str):
                 problem = "has no" if key not in rec else "has a non-text"
-                raise ValueError(f"{source}: record {i} {problem} {key!r}; every record needs text 'instruction' "
-                                 f"and 'output' fields ('input' is optional)")
+                raise UserError(f"{source}: record {i} {problem} {key!r}; every record needs text 'instruction' "
+                                f"and 'output' fields ('input' is optional)")
         if rec.get("input") is not None and not isinstance(rec["input"], str):
-            raise ValueError(f"{source}: record {i} has a non-text 'input' ({type(rec['input']).__name__})")
+            raise UserError(f"{source}: record {i} has a non-text 'input' ({type(rec['input']).__name__})")
     return data
 
 
@@ -104,8 +104,8 @@ def load_instruction_data(path=None) -> list[dict]:
     try:
         data = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): the instruction data must be a JSON list of records "
-                         f"with 'instruction' and 'output'") from None
+        raise UserError(f"{path} is not valid JSON ({e}): the instruction data must be a JSON list of records "
+                        f"with 'instruction' and 'output'") from None
     return validate_instruction_data(data, str(path))
 
 
@@ -114,8 +114,8 @@ def split_instruction_data(data: list, train_frac: float = 0.85, test_frac: floa
     n_train, n_test = int(len(data) * train_frac), int(len(data) * test_frac)
     train, test, val = data[:n_train], data[n_train:n_train + n_test], data[n_train + n_test:]
     if not train or not val or not test:
-        raise ValueError(f"{len(data)} records are too few for an 85/5/10 train/validation/test split (a part "
-                         f"would be empty): use at least 10 (a larger --limit)")
+        raise UserError(f"{len(data)} records are too few for an 85/5/10 train/validation/test split (a part "
+                        f"would be empty): use at least 10 (a larger --limit)")
     return train, val, test
 
 
@@ -132,10 +132,10 @@ class InstructionDataset(Dataset):
                 too_long.append(len(prompt))
             self.items.append((prompt + response, len(prompt)))
         if too_long:
-            raise ValueError(f"the prompts of {len(too_long)} of {len(data)} records are longer than the maximum "
-                             f"length of {max_length} tokens (the longest has {max(too_long)}), so their responses "
-                             f"would be cut off entirely: raise --max-length, use a model with a longer context, "
-                             f"or leave those records out")
+            raise UserError(f"the prompts of {len(too_long)} of {len(data)} records are longer than the maximum "
+                            f"length of {max_length} tokens (the longest has {max(too_long)}), so their responses "
+                            f"would be cut off entirely: raise --max-length, use a model with a longer context, "
+                            f"or leave those records out")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -180,8 +180,8 @@ def generate_response(model, entry: dict, max_new_tokens: int = 256, temperature
     prompt = encode(format_prompt(entry), allow_special=False)
     ctx = model.config.context_length
     if len(prompt) > ctx:
-        raise ValueError(f"the instruction is too long: in the prompt template it takes {len(prompt):,} tokens, "
-                         f"more than the model's context of {ctx:,}; shorten it by {len(prompt) - ctx:,} tokens")
+        raise UserError(f"the instruction is too long: in the prompt template it takes {len(prompt):,} tokens, "
+                        f"more than the model's context of {ctx:,}; shorten it by {len(prompt) - ctx:,} tokens")
     out = generate(model, torch.tensor(prompt, dtype=torch.long), max_new_tokens, temperature=temperature,
                    top_k=top_k, eos_id=EOT_ID, seed=seed)  # (len(prompt) + new,)
     new = out[len(prompt):].tolist()
@@ -199,10 +199,10 @@ def chat_record(line: str, jsonl: bool = False) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"not JSON ({e}): {shape}") from None
+        raise UserError(f"not JSON ({e}): {shape}") from None
     if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) or not isinstance(
             record.get("input", ""), str):
-        raise ValueError(f"not an instruction record ({line.strip()[:60]!r}): {shape}")
+        raise UserError(f"not an instruction record ({line.strip()[:60]!r}): {shape}")
     return record
 
 
@@ -272,13 +272,13 @@ def load_chat_model(directory, device="cpu"):
                      "give the run directory that gpt finetune-instruct wrote")
     if not (directory / FINETUNE_FILE).exists() and (directory / CONFIG_FILE).exists():
         option = "--hf" if "config" not in json.loads((directory / CONFIG_FILE).read_text()) else "--checkpoint"
-        raise ValueError(f"{directory} holds a pretrained model, not one finetuned to follow instructions (it would "
-                         f"only continue the prompt): finetune it first with `gpt finetune-instruct {option} "
-                         f"{directory}` and chat with that run")
+        raise UserError(f"{directory} holds a pretrained model, not one finetuned to follow instructions (it would "
+                        f"only continue the prompt): finetune it first with `gpt finetune-instruct {option} "
+                        f"{directory}` and chat with that run")
     model, meta = load_finetuned(directory, device)
     if meta.get("task") != "instruct":
-        raise ValueError(f"{directory} holds {task_name(meta)}, not an instruction-following model: "
-                         f"make one with `gpt finetune-instruct`")
+        raise UserError(f"{directory} holds {task_name(meta)}, not an instruction-following model: "
+                        f"make one with `gpt finetune-instruct`")
     return model
 
 
@@ -288,7 +288,7 @@ def load_chat_model(directory, device="cpu"):
 def finetune_instruct(cfg: FinetuneConfig | None = None, *, on_step=None, **settings) -> RunResult:
     """Finetune a GPT to follow instructions as ``cfg`` says (``gpt finetune-instruct``); the result's
     ``metrics`` hold the last validation loss and the test set's loss and mean ROUGE-L F1."""
-    return run(prepare_config(cfg, settings), InstructTask, defaults={"epochs": DEFAULT_EPOCHS}, on_step=on_step)
+    return run(configure(FinetuneConfig, cfg, settings), InstructTask, on_step=on_step)
 
 
 def instruction_loss(model, batch) -> torch.Tensor:
@@ -309,7 +309,7 @@ def _eval_sums(model, batch):
 class InstructTask(FinetuneTask):
     name = "instruction finetuning"
     kind = run_prefix = "instruct"
-    default_trainable = DEFAULT_TRAINABLE
+    default_trainable, default_epochs = DEFAULT_TRAINABLE, DEFAULT_EPOCHS
 
     def load_data(self, cfg: FinetuneConfig) -> None:
         data = load_instruction_data(cfg.data)
@@ -321,19 +321,19 @@ class InstructTask(FinetuneTask):
         self.lines.append(f"data: {cfg.data or 'the bundled instruction-data.json'}, {len(data):,} records; "
                           f"train/val/test " + "/".join(str(len(s)) for s in self.splits))
 
-    def setup(self, cfg: FinetuneConfig) -> None:
+    def setup(self, cfg: FinetuneConfig) -> int:
         ctx = self.gpt.config.context_length
         if cfg.max_length is not None and not 1 <= cfg.max_length <= ctx:
-            raise ValueError(f"--max-length {cfg.max_length} must be between 1 and the model's context length "
-                             f"{ctx}")
+            raise UserError(f"--max-length {cfg.max_length} must be between 1 and the model's context length "
+                            f"{ctx}")
         max_length = cfg.max_length or ctx
-        self.config = dataclasses.replace(cfg, max_length=max_length)
         self.meta.update(max_length=max_length, mask_prompt=cfg.mask_prompt)
         self.datasets = [InstructionDataset(part, max_length) for part in self.splits]
         self.train_set = self.datasets[0]
         self._collate = functools.partial(collate_instructions, max_length=max_length, mask_prompt=cfg.mask_prompt)
         self.lines.append(f"examples cut to {max_length} tokens" + (", loss on the responses only (--mask-prompt)"
                                                                     if cfg.mask_prompt else ""))
+        return max_length
 
     def collate(self, items):
         return self._collate(items)
@@ -362,7 +362,7 @@ class InstructTask(FinetuneTask):
         test = self.splits[2]
         mine = list(range(self.env.rank, len(test), self.env.world))
         with rng_preserved():
-            answered = score_responses(self.model, [test[i] for i in mine], self.config.max_new_tokens)
+            answered = score_responses(self.model, [test[i] for i in mine], run.config.max_new_tokens)
         results = [r for _, r in sorted(p for part in self.env.gather(list(zip(mine, answered))) for p in part)]
         score = sum(r["rouge_l_f1"] for r in results) / len(results)
         if self.env.main:

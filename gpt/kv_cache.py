@@ -24,6 +24,8 @@ import torch
 
 from gpt_kernels.autocast import matmul_dtype
 
+from .errors import UserError
+
 
 class LayerKVCache:
     """One layer's keys and values, (B, H, max_len, D) each; the fill level lives in the parent."""
@@ -76,7 +78,7 @@ class KVCache:
         cfg = model.config
         max_len = cfg.context_length if max_len is None else max_len
         if not 1 <= max_len <= cfg.context_length:
-            raise ValueError(f"max_len must be in [1, {cfg.context_length}] (the context length), got {max_len}")
+            raise UserError(f"max_len must be in [1, {cfg.context_length}] (the context length), got {max_len}")
         w = model.tok_emb.weight
         dtype = matmul_dtype(w)
         return cls(cfg.n_layers, batch_size, cfg.n_heads, cfg.head_dim, max_len, dtype=dtype, device=w.device)
@@ -86,7 +88,7 @@ class KVCache:
         self.length, self.mask = 0, None
         if pad is not None:
             if pad.shape != (self.batch_size,):
-                raise ValueError(f"pad must have shape ({self.batch_size},), got {tuple(pad.shape)}")
+                raise UserError(f"pad must have shape ({self.batch_size},), got {tuple(pad.shape)}")
             if not bool((pad > 0).any()):
                 pad = None  # every row starts at slot 0: plain causal attention, no mask
         self.pad = pad
@@ -95,8 +97,8 @@ class KVCache:
         """Get ready for a forward of T new tokens; returns their positions, (T,) or (B, T) when padded."""
         start, end = self.length, self.length + T
         if end > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} tokens: {start} cached + {T} new do not fit. "
-                             f"Reset it and prefill the last {self.max_len} tokens instead")
+            raise UserError(f"the KV cache holds {self.max_len} tokens: {start} cached + {T} new do not fit. "
+                            f"Reset it and prefill the last {self.max_len} tokens instead")
         device = self.layers[0].k.device
         slots = torch.arange(end, device=device)  # (L,) every key slot
         new = slots[start:]  # (T,) the new tokens' slots

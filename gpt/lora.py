@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import UserError
+
 # the Linear layers of a GPT block that get adapters: attention's q/k/v and output projections and the
 # feed-forward's two layers (names as in gpt/model.py, matched as suffixes of the module path)
 DEFAULT_TARGETS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
@@ -82,9 +84,9 @@ class LoRALinear(nn.Module):
 
 def check_lora_settings(rank, alpha) -> None:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}: try --lora-rank 8 or 16")
+        raise UserError(f"LoRA rank must be a positive integer, got {rank!r}: try --lora-rank 8 or 16")
     if not alpha > 0:
-        raise ValueError(f"LoRA alpha must be positive, got {alpha!r}: try --lora-alpha equal to the rank")
+        raise UserError(f"LoRA alpha must be positive, got {alpha!r}: try --lora-alpha equal to the rank")
 
 
 def _matches(name: str, targets) -> bool:
@@ -109,7 +111,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets=DEFAULT_TARGET
                 setattr(parent, child_name, LoRALinear(child, rank, alpha))
                 wrapped.append(name)
     if not wrapped:
-        raise ValueError(f"no Linear layer of the model matches the LoRA targets {list(targets)}")
+        raise UserError(f"no Linear layer of the model matches the LoRA targets {list(targets)}")
     for pname, p in model.named_parameters():
         p.requires_grad_(is_lora_parameter(pname))
     return wrapped
@@ -134,12 +136,12 @@ def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor], source: st
     expected = lora_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source} do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}: "
-                         f"they were trained on another architecture or with other LoRA targets")
+        raise UserError(f"{source} do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}: "
+                        f"they were trained on another architecture or with other LoRA targets")
     for k, v in state.items():
         if v.shape != expected[k].shape:
-            raise ValueError(f"{source}: {k!r} has shape {tuple(v.shape)} but the model expects "
-                             f"{tuple(expected[k].shape)} (another LoRA rank or model width?)")
+            raise UserError(f"{source}: {k!r} has shape {tuple(v.shape)} but the model expects "
+                            f"{tuple(expected[k].shape)} (another LoRA rank or model width?)")
     model.load_state_dict(state, strict=False)
 
 

@@ -19,6 +19,7 @@ import gpt_kernels
 from gpt_kernels.backend import get_backend, use_backend
 
 from .config import GPTConfig
+from .errors import UserError
 from .kv_cache import KVCache, LayerKVCache
 
 # activation recomputation (checkpointing) in training: what the forward keeps for the backward
@@ -214,20 +215,20 @@ class GPT(nn.Module):
             raise TypeError(f"token ids must be an int64 or int32 tensor, got "
                             f"{idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__}")
         if idx.dim() != 2:
-            raise ValueError(f"token ids must have shape (batch, time), got {tuple(idx.shape)}")
+            raise UserError(f"token ids must have shape (batch, time), got {tuple(idx.shape)}")
         T = idx.shape[1]
         if T == 0:
-            raise ValueError("the input holds no tokens: give at least one token id per row")
+            raise UserError("the input holds no tokens: give at least one token id per row")
         if T > self.config.context_length:
-            raise ValueError(f"sequence length {T} exceeds the model's context length "
-                             f"{self.config.context_length}: crop the input to its last "
-                             f"{self.config.context_length} tokens")
+            raise UserError(f"sequence length {T} exceeds the model's context length "
+                            f"{self.config.context_length}: crop the input to its last "
+                            f"{self.config.context_length} tokens")
         if torch.compiler.is_compiling():
             return  # the range check below reads values on the host: a graph break under torch.compile
         lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one reduction, one host sync for both ends
         if lo < 0 or hi >= self.config.vocab_size:
             bad = hi if hi >= self.config.vocab_size else lo
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+            raise UserError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty key/value cache for ``batch_size`` rows of up to ``max_len`` tokens (default: the context)."""
@@ -253,7 +254,7 @@ class GPT(nn.Module):
                 x = block(x, recompute=recompute)
             return self.final_norm(x)  # (B, T, C)
         if cache.batch_size != B:
-            raise ValueError(f"the KV cache was made for {cache.batch_size} rows, the input has {B}")
+            raise UserError(f"the KV cache was made for {cache.batch_size} rows, the input has {B}")
         pos = cache.prepare(T)  # (T,), or (B, T) for left-padded rows
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for block, layer_cache in zip(self.blocks, cache.layers):
@@ -272,7 +273,7 @@ class GPT(nn.Module):
         ones; ``last_only`` returns the last position's logits only, (B, 1, V).
         """
         if last_only and targets is not None:
-            raise ValueError("last_only is for generation: it cannot be combined with targets")
+            raise UserError("last_only is for generation: it cannot be combined with targets")
         with use_backend(self.kernel_backend):
             h = self._hidden_states(idx, cache)  # (B, T, C)
             if last_only:
@@ -281,7 +282,7 @@ class GPT(nn.Module):
             if targets is None:
                 return self._logits(h)  # (B, T, V)
             if targets.shape != idx.shape:
-                raise ValueError(f"targets shape {tuple(targets.shape)} must match the input's {tuple(idx.shape)}")
+                raise UserError(f"targets shape {tuple(targets.shape)} must match the input's {tuple(idx.shape)}")
             if return_logits is None:
                 return_logits = not self.training
             flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # (B*T, C), (B*T,)
@@ -318,7 +319,7 @@ class GPTClassifier(nn.Module):
     def __init__(self, gpt: GPT, num_classes: int):
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+            raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
         self.gpt = gpt
         self.head = nn.Linear(gpt.config.emb_dim, num_classes).to(gpt.device)
 
@@ -338,6 +339,6 @@ class GPTClassifier(nn.Module):
             last = h[:, -1, :]  # (B, C)
         else:
             if int(lengths.min()) < 1 or int(lengths.max()) > idx.shape[1]:
-                raise ValueError(f"lengths must be in [1, {idx.shape[1]}], got {lengths.tolist()}")
+                raise UserError(f"lengths must be in [1, {idx.shape[1]}], got {lengths.tolist()}")
             last = h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]  # (B, C)
         return self.head(last)  # (B, num_classes)

@@ -69,6 +69,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import GPTConfig
+from .errors import UserError
 from .flops import PEAKS, flops_per_token, matmul_kind, matmul_params
 from .model import RECOMPUTE
 
@@ -125,7 +126,7 @@ def activation_bytes(cfg: GPTConfig, batch_size: int, seq_len: int, recompute: s
     dropout rate (None: the config's); ``weight_copies``: autocast casts fp32 weights to its dtype (False
     under FSDP with a bf16 ``param_dtype``: the gathered weights are bf16 already)."""
     if recompute not in RECOMPUTE:
-        raise ValueError(f"unknown recompute mode {recompute!r}: choose one of {', '.join(RECOMPUTE)}")
+        raise UserError(f"unknown recompute mode {recompute!r}: choose one of {', '.join(RECOMPUTE)}")
     C, H, L, Vp = cfg.emb_dim, cfg.n_heads, cfg.n_layers, cfg.padded_vocab_size
     a, r = (4 if dtype == "float32" else 2), 4
     d = int((cfg.dropout if dropout is None else dropout) > 0)
@@ -167,20 +168,20 @@ class PlanConfig:
 
     def check(self) -> None:
         if self.gpu not in GPUS:
-            raise ValueError(f"unknown GPU {self.gpu!r}: choose one of {', '.join(GPUS)}")
+            raise UserError(f"unknown GPU {self.gpu!r}: choose one of {', '.join(GPUS)}")
         if self.parallel not in PARALLEL:
-            raise ValueError(f"unknown --parallel {self.parallel!r}: choose one of {', '.join(PARALLEL)}")
+            raise UserError(f"unknown --parallel {self.parallel!r}: choose one of {', '.join(PARALLEL)}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+            raise UserError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.recompute not in RECOMPUTE:
-            raise ValueError(f"unknown recompute mode {self.recompute!r}: choose one of {', '.join(RECOMPUTE)}")
+            raise UserError(f"unknown recompute mode {self.recompute!r}: choose one of {', '.join(RECOMPUTE)}")
         for name in ("batch_size", "gpus"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.gpus > 1 and self.parallel == "none":
-            raise ValueError(f"{self.gpus} GPUs need --parallel ddp or fsdp (none is one GPU)")
+            raise UserError(f"{self.gpus} GPUs need --parallel ddp or fsdp (none is one GPU)")
         if not 0 < self.mfu <= 1:
-            raise ValueError(f"the assumed MFU must be in (0, 1], got {self.mfu}")
+            raise UserError(f"the assumed MFU must be in (0, 1], got {self.mfu}")
 
 
 @dataclass
@@ -222,7 +223,7 @@ def plan(cfg: PlanConfig) -> Plan:
     model = GPTConfig.from_preset(cfg.preset)
     T = model.context_length if cfg.seq_len is None else cfg.seq_len
     if not 1 <= T <= model.context_length:
-        raise ValueError(f"--seq-len {T} is outside the {cfg.preset} model's context of 1 to "
+        raise UserError(f"--seq-len {T} is outside the {cfg.preset} model's context of 1 to "
                          f"{model.context_length} tokens")
     params = matmul_params(model) + (model.context_length + (0 if model.tie_weights else model.padded_vocab_size)) \
         * model.emb_dim

@@ -18,7 +18,8 @@ training shards are streamed by memory map, in order, each process reading its o
 A run directory (``--out``, default ``runs/<date-time>``) holds:
 
     config.json, model.safetensors   the latest weights: ``gpt.weights.load_checkpoint(run_dir)`` loads them
-    trainer_state.pt                 optimizer, schedule, step and random generators (for --resume)
+    trainer_state.pt                 optimizer, schedule, step and random generators (for --resume;
+                                     a sharded run's optimizer in optimizer/: gpt.trainer_state)
     log.jsonl                        one JSON line per evaluation and per generated sample
     loss.png                         training and validation loss against tokens seen
 """
@@ -36,13 +37,15 @@ import torch
 from .checks import check_positive
 from .config import PRESETS
 from .data import SlidingWindowDataset, default_text_path, load_tokens, split_tokens
-from .engine import RunConfig, RunResult, Task, Trainer
+from .engine import RunResult, Task, Trainer
+from .errors import UserError
 from .generate import generate
 from .hellaswag import read_hellaswag, score
 from .job import run
 from .model import GPT
 from .plot import plot_losses
 from .runtime import Processes, rng_preserved
+from .settings import RunConfig, configure
 from .stream import ShardCorpus, is_shard_folder
 from .tokenizer import VOCAB_SIZE, decode, encode, visible
 from .weights import load_checkpoint, load_model, model_source, save_checkpoint
@@ -50,10 +53,9 @@ from .weights import load_checkpoint, load_model, model_source, save_checkpoint
 DEFAULT_PRESET = "mini"  # trains on The Verdict in minutes on a laptop CPU
 DEFAULT_EPOCHS = 10  # chapter 5
 PLOT_FILE = "loss.png"
-TrainResult = RunResult  # what train() returns (the name this module has always used)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig(RunConfig):
     """Everything a pretraining run depends on: the shared settings of :class:`gpt.engine.RunConfig` and
     these. The defaults are chapter 5's run, on the small ``mini`` model instead of GPT-2 small."""
@@ -87,14 +89,14 @@ class TrainConfig(RunConfig):
         for name in ("context_length", "stride", "tokens_per_step", "pad_vocab_multiple", "hellaswag_every"):
             check_positive(self, name, allow_none=True)
         if not isinstance(self.sample_tokens, int) or self.sample_tokens < 0:
-            raise ValueError(f"--sample-tokens must be >= 0 (0: no samples), got {self.sample_tokens!r}")
+            raise UserError(f"--sample-tokens must be >= 0 (0: no samples), got {self.sample_tokens!r}")
         if not 0.0 <= self.val_ratio < 1.0:
-            raise ValueError(f"--val-ratio must be in [0, 1), got {self.val_ratio}")
+            raise UserError(f"--val-ratio must be in [0, 1), got {self.val_ratio}")
         if self.hellaswag_every and self.eval_every and self.hellaswag_every % self.eval_every:
-            raise ValueError(f"--hellaswag-every {self.hellaswag_every} must be a multiple of --eval-every "
-                             f"{self.eval_every}: HellaSwag is scored at evaluations")
+            raise UserError(f"--hellaswag-every {self.hellaswag_every} must be a multiple of --eval-every "
+                            f"{self.eval_every}: HellaSwag is scored at evaluations")
         if self.hellaswag_every and not self.hellaswag:
-            raise ValueError("--hellaswag-every needs --hellaswag FILE.jsonl")
+            raise UserError("--hellaswag-every needs --hellaswag FILE.jsonl")
 
 
 def train(cfg: TrainConfig | None = None, *, on_step=None, **settings) -> RunResult:
@@ -105,8 +107,7 @@ def train(cfg: TrainConfig | None = None, *, on_step=None, **settings) -> RunRes
     Raises ValueError/OSError for bad settings, data or checkpoints (before anything is written), and
     KeyboardInterrupt after saving a checkpoint when stopped by Ctrl-C.
     """
-    cfg = dataclasses.replace(cfg or TrainConfig(), **settings)
-    return run(cfg, PretrainTask, defaults={"epochs": DEFAULT_EPOCHS}, on_step=on_step)
+    return run(configure(TrainConfig, cfg, settings), PretrainTask, on_step=on_step)
 
 
 # ------------------------------------------------------------------------------------------ the task
@@ -116,10 +117,11 @@ class PretrainTask(Task):
     """Next-token prediction on sliding windows of a text (see :mod:`gpt.engine` for the loop)."""
 
     name = "pretraining"
+    default_epochs = DEFAULT_EPOCHS
     eval_at_start = True  # the loss before training: about ln(50257) = 10.8 for a fresh model
 
-    def __init__(self, cfg: TrainConfig, env: Processes, state: dict | None):
-        if state is not None:
+    def __init__(self, cfg: TrainConfig, env: Processes, saved: dict | None):
+        if saved is not None:
             model, what = load_checkpoint(cfg.resume, kernel_backend=cfg.kernels), f"run {cfg.resume}"
         else:
             model, what = _build_model(cfg, env.device)
@@ -129,27 +131,28 @@ class PretrainTask(Task):
         self.grown = (f"note: a fresh model takes --context-length as its own: this one's is {ctx}, not the preset's "
                       f"{preset_ctx} (its position table has {ctx} rows)") if ctx != preset_ctx else None
         if ctx > model.config.context_length:
-            raise ValueError(f"context length {ctx} is longer than the model's {model.config.context_length}: "
-                             f"use --context-length {model.config.context_length} or less")
+            raise UserError(f"context length {ctx} is longer than the model's {model.config.context_length}: "
+                            f"use --context-length {model.config.context_length} or less")
         self.shuffle = not is_shard_folder(cfg.data)  # prepared shards are streamed in order
         self.data = _Data(cfg, ctx, env) if self.shuffle else ShardCorpus(cfg.data, ctx, cfg.stride)
         if self.data.vocab_size > model.config.vocab_size:
-            raise ValueError(f"the data's tokenizer has {self.data.vocab_size:,} token ids, more than the model's "
-                             f"vocabulary of {model.config.vocab_size:,}")
+            raise UserError(f"the data's tokenizer has {self.data.vocab_size:,} token ids, more than the model's "
+                            f"vocabulary of {model.config.vocab_size:,}")
         self.train_set = self.data.train
         self.hellaswag = read_hellaswag(cfg.hellaswag) if cfg.hellaswag else None
         accum = _accumulation(cfg, ctx, env.world)
         self.examples_per_step, self.ctx, self.main = cfg.batch_size * env.world * accum, ctx, env.main
         self.tokens_per_step = self.examples_per_step * ctx
-        preset = cfg.preset or (None if cfg.checkpoint or cfg.hf else DEFAULT_PRESET)
-        self.config = dataclasses.replace(cfg, preset=preset, context_length=ctx, stride=cfg.stride or ctx,
-                                          tokens_per_step=self.tokens_per_step,
-                                          pad_vocab_multiple=model.config.pad_vocab_multiple)
+        self.found = {"preset": cfg.preset or (None if cfg.checkpoint or cfg.hf else DEFAULT_PRESET),
+                      "context_length": ctx, "stride": cfg.stride or ctx, "tokens_per_step": self.tokens_per_step,
+                      "pad_vocab_multiple": model.config.pad_vocab_multiple}
+        self.lines = [f"model: {self.what}, {model.num_parameters() / 1e6:.1f}M parameters, context {ctx}, "
+                      f"dropout {model.config.dropout}, kernels {cfg.kernels}"
+                      + (" with torch.compile" if cfg.compile else "")]
 
     def describe(self) -> list[str]:
-        m, c, d = self.model, self.config, self.data
-        return [f"model: {self.what}, {m.num_parameters() / 1e6:.1f}M parameters, context {self.ctx}, dropout "
-                f"{m.config.dropout}, kernels {c.kernels}" + (" with torch.compile" if c.compile else ""),
+        d = self.data
+        return [*self.lines,
                 *([self.grown] if self.grown else []),
                 f"data: {d.source}: {d.num_train_tokens:,} training / {d.num_val_tokens:,} validation tokens; "
                 f"{len(d.train):,} windows of {self.ctx}, {self.tokens_per_step:,} tokens per step"]
@@ -170,7 +173,7 @@ class PretrainTask(Task):
     def evaluate(self, run: Trainer) -> dict:
         record = {"tokens": run.step * self.tokens_per_step, "train_loss": self._mean_loss(run, self.data.train),
                   "val_loss": self._mean_loss(run, self.data.val)}
-        every = self.config.hellaswag_every
+        every = run.config.hellaswag_every
         if self.hellaswag and (not every or run.step % every == 0 or run.step == run.total_steps):
             record.update(self._hellaswag(run))
         return record
@@ -178,7 +181,7 @@ class PretrainTask(Task):
     def _hellaswag(self, run: Trainer) -> dict:
         """acc and acc_norm on the HellaSwag file, the examples shared out among the processes."""
         with rng_preserved():
-            r = score(run.model, self.hellaswag, self.config.batch_size, run.env.device,
+            r = score(run.model, self.hellaswag, run.config.batch_size, run.env.device,
                       run.precision.autocast, run.env.rank, run.env.world)
         n, correct, norm = run.env.sum([r["n"], r["correct"], r["correct_norm"]])
         return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": norm / n}
@@ -202,7 +205,7 @@ class PretrainTask(Task):
                 + (f", HellaSwag acc_norm {r['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in r else ""))
 
     def epoch_end(self, run: Trainer) -> None:
-        c = self.config
+        c = run.config
         if not (self.main and c.sample_prompt and c.sample_tokens):
             return
         ids = encode(c.sample_prompt)[-self.ctx:]
@@ -212,8 +215,8 @@ class PretrainTask(Task):
         when = f"after epoch {round(run.epoch)}" if run.step % run.steps_per_epoch == 0 else f"at step {run.step}"
         run.say(f"sample {when}: {visible(text)}")
 
-    def save(self, run: Trainer, directory: Path) -> None:
-        save_checkpoint(self.model, directory,
+    def save(self, run: Trainer, model: GPT, directory: Path) -> None:
+        save_checkpoint(model, directory,
                         extra_config={"step": run.step, "train": dataclasses.asdict(run.config)})
         plot_losses(run.evals, directory / PLOT_FILE, title=f"{run.run_dir.name}: {self.what}")
 
@@ -223,7 +226,7 @@ class PretrainTask(Task):
                 f"train loss {last.get('train_loss', float('nan')):.3f}, val loss "
                 f"{last.get('val_loss') or float('nan'):.3f}. "
                 f"Checkpoint, log.jsonl and loss.png in {run.run_dir}; try: gpt generate --checkpoint "
-                f"{run.run_dir} --prompt \"{self.config.sample_prompt}\"")
+                f"{run.run_dir} --prompt \"{run.config.sample_prompt}\"")
         return {"tokens_seen": run.step * self.tokens_per_step}
 
 
@@ -234,15 +237,15 @@ def _accumulation(cfg: TrainConfig, ctx: int, world: int) -> int:
     if cfg.tokens_per_step is None:
         return 1
     if cfg.tokens_per_step % micro and cfg.resume:
-        raise ValueError(f"cannot resume {cfg.resume} with {world} process(es): the run took "
-                         f"{cfg.tokens_per_step:,} tokens per optimizer step, which micro-steps of {micro:,} tokens "
-                         f"do not add up to; resume with the number of processes it was saved with")
+        raise UserError(f"cannot resume {cfg.resume} with {world} process(es): the run took "
+                        f"{cfg.tokens_per_step:,} tokens per optimizer step, which micro-steps of {micro:,} tokens "
+                        f"do not add up to; resume with the number of processes it was saved with")
     if cfg.tokens_per_step % micro:
         lower, higher = cfg.tokens_per_step // micro * micro, (cfg.tokens_per_step // micro + 1) * micro
         nearest = " or ".join(f"{n:,}" for n in (lower, higher) if n)
-        raise ValueError(f"--tokens-per-step {cfg.tokens_per_step:,} is not a multiple of the {micro:,} tokens of a "
-                         f"micro-step (--batch-size {cfg.batch_size} x context {ctx} x {world} process(es)): use "
-                         f"{nearest}, or change the batch size or the context length")
+        raise UserError(f"--tokens-per-step {cfg.tokens_per_step:,} is not a multiple of the {micro:,} tokens of a "
+                        f"micro-step (--batch-size {cfg.batch_size} x context {ctx} x {world} process(es)): use "
+                        f"{nearest}, or change the batch size or the context length")
     return cfg.tokens_per_step // micro
 
 
@@ -258,8 +261,8 @@ def _build_model(cfg: TrainConfig, device: torch.device) -> tuple[GPT, str]:
     model = load_model(source, kind=kind, kernel_backend=cfg.kernels, **overrides)
     pad = model.config.pad_vocab_multiple
     if cfg.pad_vocab_multiple not in (None, pad):
-        raise ValueError(f"--pad-vocab-multiple {cfg.pad_vocab_multiple}: the model in {source} has its rows padded "
-                         f"to a multiple of {pad}, which a checkpoint keeps; leave the option out")
+        raise UserError(f"--pad-vocab-multiple {cfg.pad_vocab_multiple}: the model in {source} has its rows padded "
+                        f"to a multiple of {pad}, which a checkpoint keeps; leave the option out")
     if cfg.dropout is not None and cfg.dropout != model.config.dropout:
         model.set_dropout(cfg.dropout)
     return model, {"checkpoint": f"from {source}", "hf": f"from GPT-2 {source}", "preset": f"preset {source!r}"}[kind]
@@ -284,15 +287,15 @@ class _Data:
         try:
             self.train = SlidingWindowDataset(train_tokens, context_length, cfg.stride or context_length)
         except ValueError:
-            raise ValueError(f"the training split of {source} has {len(train_tokens)} tokens, fewer than one "
-                             f"window of {context_length} (+1 for the targets): use a longer text, a smaller "
-                             f"--context-length or a smaller --val-ratio") from None
+            raise UserError(f"the training split of {source} has {len(train_tokens)} tokens, fewer than one "
+                            f"window of {context_length} (+1 for the targets): use a longer text, a smaller "
+                            f"--context-length or a smaller --val-ratio") from None
         self.val = None
         if cfg.val_ratio > 0:
             try:
                 self.val = SlidingWindowDataset(val_tokens, context_length, context_length)
             except ValueError:
-                raise ValueError(f"the validation split of {source} ({cfg.val_ratio:.0%} of it) has "
-                                 f"{len(val_tokens)} tokens, fewer than one window of {context_length} "
-                                 f"(+1 for the targets): use a longer text, a smaller --context-length, a larger "
-                                 f"--val-ratio, or --val-ratio 0 to train without validation") from None
+                raise UserError(f"the validation split of {source} ({cfg.val_ratio:.0%} of it) has "
+                                f"{len(val_tokens)} tokens, fewer than one window of {context_length} "
+                                f"(+1 for the targets): use a longer text, a smaller --context-length, a larger "
+                                f"--val-ratio, or --val-ratio 0 to train without validation") from None

@@ -4,14 +4,15 @@ A *run directory* is what one training job writes (``gpt train``, ``gpt finetune
 ``gpt lora-merge`` writes). Its rules, the same for every job:
 
 - a new run goes into a directory that does not exist yet or is empty: a run never mixes its files with
-  another run's or with anything else (:func:`check_new_run_dir`);
+  another run's or with anything else (:func:`gpt.trainer_state.check_new_run_dir`, which knows a run's
+  checkpoint when it sees one);
 - ``--resume DIR`` continues the run in DIR (or copies it on into a new ``--out`` directory);
 - nothing is created before every setting has been checked (:func:`create_run_dir` comes last);
 - one command at a time writes a run directory: it holds the directory (:func:`hold_run_dir`) from the
   moment it creates or resumes it until it ends, and a second command is refused, naming the first's
-  process; a new run's directory is checked once more once held (:func:`claim_run_dir`), since another run
-  may have started in it after the first check;
-- a run that fails before its first checkpoint leaves nothing behind (:func:`claim_run_dir`), so the
+  process; a new run's directory is checked once more once held (:func:`gpt.trainer_state.claim_run_dir`),
+  since another run may have started in it after the first check;
+- a run that fails before its first checkpoint leaves nothing behind (:func:`discard_run_dir`), so the
   same ``--out`` can be given again.
 
 Checkpoints are *staged* (:func:`save_staged`): every file is first written whole into ``DIR/.saving``;
@@ -32,12 +33,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import UserError
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock(2); run directories are not guarded there
     fcntl = None
 
-STATE_FILE = "trainer_state.pt"  # the engine's state (optimizer, step, RNG): what --resume needs
 LOG_FILE = "log.jsonl"  # one JSON record per line: evaluations, samples
 STAGING_DIR = ".saving"
 MANIFEST = "COMMITTED"  # written into the staging directory once every file of a save is there
@@ -71,7 +73,7 @@ def need(path, kind: str, what: str, hint: str = "") -> Path:
     if (path.is_file() if kind == "file" else path.is_dir()):
         return path
     other = "a directory" if path.is_dir() else "a file" if path.is_file() else "a special file (device, pipe)"
-    raise ValueError(f"{what} {str(path)!r} is {other}, not a {kind}{hint}")
+    raise UserError(f"{what} {str(path)!r} is {other}, not a {kind}{hint}")
 
 
 def _umask() -> int:
@@ -91,40 +93,6 @@ def fresh_run_dir(prefix: str = "") -> Path:
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
-
-
-def check_new_run_dir(path, option: str = "--out", task: str | None = None) -> Path:
-    """Refuse ``path`` as the directory of a new run unless it is absent or empty; creates nothing. ``task``:
-    the kind of run the command makes (``--resume`` is suggested for a run of that kind only)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} is a file, not a directory: give a new directory for the run")
-    if not path.exists():
-        return path
-    entries = sorted(p.name for p in path.iterdir())
-    if not entries:
-        return path
-    if STATE_FILE in entries:
-        held = _task_of(path / STATE_FILE) or "training"
-        a = "an" if held[0] in "aeiou" else "a"
-        if held == task:
-            raise ValueError(f"{path} already holds {a} {task} run: continue it with --resume {path}, or give "
-                             f"another {option}")
-        raise ValueError(f"{path} already holds {a} {held} run: give another {option}, a new or empty directory")
-    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-    raise ValueError(f"{path} is not empty (it holds {shown}): writing there could overwrite those files; "
-                     f"give a new or empty directory with {option}")
-
-
-def _task_of(state_file: Path) -> str | None:
-    """The task a trainer state was saved by ("pretraining", ...), None if it cannot be read. Memory-mapped:
-    only the small record is read, not the optimizer's tensors."""
-    import torch
-
-    try:
-        return torch.load(state_file, map_location="cpu", weights_only=True, mmap=True).get("task")
-    except Exception:  # a truncated or foreign file: the caller names no task
-        return None
 
 
 def create_run_dir(path) -> Path:
@@ -163,8 +131,8 @@ def hold_run_dir(path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ValueError(f"{path} is being written by {_lock_holder(st)}, another command still running: wait "
-                         f"for it to end, or give another directory") from None
+        raise UserError(f"{path} is being written by {_lock_holder(st)}, another command still running: wait "
+                        f"for it to end, or give another directory") from None
     _held[key] = 1
     try:
         yield
@@ -187,30 +155,8 @@ def _lock_holder(st: os.stat_result) -> str:
     return "another process"
 
 
-@contextlib.contextmanager
-def claim_run_dir(path, new: bool, task: str | None = None):
-    """Create the run directory if needed and hold it (:func:`hold_run_dir`) for the block. A ``new`` run's
-    directory is checked again once held: it must still be empty (another run may have started there
-    since the first check, and ended). If the block fails before a checkpoint is there, what it wrote is
-    removed, and the directory too if this created it: nothing half-made blocks giving it again."""
-    path = Path(path)
-    created = not path.exists()
-    if created:
-        create_run_dir(path)
-    with hold_run_dir(path):
-        if new:
-            check_new_run_dir(path, task=task)
-        if not created:  # checked for writing only once held: a command refused changes nothing
-            create_run_dir(path)
-        try:
-            yield path
-        except BaseException:
-            if new and not ((path / STATE_FILE).exists() or (path / STAGING_DIR / MANIFEST).exists()):
-                _discard(path, created)
-            raise
-
-
-def _discard(path: Path, created: bool) -> None:
+def discard_run_dir(path: Path, created: bool) -> None:
+    """Remove what a run wrote into ``path``, and ``path`` itself if the run ``created`` it."""
     for entry in path.iterdir():
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
@@ -256,16 +202,19 @@ class RunLog:
 # ------------------------------------------------------------------------------------------ staged saves
 
 
-def save_staged(run_dir, write: Callable[[Path], object], what: str, size: int | None = None) -> None:
+def save_staged(run_dir, write: Callable[[Path], object], what: str, size: int | None = None,
+                fresh: bool = True) -> None:
     """Write a checkpoint's files through ``DIR/.saving`` (see the module's doc); ``write(staging)`` puts
     every file of the checkpoint into the staging directory. ``what`` names the checkpoint in errors, and
-    ``size`` (bytes, about) is what a full disk is told it needs."""
+    ``size`` (bytes, about) is what a full disk is told it needs. ``fresh=False``: the staging directory
+    exists and already holds part of the checkpoint (written by other processes), kept."""
     run_dir = Path(run_dir)
     staging = run_dir / STAGING_DIR
-    shutil.rmtree(staging, ignore_errors=True)
+    if fresh:
+        shutil.rmtree(staging, ignore_errors=True)
     committed = False
     try:
-        staging.mkdir()
+        staging.mkdir(exist_ok=not fresh)
         write(staging)
         names = sorted(p.name for p in staging.iterdir())
         atomic_write(staging / MANIFEST, lambda p: p.write_text(json.dumps(names)))
@@ -312,6 +261,8 @@ def _move_staged(run_dir: Path) -> None:
     staging = run_dir / STAGING_DIR
     for name in json.loads((staging / MANIFEST).read_text()):
         if (staging / name).exists():  # absent: moved before a crash
+            if (staging / name).is_dir() and (run_dir / name).is_dir():  # (a directory is not renamed over one)
+                shutil.rmtree(run_dir / name)
             os.replace(staging / name, run_dir / name)
     shutil.rmtree(staging)
 

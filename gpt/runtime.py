@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .errors import UserError
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PARALLEL_MODES = ("ddp", "fsdp")  # under torchrun: each process holds the whole model, or a shard of it (gpt.parallel)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -28,32 +31,44 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and device.index is not None:
         count = torch.cuda.device_count()
         if device.index >= count:
-            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+            raise UserError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
         torch.cuda.set_device(device)
     return device
+
+
+def kernels_in_force() -> str:
+    """The kernel backend a command runs when not told: ``$GPT_KERNELS`` (a UserError if it names no
+    backend), else auto."""
+    from gpt_kernels.backend import get_backend
+
+    try:
+        return get_backend()
+    except ValueError as e:  # gpt_kernels' own ValueError (it knows nothing of gpt): a user's setting
+        raise UserError(str(e)) from None
 
 
 def check_backend(name: str | None, device: torch.device, setting: str | None = None) -> str:
     """Raise now, before anything is written, if kernel backend ``name`` cannot run on ``device``; None: the
     backend in force ($GPT_KERNELS, checked, or auto). ``setting`` names where the choice came from in the
     error (default ``--kernels NAME``, or ``GPT_KERNELS=NAME`` for None). Returns the backend's name."""
-    from gpt_kernels.backend import ENV_VAR, get_backend, select, use_backend
+    from gpt_kernels.backend import ENV_VAR, select, use_backend
 
     if name is None:
-        name, setting = get_backend(), setting or f"{ENV_VAR}={get_backend()}"
+        name = kernels_in_force()
+        setting = setting or f"{ENV_VAR}={name}"
     try:
         with use_backend(name):
             select(torch.empty(0, device=device))
     except RuntimeError as e:
-        raise ValueError(f"{setting or f'--kernels {name}'} cannot run on {device}: {e}") from None
+        raise UserError(f"{setting or f'--kernels {name}'} cannot run on {device}: {e}") from None
     return name
 
 
@@ -64,13 +79,13 @@ class Precision:
 
     def __init__(self, device: torch.device, dtype: str = "auto"):
         if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+            raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         if dtype == "auto":
             bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
             dtype = ("bfloat16" if bf16 else "float16") if device.type == "cuda" else "float32"
         if dtype == "float16" and device.type != "cuda":
-            raise ValueError("float16 training needs a CUDA GPU (it relies on a gradient scaler there): use "
-                             "--dtype bfloat16 or float32 on the CPU")
+            raise UserError("float16 training needs a CUDA GPU (it relies on a gradient scaler there): use "
+                            "--dtype bfloat16 or float32 on the CPU")
         if device.type == "cuda":  # TF32 tensor cores for the float32 matmuls
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

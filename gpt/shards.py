@@ -40,6 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .corpus import CorpusError, Source, SourceInfo, find_sources, inspect, read_units
+from .errors import UserError
 from .rundir import atomic_write
 from .tokenizer import EOT_TOKEN, get_tokenizer
 
@@ -65,15 +66,15 @@ class PrepareConfig:
 
     def check(self) -> None:
         if not self.out:
-            raise ValueError("give the output folder with --out DIR")
+            raise UserError("give the output folder with --out DIR")
         if not isinstance(self.shard_tokens, int) or self.shard_tokens < 1:
-            raise ValueError(f"--shard-tokens must be a positive integer, got {self.shard_tokens!r}")
+            raise UserError(f"--shard-tokens must be a positive integer, got {self.shard_tokens!r}")
         if not isinstance(self.val_tokens, int) or self.val_tokens < 0:
-            raise ValueError(f"--val-tokens must be >= 0, got {self.val_tokens!r}")
+            raise UserError(f"--val-tokens must be >= 0, got {self.val_tokens!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
-            raise ValueError(f"--workers must be a positive integer, got {self.workers!r}")
+            raise UserError(f"--workers must be a positive integer, got {self.workers!r}")
         if not self.field:
-            raise ValueError("--field must name a field")
+            raise UserError("--field must name a field")
 
     def settings(self) -> dict:
         """What the output depends on besides the sources and the tokenizer."""
@@ -91,14 +92,14 @@ def load_encoding(name: str):
         enc = tiktoken.get_encoding(name)
     except ValueError:  # tiktoken's "Unknown encoding"
         known = ", ".join(tiktoken.list_encoding_names())
-        raise ValueError(f"{name!r} is not a tiktoken encoding: give one of {known} (gpt2 needs no download)") from None
+        raise UserError(f"{name!r} is not a tiktoken encoding: give one of {known} (gpt2 needs no download)") from None
     except Exception as e:  # its files could not be downloaded
-        raise ValueError(f"tokenizer {name!r} cannot be loaded: its files could not be downloaded "
-                         f"({type(e).__name__}; no network?): use gpt2, which is bundled") from None
+        raise UserError(f"tokenizer {name!r} cannot be loaded: its files could not be downloaded "
+                        f"({type(e).__name__}; no network?): use gpt2, which is bundled") from None
     if enc.max_token_value > MAX_ID:
-        raise ValueError(f"tokenizer {name!r} has token ids up to {enc.max_token_value:,}, which do not fit the "
-                         f"uint16 shards (ids up to {MAX_ID:,}): use a tokenizer of at most 65,536 tokens (gpt2, "
-                         f"r50k_base, p50k_base)")
+        raise UserError(f"tokenizer {name!r} has token ids up to {enc.max_token_value:,}, which do not fit the "
+                        f"uint16 shards (ids up to {MAX_ID:,}): use a tokenizer of at most 65,536 tokens (gpt2, "
+                        f"r50k_base, p50k_base)")
     return enc
 
 
@@ -175,23 +176,23 @@ def _resume(out: Path, header: dict) -> dict | None:
     path = out / INDEX_FILE
     if not path.exists():
         if out.exists() and (not out.is_dir() or any(p for p in out.iterdir() if not p.name.startswith("."))):
-            raise ValueError(f"--out {out} is not empty and holds no {INDEX_FILE} of gpt prepare-data: give a new or "
-                             f"empty folder")
+            raise UserError(f"--out {out} is not empty and holds no {INDEX_FILE} of gpt prepare-data: give a new or "
+                            f"empty folder")
         return None
     try:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} cannot be read ({e}): delete {out} or give another --out") from None
+        raise UserError(f"{path} cannot be read ({e}): delete {out} or give another --out") from None
     for key in ("format", "tokenizer", "settings", "sources"):
         if index.get(key) != header[key]:
-            raise ValueError(f"{out} holds shards made from other sources or settings ({key} differs: "
-                             f"{_differs(index.get(key), header[key])}): give another --out, or delete {out} to "
-                             f"start again")
+            raise UserError(f"{out} holds shards made from other sources or settings ({key} differs: "
+                            f"{_differs(index.get(key), header[key])}): give another --out, or delete {out} to "
+                            f"start again")
     for s in index["shards"]:
         p = out / s["file"]
         if not p.is_file() or p.stat().st_size != 2 * s["tokens"]:
-            raise ValueError(f"{p} is missing or has the wrong size ({2 * s['tokens']:,} bytes expected): delete "
-                             f"{out} to start again")
+            raise UserError(f"{p} is missing or has the wrong size ({2 * s['tokens']:,} bytes expected): delete "
+                            f"{out} to start again")
     return index
 
 

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .errors import UserError
+
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled example indices of ``epoch``, (num_examples,): the same in every process and resume."""
@@ -71,11 +73,11 @@ class ExampleSource:
         """Continue from ``states`` (every process's :meth:`state_dict`, in rank order, as saved)."""
         mine = states[rank] if rank < len(states) else states[0]
         if mine["examples"] != len(self) or mine["fingerprint"] != getattr(self.examples, "fingerprint", None):
-            raise ValueError(f"the training data changed since the run was saved ({mine['examples']:,} examples "
-                             f"then, {len(self):,} now{'; other shards' if mine['fingerprint'] else ''}): resume "
-                             f"with the data it was trained on, or start a new run from its weights")
+            raise UserError(f"the training data changed since the run was saved ({mine['examples']:,} examples "
+                            f"then, {len(self):,} now{'; other shards' if mine['fingerprint'] else ''}): resume "
+                            f"with the data it was trained on, or start a new run from its weights")
         if any((s["epoch"], s["cursor"]) != (mine["epoch"], mine["cursor"]) for s in states):
-            raise ValueError("the saved positions of the processes disagree: the trainer state is corrupt")
+            raise UserError("the saved positions of the processes disagree: the trainer state is corrupt")
         self.epoch, self.cursor = mine["epoch"], mine["cursor"]
         if rank < len(states):
             self.rank, self.last = mine["rank"], mine["last"]

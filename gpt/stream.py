@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .data import SlidingWindowDataset
+from .errors import UserError
 from .shards import DTYPE, FORMAT, INDEX_FILE
 
 
@@ -36,16 +37,16 @@ def read_index(directory) -> dict:
     try:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} ({e}): prepare the data again with gpt prepare-data") from None
+        raise UserError(f"cannot read {path} ({e}): prepare the data again with gpt prepare-data") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an index of this version's gpt prepare-data: prepare the data again")
+        raise UserError(f"{path} is not an index of this version's gpt prepare-data: prepare the data again")
     if not index.get("complete"):
-        raise ValueError(f"{directory} is not finished: run the same gpt prepare-data command again to finish it")
+        raise UserError(f"{directory} is not finished: run the same gpt prepare-data command again to finish it")
     for s in index["shards"]:
         p = directory / s["file"]
         if not p.is_file() or p.stat().st_size != 2 * s["tokens"]:
-            raise ValueError(f"shard {p} is missing or has the wrong size ({2 * s['tokens']:,} bytes expected): "
-                             f"prepare the data again")
+            raise UserError(f"shard {p} is missing or has the wrong size ({2 * s['tokens']:,} bytes expected): "
+                            f"prepare the data again")
     return index
 
 
@@ -87,9 +88,9 @@ class ShardCorpus:
         self.train = ShardWindows(train, context_length, stride or context_length,
                                   hashlib.sha256(what.encode()).hexdigest()[:16])
         if len(self.train) == 0:
-            raise ValueError(f"the training shards of {directory} have {self.num_train_tokens:,} tokens, fewer than "
-                             f"one window of {context_length} (+1 for the targets): prepare more data or use a "
-                             f"smaller --context-length")
+            raise UserError(f"the training shards of {directory} have {self.num_train_tokens:,} tokens, fewer than "
+                            f"one window of {context_length} (+1 for the targets): prepare more data or use a "
+                            f"smaller --context-length")
         self.val = None
         if val and len(val[0]) > context_length:
             self.val = SlidingWindowDataset(val[0], context_length, context_length)

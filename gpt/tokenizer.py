@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported by get_tokenizer() on first use, not with `gpt`: see there
     import tiktoken
 
+from .errors import UserError
+
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256  # the last id of GPT-2's 50,257-token vocabulary
 VOCAB_SIZE = 50257
@@ -61,7 +63,7 @@ def get_tokenizer() -> tiktoken.Encoding:
                              special_tokens={EOT_TOKEN: EOT_ID}, explicit_n_vocab=VOCAB_SIZE)
 
 
-class NotUTF8Error(ValueError):
+class NotUTF8Error(UserError):
     """Text that is not UTF-8. GPT-2's BPE works on UTF-8 bytes, so text in another encoding is refused
     rather than decoded with U+FFFD in place of every byte that does not fit (which trains on garbage)."""
 
@@ -113,7 +115,7 @@ def decode(ids) -> str:
         ids = ids.tolist()
     bad = [i for i in ids if not 0 <= int(i) < VOCAB_SIZE]
     if bad:
-        raise ValueError(f"token id {bad[0]} is outside GPT-2's vocabulary [0, {VOCAB_SIZE}): the model's "
+        raise UserError(f"token id {bad[0]} is outside GPT-2's vocabulary [0, {VOCAB_SIZE}): the model's "
                          "vocabulary is larger than the tokenizer's (padded?) or the ids are corrupt")
     return get_tokenizer().decode([int(i) for i in ids])
 

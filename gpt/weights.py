@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import PRESETS, GPTConfig
+from .errors import UserError
 from .model import GPT, GPTClassifier
 from .rundir import atomic_write
 
@@ -28,7 +29,7 @@ WEIGHTS_FILE = "model.safetensors"
 ADAPTERS_FILE = "adapters.safetensors"  # a LoRA finetuning run's weights: its adapters only (gpt.finetune)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory that is missing, incomplete, corrupt or for another model."""
 
 
@@ -297,7 +298,7 @@ SOURCE_KINDS = ("checkpoint", "hf", "preset")
 def model_source(checkpoint=None, hf=None, preset=None, default_preset: str = "mini") -> tuple[str, str]:
     """(kind, source) of the options --checkpoint, --hf and --preset: the first given, else the preset."""
     if checkpoint and hf:
-        raise ValueError("give either a checkpoint or a Hugging Face directory to start from, not both")
+        raise UserError("give either a checkpoint or a Hugging Face directory to start from, not both")
     if checkpoint:
         return "checkpoint", str(checkpoint)
     if hf:
@@ -314,8 +315,9 @@ def load_model(source, device="cpu", *, kind: str | None = None, kernel_backend:
                **overrides) -> GPT:
     """A GPT from ``source``: a preset name (``"tiny"``, ``"gpt2-small"``: freshly initialised), one of our
     checkpoint directories, or a Hugging Face GPT-2 directory; ``kind`` (one of ``SOURCE_KINDS``) says
-    which, None tells it from the source. ``overrides`` change config fields: any for a preset; for loaded
-    weights only those that leave the tensors' shapes alone (``dropout``; ``pad_vocab_multiple`` for HF)."""
+    which, None tells it from the source. ``overrides`` change config fields: any for a preset; for GPT-2
+    weights only those that leave the tensors' shapes alone (``dropout``, ``pad_vocab_multiple``); none for
+    our checkpoints (they keep their own config)."""
     if kind is None:
         path = Path(source)
         kind = ("preset" if str(source) in PRESETS and not path.exists()
@@ -326,11 +328,8 @@ def load_model(source, device="cpu", *, kind: str | None = None, kernel_backend:
     if kind == "hf":
         return load_hf(source, map_location=device, kernel_backend=kernel_backend, **overrides)
     if kind != "checkpoint":
-        raise ValueError(f"unknown model source kind {kind!r}: choose one of {', '.join(SOURCE_KINDS)}")
-    model = load_checkpoint(source, map_location=device, kernel_backend=kernel_backend)
-    unknown = set(overrides) - {"dropout"}
-    if unknown:
-        raise ValueError(f"a checkpoint's {sorted(unknown)} cannot be changed when loading it")
-    if overrides.get("dropout") is not None:
-        model.set_dropout(overrides["dropout"])
-    return model
+        raise UserError(f"unknown model source kind {kind!r}: choose one of {', '.join(SOURCE_KINDS)}")
+    if overrides:
+        raise UserError(f"a checkpoint's {sorted(overrides)} cannot be changed when loading it (its dropout: "
+                        f"model.set_dropout(p) on the loaded model)")
+    return load_checkpoint(source, map_location=device, kernel_backend=kernel_backend)

@@ -4,7 +4,6 @@ import torch
 
 from gpt.data import (
     SlidingWindowDataset,
-    create_dataloader,
     load_token_file,
     load_tokens,
     split_tokens,
@@ -24,13 +23,13 @@ def test_windows_and_shifted_targets():
         assert x.dtype == torch.int64
 
 
-def test_dataloader_batches_like_the_book():
+def test_windows_of_the_verdict_start_like_the_book():
     text = open(__import__("gpt.data").data.default_text_path(), encoding="utf-8").read()
-    dl = create_dataloader(text, batch_size=8, context_length=4, stride=4, shuffle=False)
-    x, y = next(iter(dl))
-    assert x.shape == y.shape == (8, 4)
+    ds = SlidingWindowDataset(encode(text), context_length=4, stride=4)
+    x = torch.stack([ds[i][0] for i in range(8)])  # (8, 4): the book's first batch of its chapter 2 loader
+    y = torch.stack([ds[i][1] for i in range(8)])  # (8, 4)
     assert x[0].tolist() == [40, 367, 2885, 1464]  # "I HAD always" in the book's chapter 2
-    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(x[1:, 0], y[:-1, -1])  # windows follow each other
 
 
 def test_split_by_ratio():
@@ -40,11 +39,9 @@ def test_split_by_ratio():
         split_tokens([1, 2, 3], 1.5)
 
 
-def test_too_short_text_and_too_big_batch_are_clear_errors():
+def test_too_short_text_is_a_clear_error():
     with pytest.raises(ValueError, match="fewer than one window"):
         SlidingWindowDataset([1, 2, 3], context_length=8)
-    with pytest.raises(ValueError, match="do not fill one batch"):
-        create_dataloader(list(range(20)), batch_size=64, context_length=4)
 
 
 def test_memory_mapped_token_file(tmp_path):

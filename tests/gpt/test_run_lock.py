@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from gpt.cli import main
-from gpt.rundir import LOG_FILE, STATE_FILE
+from gpt.rundir import LOG_FILE
+from gpt.trainer_state import STATE_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

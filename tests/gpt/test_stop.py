@@ -19,7 +19,8 @@ import torch
 from gpt.clock import RunClock, count_due
 from gpt.data import default_text_path
 from gpt.pretrain import PretrainTask, TrainConfig, train
-from gpt.rundir import LOG_FILE, STATE_FILE
+from gpt.rundir import LOG_FILE
+from gpt.trainer_state import STATE_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,7 +95,7 @@ def config(tmp_path: Path, out: str, **kw) -> TrainConfig:
 
 
 def records(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "time"}
+    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "speed")}  # (wall-clock figures)
             for line in (run_dir / LOG_FILE).read_text().splitlines()]
 
 

@@ -114,6 +114,96 @@ def test_no_function_longer_than_80_lines_and_no_gpt_module_longer_than_500():
     assert not long, "\n".join(long)
 
 
+# ------------------------------------------------------------------------------------------ one owner each
+
+
+def _code_nodes(tree: ast.AST):
+    """Every node of ``tree`` but the docstrings (which may name what they describe)."""
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return [n for n in ast.walk(tree) if id(n) not in docstrings]
+
+
+def test_one_function_resolves_a_runs_settings(tmp_path):
+    """Only gpt.settings.plan_run makes a Plan, and every change to a run config, during a pretraining run, its
+    resume and a LoRA finetuning run, is made in gpt.settings; the configs themselves are frozen."""
+    import dataclasses
+
+    from gpt.finetune import FinetuneConfig
+    from gpt.instruct import finetune_instruct
+    from gpt.pretrain import TrainConfig, train
+    from gpt.settings import RunConfig
+
+    for name, path in modules("gpt").items():
+        tree = ast.parse(path.read_text())
+        where = {}
+        for top in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+            where.update({id(node): top.name for node in ast.walk(top)})
+        # the run's Plan is gpt.settings' own, or imported from it (gpt.plan's Plan is the memory planner's)
+        runs_plan = name == "gpt.settings" or any(
+            isinstance(n, ast.ImportFrom) and n.module in ("settings", "gpt.settings")
+            and "Plan" in {a.name for a in n.names} for n in ast.walk(tree))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "dataclasses":  # (so the run below sees each)
+                assert "replace" not in {a.name for a in node.names}, f"{name} imports dataclasses.replace by name"
+            if runs_plan and isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Plan":
+                assert (name, where.get(id(node))) == ("gpt.settings", "plan_run"), f"{name} makes a Plan"
+
+    callers, real = [], dataclasses.replace
+
+    def recording(obj, /, **changes):
+        if isinstance(obj, RunConfig):
+            frame = sys._getframe(1)
+            callers.append((frame.f_globals["__name__"], frame.f_code.co_name))
+        return real(obj, **changes)
+
+    dataclasses.replace = recording
+    try:
+        common = dict(preset="tiny", eval_batches=1, device="cpu")
+        train(TrainConfig(**common, context_length=16, max_steps=1, sample_tokens=0, out=str(tmp_path / "p")))
+        train(TrainConfig(resume=str(tmp_path / "p"), max_steps=2))
+        finetune_instruct(FinetuneConfig(**common, max_steps=1, limit=10, max_new_tokens=1, lora_rank=2,
+                                         out=str(tmp_path / "i")))
+    finally:
+        dataclasses.replace = real
+    assert ("gpt.settings", "plan_run") in callers  # the check sees what it should
+    assert {module for module, _ in callers} == {"gpt.settings"}, callers
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainConfig().epochs = 3  # a task cannot change the settings it is given
+
+
+def test_one_module_owns_the_trainer_state():
+    """Only gpt.trainer_state names the trainer state's file, format and optimizer folder, saves with
+    torch.save or torch.distributed.checkpoint, and loads with torch.load (but gpt.weights, which reads
+    Hugging Face's pytorch_model.bin)."""
+    owner = "gpt.trainer_state"
+    found = {}
+    for name, path in modules("gpt").items():
+        for node in _code_nodes(ast.parse(path.read_text())):
+            what = None
+            if isinstance(node, (ast.Name, ast.Attribute)):
+                ident = node.id if isinstance(node, ast.Name) else node.attr
+                what = ident if ident in ("STATE_FILE", "STATE_FORMAT", "OPTIMIZER_DIR") else None
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "trainer_state.pt" in node.value:
+                what = "trainer_state.pt"
+            elif isinstance(node, ast.Call):
+                call = ast.unparse(node.func)
+                if call in ("torch.save", "torch.load", "dcp.save", "dcp.load"):
+                    what = call
+            elif isinstance(node, ast.Import) and "torch.distributed.checkpoint" in {a.name for a in node.names}:
+                what = "import torch.distributed.checkpoint"  # (its save and load: .state_dict is no file)
+            if what:
+                found.setdefault(what, set()).add(name)
+    assert found.pop("torch.load") <= {owner, "gpt.weights"}
+    for what, where in found.items():
+        assert where == {owner}, f"{what} in {sorted(where - {owner})}"
+    assert set(found) >= {"STATE_FILE", "STATE_FORMAT", "OPTIMIZER_DIR", "torch.save", "dcp.save", "dcp.load"}
+
+
 def test_import_gpt_and_the_kernel_tests_need_no_tiktoken(tmp_path):
     """tiktoken is imported by the tokenizer on first use, not by ``import gpt``: without it the model runs,
     the kernel and model tests collect (a GPU host missing it still runs them), and asking for the

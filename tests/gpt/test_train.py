@@ -14,7 +14,7 @@ from gpt import GPT, CheckpointError, load_checkpoint
 from gpt.cli import main
 from gpt.optim import lr_at, make_optimizer
 from gpt.pretrain import TrainConfig, train
-from gpt.rundir import STATE_FILE
+from gpt.trainer_state import STATE_FILE
 
 
 def tiny(out, **kw) -> TrainConfig:
@@ -56,6 +56,15 @@ def test_weight_decay_skips_biases_and_layer_norms():
     ids = {id(p) for g in (decay, no_decay) for p in g["params"]}
     assert len(ids) == len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert id(model.tok_emb.weight) in {id(p) for p in decay["params"]}  # tied with the head: once
+
+
+@pytest.mark.parametrize("beta2", [None, 0.95])
+def test_beta2_reaches_adamw_and_the_run_records_it(tmp_path, beta2):
+    train(tiny(tmp_path / "run", max_steps=1, eval_every=None, sample_tokens=0, beta2=beta2))
+    state = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
+    want = 0.999 if beta2 is None else beta2  # None: PyTorch's default, which the book's runs use
+    assert state["train_config"]["beta2"] == want  # what a resume continues with
+    assert [tuple(g["betas"]) for g in state["optimizer"]["param_groups"]] == [(0.9, want)] * 2
 
 
 # ------------------------------------------------------------------------------------------ a whole run

@@ -25,7 +25,8 @@ from gpt.cli import main
 from gpt.finetune import FinetuneConfig
 from gpt.instruct import RESPONSES_FILE
 from gpt.pretrain import TrainConfig, train
-from gpt.rundir import LOG_FILE, STATE_FILE
+from gpt.rundir import LOG_FILE
+from gpt.trainer_state import STATE_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
