@@ -4,9 +4,10 @@
 are the master copy), fp32 gradients, and AdamW's two fp32 moments: 4 + 4 + 8 = 16 bytes per parameter
 (ZeRO's 16Ψ), all on every GPU under DDP (plus DDP's gradient buckets, another 4 bytes per parameter:
 ``gradient_as_bucket_view`` is off), one N-th of each under FSDP, which also all-gathers a block's weights
-(in the training dtype) for its forward and backward: two blocks at a time (the one running and the one
-prefetched) plus the root's (embedding tables, final norm), and holds two blocks' unsharded fp32 gradients
-before their reduce-scatter.
+(in fp32, as :func:`gpt.parallel.mixed_precision` has it; autocast then casts them per matmul as it does
+alone) for its forward and backward: two blocks at a time (the one running and the one prefetched) plus the
+root's (embedding tables, final norm), and holds two blocks' unsharded fp32 gradients before their
+reduce-scatter.
 
 **Activations** (after Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models", section 4.1, adapted to this model's fused ops). Per layer and token, what the forward keeps for
@@ -124,7 +125,8 @@ def activation_bytes(cfg: GPTConfig, batch_size: int, seq_len: int, recompute: s
     moments and ``"peak"``, their largest. ``kernels``: "triton" (the fused kernels) or "torch" (PyTorch's
     ops, the CPU's); ``device``: "cuda" or "cpu" (where dropout masks differ); ``dropout``: the residual
     dropout rate (None: the config's); ``weight_copies``: autocast casts fp32 weights to its dtype (False
-    under FSDP with a bf16 ``param_dtype``: the gathered weights are bf16 already)."""
+    where the weights are in that dtype already, e.g. FSDP with a bf16 ``param_dtype``, which the trainer
+    does not use)."""
     if recompute not in RECOMPUTE:
         raise UserError(f"unknown recompute mode {recompute!r}: choose one of {', '.join(RECOMPUTE)}")
     C, H, L, Vp = cfg.emb_dim, cfg.n_heads, cfg.n_layers, cfg.padded_vocab_size
@@ -211,9 +213,8 @@ def _state_bytes(cfg: PlanConfig, model: GPTConfig, params: int) -> dict[str, in
         C = model.emb_dim
         block = 12 * C * C + 13 * C  # one block's parameters
         root = (model.padded_vocab_size + model.context_length) * C + 2 * C
-        p = 4 if cfg.dtype == "float32" else 2
-        out[f"FSDP unsharded: 2 blocks + root ({'fp32' if p == 4 else 'bf16'}), 2 blocks' fp32 grads"] = (
-            p * (2 * block + root) + 4 * 2 * block)
+        # gathered in fp32 as the trainer does (gpt.parallel.mixed_precision): autocast casts per matmul
+        out["FSDP unsharded: 2 blocks + root (fp32), 2 blocks' fp32 grads"] = 4 * (2 * block + root) + 4 * 2 * block
     return out
 
 
@@ -235,8 +236,8 @@ def plan(cfg: PlanConfig) -> Plan:
     tokens = cfg.batch_size * T
     seconds = {mode: tokens * (per_token + (recompute_extra if mode != "none" else 0)) / (cfg.mfu * peak)
                for mode in RECOMPUTE}
-    copies = cfg.parallel != "fsdp"  # FSDP gathers the weights in bf16: autocast has nothing to cast
-    activations = {mode: activation_bytes(model, cfg.batch_size, T, mode, cfg.dtype, weight_copies=copies)["peak"]
+    # autocast's weight copies under FSDP too: its gathers are fp32 (gpt.parallel.mixed_precision)
+    activations = {mode: activation_bytes(model, cfg.batch_size, T, mode, cfg.dtype)["peak"]
                    for mode in RECOMPUTE}
     notes = [f"{gpu.card}: {peak / 1e12:.1f} TFLOP/s dense {kind} (gpt.flops.PEAKS), {gpu.memory_gib:g} GiB"]
     return Plan(cfg, model, T, params, _state_bytes(cfg, model, params), activations, seconds, per_token, notes)

@@ -127,6 +127,21 @@ def test_plan_shards_state_under_fsdp_and_times_the_step_from_the_flops():
     assert fsdp.activations["blocks"] < fsdp.activations["none"]
 
 
+def test_fsdp_plan_gathers_and_casts_as_the_trainer_does():
+    """The trainer's FSDP gathers weights in gpt.parallel.mixed_precision's dtype and autocast casts them per
+    matmul as without FSDP: the plan counts the gathered blocks at that dtype, and the same activations
+    (autocast's weight copies included) as a single GPU's."""
+    from gpt.parallel import mixed_precision
+
+    cfg = dict(preset="gpt2-xl", batch_size=8, seq_len=1024, gpu="h100")
+    fsdp, one = plan(PlanConfig(**cfg, parallel="fsdp", gpus=8)), plan(PlanConfig(**cfg))
+    C, V = 1600, fsdp.model.padded_vocab_size
+    block, root = 12 * C * C + 13 * C, (V + 1024) * C + 2 * C
+    gathered = mixed_precision().param_dtype.itemsize * (2 * block + root) + 4 * 2 * block
+    assert [v for k, v in fsdp.memory.items() if k.startswith("FSDP unsharded")] == [gathered]
+    assert fsdp.activations == one.activations
+
+
 def test_plan_state_bytes_are_what_the_trainer_holds_after_a_step():
     """Weights, gradients and AdamW's moments, as the trainer makes them (gpt.optim.make_optimizer, fused as
     on CUDA and the CPU), counted tensor by tensor after one step: the plan's figures to the byte (AdamW's
