@@ -234,6 +234,7 @@ class ClassifierTask(FinetuneTask):
     name = "classifier finetuning"
     kind = run_prefix = "classifier"
     default_trainable, default_epochs = DEFAULT_TRAINABLE, DEFAULT_EPOCHS
+    head_flops = False  # the loss runs a two-class head, not the vocabulary's
 
     def load_data(self, cfg: FinetuneConfig) -> None:
         if cfg.data:

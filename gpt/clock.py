@@ -7,8 +7,9 @@ clock time the run should end at. The first step of a run is not counted: it car
 allocation, kernel autotuning, ``torch.compile``). When that first estimate had no evaluation timed yet
 (finetuning evaluates after each epoch), a second line follows the first evaluation.
 
-How fast a run trains (:class:`Throughput`): tokens and examples per second, in the progress bar and in
-each evaluation's record of ``log.jsonl`` (``"speed"``).
+How fast a run trains (:class:`Throughput`): tokens and examples per second, model FLOP/s and, on a GPU
+whose peak is known (or measured), the MFU, in the progress bar and in each evaluation's record of
+``log.jsonl`` (``"speed"``).
 """
 
 from __future__ import annotations
@@ -94,25 +95,45 @@ class RunClock:
 
 class Throughput:
     """The training's speed: tokens and examples per second of the steps' own time (not the evaluations'),
-    for the progress bar (each step) and the log (the steps since the last evaluation). :meth:`rates` is
-    the one place that turns counts and seconds into the figures both show."""
+    the model FLOP/s of one device and, against its peak, the MFU (:mod:`gpt.flops`), for the progress bar
+    (each step) and the log (the steps since the last evaluation). :meth:`rates` is the one place that turns
+    counts and seconds into the figures both show.
 
-    def __init__(self):
-        self.tokens, self.examples, self.seconds = 0, 0, 0.0  # since the last call of since_last
+    ``peak``: one device's dense peak FLOP/s in the training's precision (None on a CPU: FLOP/s only);
+    ``devices``: how many devices share a step's FLOPs (the processes)."""
 
-    def step(self, tokens: int, examples: int, seconds: float) -> dict:
-        """Record a step (all processes' tokens and examples); its own rates."""
-        self.tokens, self.examples, self.seconds = (self.tokens + tokens, self.examples + examples,
-                                                    self.seconds + seconds)
-        return self.rates(tokens, examples, seconds)
+    def __init__(self, peak: float | None = None, devices: int = 1):
+        self.peak, self.devices = peak, devices
+        self.tokens, self.examples, self.flops, self.seconds = 0, 0, 0.0, 0.0  # since the last since_last
+
+    def step(self, tokens: int, examples: int, seconds: float, flops: float = 0.0) -> dict:
+        """Record a step (all processes' tokens, examples and model FLOPs); its own rates."""
+        self.tokens, self.examples = self.tokens + tokens, self.examples + examples
+        self.flops, self.seconds = self.flops + flops, self.seconds + seconds
+        return self.rates(tokens, examples, seconds, flops)
 
     def since_last(self) -> dict | None:
         """The rates of the steps since the last call (None if there were none), and start counting anew."""
-        counts, self.tokens, self.examples, self.seconds = (self.tokens, self.examples, self.seconds), 0, 0, 0.0
+        counts = (self.tokens, self.examples, self.seconds, self.flops)
+        self.tokens, self.examples, self.flops, self.seconds = 0, 0, 0.0, 0.0
         return self.rates(*counts) if counts[2] > 0 else None
 
-    @staticmethod
-    def rates(tokens: int, examples: int, seconds: float) -> dict:
-        """{"tokens_per_s", "examples_per_s"} of ``tokens`` and ``examples`` in ``seconds``."""
+    def rates(self, tokens: int, examples: int, seconds: float, flops: float = 0.0) -> dict:
+        """{"tokens_per_s", "examples_per_s", "flops_per_s" (one device's), and "mfu" where there is a peak}."""
         seconds = max(seconds, 1e-9)
-        return {"tokens_per_s": round(tokens / seconds, 1), "examples_per_s": round(examples / seconds, 2)}
+        per_device = flops / self.devices / seconds
+        out = {"tokens_per_s": round(tokens / seconds, 1), "examples_per_s": round(examples / seconds, 2),
+               "flops_per_s": float(f"{per_device:.4g}")}
+        if self.peak:
+            out["mfu"] = float(f"{per_device / self.peak:.4g}")
+        return out
+
+    @staticmethod
+    def postfix(rates: dict) -> dict[str, str]:
+        """The progress bar's fields: tokens/s, examples/s, and the MFU where there is a peak, else TFLOP/s."""
+        out = {"tok_s": f"{rates['tokens_per_s']:,.0f}", "ex_s": f"{rates['examples_per_s']:,.1f}"}
+        if "mfu" in rates:
+            out["mfu"] = f"{100 * rates['mfu']:.1f}%"
+        else:
+            out["tflops"] = f"{rates['flops_per_s'] / 1e12:.3g}"
+        return out

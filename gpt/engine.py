@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from . import trainer_state
 from .clock import RunClock, Throughput
 from .errors import UserError
+from .flops import device_peak, flops_per_token
 from .model import set_recompute
 from .optim import make_optimizer, make_scheduler, optimizer_step
 from .parallel import Parallel
@@ -103,6 +104,9 @@ class Task:
         """How many tokens the model reads for the batch (its speed is counted in these): the input ids'."""
         return batch[0].numel()
 
+    # whether the loss runs the vocabulary head (its FLOPs are the model's: :func:`gpt.flops.flops_per_token`)
+    head_flops = True
+
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         """The batch's mean loss (a scalar tensor), in training mode."""
         raise NotImplementedError
@@ -152,7 +156,8 @@ class Trainer:
         self.finished = False  # the task's final work (Task.finish) is done for this step
         self.source = ExampleSource(task.train_set, c.seed if task.shuffle else None)
         self.in_place = bool(c.resume) and Path(c.resume).resolve() == run_dir.resolve()
-        self.clock, self.speed = RunClock(), Throughput()
+        peak = device_peak(env.device, precision.name)  # None on a CPU: FLOP/s without an MFU
+        self.clock, self.speed = RunClock(), Throughput(peak.flops if peak else None, env.world)
         # the model spread over the processes, then the optimizer over what each holds, and the schedule
         self.parallel = Parallel(c.parallel, env)
         self.parallel.shard(self.model)
@@ -301,15 +306,14 @@ class Trainer:
             if stepped and (self.step % c.save_every == 0 if c.save_every else self.step % spe == 0):
                 self._save()
             t0 = time.perf_counter()
-            loss, lr, tokens = self._train_step()
+            loss, lr, tokens, flops = self._train_step()
             step_s = time.perf_counter() - t0
             self.step, stepped = self.step + 1, True
             self.losses.append(loss)
             self.running = [self.running[0] + loss, self.running[1] + 1]
-            speed = self.speed.step(tokens, self.per_step, step_s)
+            speed = self.speed.step(tokens, self.per_step, step_s, flops)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed['tokens_per_s']:,.0f}",
-                            ex_s=f"{speed['examples_per_s']:,.1f}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", **Throughput.postfix(speed))
             if self.on_step is not None:
                 self.on_step(self.step, loss)
             estimate_due = self.clock.step(step_s)
@@ -341,13 +345,16 @@ class Trainer:
             self.say(self.clock.estimate_rest(self.step, self.total_steps, self.config.eval_every or
                                               self.steps_per_epoch, self.steps_per_epoch, self.task.after_training))
 
-    def _train_step(self) -> tuple[float, float, int]:
+    def _train_step(self) -> tuple[float, float, int, float]:
         """One optimizer step; returns its loss (the mean over every loss term of every process), its learning
-        rate and the tokens it read (all processes)."""
+        rate, and the tokens it read and its model FLOPs (:func:`gpt.flops.flops_per_token`), all processes'."""
         batches = [self.task.collate(examples) for examples in self.source.next_step(
             self.plan.accumulation, self.config.batch_size, self.env.world, self.env.rank)]
         counts = [self.task.count(b) for b in batches]
-        total, tokens = self.env.sum([float(sum(counts)), float(sum(self.task.tokens(b) for b in batches))])
+        flops = sum(b[0].numel() * flops_per_token(self.model.config, b[0].shape[-1], self.task.head_flops)
+                    for b in batches)  # the input ids' (rows, length)
+        total, tokens, flops = self.env.sum([float(sum(counts)), float(sum(self.task.tokens(b) for b in batches)),
+                                             float(flops)])
         scaler, world = self.precision.scaler, self.env.world
         loss_sum = torch.zeros((), device=self.env.device)
         for m, (batch, n) in enumerate(zip(batches, counts)):
@@ -366,7 +373,7 @@ class Trainer:
                     if self.checkpoint else f"no checkpoint had been saved, so nothing is kept in {self.run_dir}")
             raise UserError(f"the training loss became {step_loss} at step {self.step + 1}: lower --lr (it is "
                             f"{self.config.lr:g}) or use --dtype bfloat16/float32; {kept}")
-        return step_loss, lr, int(tokens)
+        return step_loss, lr, int(tokens), flops
 
     def _evaluate(self) -> None:
         t0 = time.perf_counter()

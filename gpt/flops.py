@@ -1,4 +1,5 @@
-"""Training throughput: model FLOPs per token, the device's peak FLOP/s, and each step's tokens/s, FLOP/s and MFU.
+"""Training throughput's yardsticks: model FLOPs per token and the device's peak FLOP/s (for the MFU that
+:class:`gpt.clock.Throughput` puts in the progress bar and the log).
 
 **Model FLOPs per token** (PaLM, Chowdhery et al. 2022, appendix B; nanoGPT's ``estimate_mfu``)::
 
@@ -28,7 +29,7 @@ trainer does on CUDA). Cards are found by :data:`CARDS`, patterns on ``torch.cud
 unknown card's peak is measured: the rate of a large matmul in the training dtype, a lower bound of the
 real peak (so an MFU against it reads high; the source says so). On the CPU there is no peak: FLOP/s only.
 
-MFU = model FLOPs per second / peak FLOP/s, per device.
+MFU = model FLOPs per second / peak FLOP/s, per device (:class:`gpt.clock.Throughput`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from __future__ import annotations
 import functools
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -189,54 +190,3 @@ def device_peak(device, dtype) -> Peak | None:
     kind = matmul_kind(dtype)
     matmul_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(kind, "float32")
     return peak_for(torch.cuda.get_device_name(device), kind, lambda: measure_matmul_flops(device, matmul_dtype))
-
-
-class Throughput:
-    """Tokens/s, model FLOP/s and MFU of training steps, for the progress bar and the log.
-
-    ``Throughput(config, device, dtype)`` once (``lm_head=False`` for a classifier, whose loss does not run
-    the vocabulary head; ``processes``: how many run the same steps, for the job's tokens/s), then
-    ``step(seconds, shapes)`` after each optimizer step with the (rows, length) of this process's batches of
-    token ids; ``since_last()`` gives the means over the steps since its last call.
-    """
-
-    def __init__(self, config: GPTConfig, device, dtype, lm_head: bool = True, processes: int = 1):
-        self.config, self.lm_head, self.processes = config, lm_head, processes
-        self.peak = device_peak(torch.device(device), str(dtype).removeprefix("torch."))
-        self._sums = [0.0, 0.0, 0.0]  # tokens, FLOPs, seconds (this process) since the last since_last()
-
-    def flops(self, shapes: Iterable[tuple[int, int]]) -> tuple[int, float]:
-        """(tokens, model FLOPs) of batches of these (rows, length) shapes."""
-        tokens = flops = 0
-        for rows, length in shapes:
-            tokens += rows * length
-            flops += rows * length * flops_per_token(self.config, length, self.lm_head)
-        return tokens, float(flops)
-
-    def _rates(self, tokens: float, flops: float, seconds: float) -> dict:
-        seconds = max(seconds, 1e-9)
-        rate = flops / seconds
-        return {"tokens_per_s": self.processes * tokens / seconds, "flops_per_s": rate,
-                "mfu": rate / self.peak.flops if self.peak else None}
-
-    def step(self, seconds: float, shapes: Iterable[tuple[int, int]]) -> dict:
-        """One step's ``tokens_per_s`` (all processes), ``flops_per_s`` (this device) and ``mfu`` (None on CPU)."""
-        tokens, flops = self.flops(shapes)
-        self._sums = [self._sums[0] + tokens, self._sums[1] + flops, self._sums[2] + seconds]
-        return self._rates(tokens, flops, seconds)
-
-    def since_last(self) -> dict:
-        """The rates over every step since the last call (time-weighted), for a log record; then starts over."""
-        tokens, flops, seconds = self._sums
-        self._sums = [0.0, 0.0, 0.0]
-        return self._rates(tokens, flops, seconds) if seconds else {}
-
-    @staticmethod
-    def postfix(rates: dict) -> dict[str, str]:
-        """Short progress-bar fields: tokens/s, and MFU where there is a peak, else TFLOP/s."""
-        out = {"tok_s": f"{rates['tokens_per_s']:,.0f}"}
-        if rates.get("mfu") is not None:
-            out["mfu"] = f"{100 * rates['mfu']:.1f}%"
-        else:
-            out["tflops"] = f"{rates['flops_per_s'] / 1e12:.3g}"
-        return out

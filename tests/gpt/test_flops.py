@@ -5,7 +5,9 @@ import torch
 
 from gpt import GPT
 from gpt import flops as F
+from gpt.clock import Throughput
 from gpt.config import GPTConfig
+from gpt.flops import PEAKS
 
 
 def test_gpt2_small_flops_per_token_by_hand_and_nanogpts_convention():
@@ -99,27 +101,49 @@ def test_an_unknown_card_falls_back_to_a_measured_matmul(monkeypatch):
     assert 1e6 < peak.flops < 1e15 and "measured" in peak.source and "Mystery 9000" in peak.source
 
 
-def test_cpu_throughput_has_flops_per_second_and_no_mfu():
-    cfg = GPTConfig.from_preset("tiny")
-    speed = F.Throughput(cfg, "cpu", "float32", processes=2)
-    assert speed.peak is None
-    rates = speed.step(0.5, [(4, 32), (4, 32)])  # two micro-batches of 4 x 32 tokens
-    per_token = F.flops_per_token(cfg, 32)
-    assert rates == {"tokens_per_s": 2 * 256 / 0.5, "flops_per_s": 256 * per_token / 0.5, "mfu": None}
-    assert set(F.Throughput.postfix(rates)) == {"tok_s", "tflops"}
-    speed.step(1.5, [(2, 16)])
-    mean = speed.since_last()
-    assert mean["flops_per_s"] == pytest.approx((256 * per_token + 32 * F.flops_per_token(cfg, 16)) / 2.0)
-    assert speed.since_last() == {}  # started over
+def test_throughput_gives_flops_per_second_per_device_and_mfu_only_with_a_peak():
+    cpu = Throughput(peak=None, devices=2)
+    rates = cpu.step(512, 16, 0.5, flops=3e9)  # all processes' tokens, examples and model FLOPs in 0.5 s
+    assert rates == {"tokens_per_s": 1024.0, "examples_per_s": 32.0, "flops_per_s": 3e9}  # 3e9 / 2 devices / 0.5 s
+    assert set(Throughput.postfix(rates)) == {"tok_s", "ex_s", "tflops"}
+    cpu.step(64, 2, 1.5, flops=1e9)
+    assert cpu.since_last()["flops_per_s"] == pytest.approx(4e9 / 2 / 2.0)  # the steps since the last call
+    assert cpu.since_last() is None  # started over
+    gpu = Throughput(peak=989.5e12)  # H100 SXM, bf16
+    rates = gpu.step(8 * 1024, 8, 1.0, flops=8 * 1024 * 855_000_576)  # gpt2-small, 8 x 1024 tokens in 1 s
+    assert rates["mfu"] == pytest.approx(8 * 1024 * 855_000_576 / 989.5e12, rel=1e-3)
+    assert Throughput.postfix(rates)["mfu"] == f"{100 * rates['mfu']:.1f}%"
 
 
-def test_gpu_throughput_gives_mfu_against_the_tables_peak(monkeypatch):
+def test_gpu_peak_is_the_tables_for_a_known_card(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     F.device_peak.cache_clear()
     try:
-        speed = F.Throughput(GPTConfig.from_preset("gpt2-small"), torch.device("cuda:0"), "bfloat16")
+        peak = F.device_peak(torch.device("cuda:0"), "bfloat16")
     finally:
         F.device_peak.cache_clear()
-    rates = speed.step(1.0, [(8, 1024)])
-    assert rates["mfu"] == pytest.approx(8 * 1024 * 855_000_576 / 989.5e12)
-    assert F.Throughput.postfix(rates)["mfu"].endswith("%")
+    assert peak.flops == PEAKS["H100 SXM"]["bf16"]
+    assert F.device_peak(torch.device("cpu"), "float32") is None  # the CPU: FLOP/s, no MFU
+
+
+@pytest.mark.parametrize("peak", [None, 2e12])
+def test_the_training_log_and_bar_carry_model_flops_per_second_and_the_mfu(tmp_path, monkeypatch, capsys, peak):
+    """A tiny pretraining run: each evaluation's "speed" holds the model FLOP/s of its steps, which is their
+    tokens/s times the FLOPs per token (every window has the context's length), and the MFU against the
+    device's peak where it has one (here a stand-in for a GPU's); the progress bar shows the MFU or TFLOP/s."""
+    import gpt.engine
+    from gpt.pretrain import TrainConfig, train
+
+    monkeypatch.setattr(gpt.engine, "device_peak", lambda device, dtype: peak and F.Peak(peak, "a stand-in"))
+    cfg = TrainConfig(preset="tiny", context_length=32, batch_size=2, max_steps=4, eval_every=2, eval_batches=1,
+                      sample_tokens=2, device="cpu", out=str(tmp_path / "run"))
+    result = train(cfg)
+    speeds = [r["speed"] for r in result.evals if "speed" in r]
+    assert len(speeds) == 2  # after steps 2 and 4
+    per_token = F.flops_per_token(result.model.config, 32)
+    for speed in speeds:
+        assert speed["flops_per_s"] == pytest.approx(speed["tokens_per_s"] * per_token, rel=1e-3)
+        assert ("mfu" in speed) == (peak is not None)
+        if peak:
+            assert speed["mfu"] == pytest.approx(speed["flops_per_s"] / peak, rel=1e-3, abs=1e-4)
+    assert ("mfu=" if peak else "tflops=") in capsys.readouterr().err
