@@ -27,7 +27,7 @@ VOCAB_SIZE = 50257
 
 # GPT-2's pre-tokenisation pattern: contractions, letters, digits, other (tiktoken's own copy, a faster
 # possessive form of the same pattern, is used where the installed tiktoken has it)
-_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
@@ -52,7 +52,7 @@ def get_tokenizer() -> tiktoken.Encoding:
     try:
         from tiktoken_ext.openai_public import r50k_pat_str as pattern
     except ImportError:  # older tiktoken
-        pattern = _GPT2_PATTERN
+        pattern = GPT2_PATTERN
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=asset_path("vocab.bpe"),
         encoder_json_file=asset_path("encoder.json"),
