@@ -188,12 +188,18 @@ def _resume(out: Path, header: dict) -> dict | None:
             raise UserError(f"{out} holds shards made from other sources or settings ({key} differs: "
                             f"{_differs(index.get(key), header[key])}): give another --out, or delete {out} to "
                             f"start again")
-    for s in index["shards"]:
-        p = out / s["file"]
-        if not p.is_file() or p.stat().st_size != 2 * s["tokens"]:
-            raise UserError(f"{p} is missing or has the wrong size ({2 * s['tokens']:,} bytes expected): delete "
-                            f"{out} to start again")
+    check_shards(out, index, f"delete {out} to start again")
     return index
+
+
+def check_shards(directory: Path, index: dict, advice: str) -> None:
+    """Raise a UserError (ending in `advice`) if a shard the index lists is missing or not its listed size."""
+    itemsize = np.dtype(DTYPE).itemsize
+    for s in index["shards"]:
+        p = directory / s["file"]
+        if not p.is_file() or p.stat().st_size != itemsize * s["tokens"]:
+            raise UserError(f"shard {p} is missing or has the wrong size ({itemsize * s['tokens']:,} bytes "
+                            f"expected): {advice}")
 
 
 def _differs(old, new) -> str:

@@ -22,7 +22,7 @@ import torch
 
 from .data import SlidingWindowDataset
 from .errors import UserError
-from .shards import DTYPE, FORMAT, INDEX_FILE
+from .shards import DTYPE, FORMAT, INDEX_FILE, check_shards
 
 
 def is_shard_folder(path) -> bool:
@@ -42,11 +42,7 @@ def read_index(directory) -> dict:
         raise UserError(f"{path} is not an index of this version's gpt prepare-data: prepare the data again")
     if not index.get("complete"):
         raise UserError(f"{directory} is not finished: run the same gpt prepare-data command again to finish it")
-    for s in index["shards"]:
-        p = directory / s["file"]
-        if not p.is_file() or p.stat().st_size != 2 * s["tokens"]:
-            raise UserError(f"shard {p} is missing or has the wrong size ({2 * s['tokens']:,} bytes expected): "
-                            f"prepare the data again")
+    check_shards(directory, index, "prepare the data again")
     return index
 
 

@@ -196,5 +196,18 @@ def test_an_unfinished_folder_is_refused(tmp_path):
         train(config(data, tmp_path / "run"))
 
 
+@pytest.mark.parametrize("damage", ["cut", "deleted"])
+def test_a_cut_or_missing_shard_is_refused_before_training(tmp_path, damage):
+    data = prepare(tmp_path / "data")
+    shard = data / json.loads((data / "index.json").read_text())["shards"][1]["file"]
+    if damage == "cut":
+        shard.write_bytes(shard.read_bytes()[:-2])  # one token short
+    else:
+        shard.unlink()
+    with pytest.raises(ValueError, match=f"shard {shard} is missing or has the wrong size .*prepare the data again"):
+        train(config(data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 if __name__ == "__main__":
     worker(Path(sys.argv[1]), Path(sys.argv[2]))
