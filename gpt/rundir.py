@@ -42,6 +42,7 @@ except ImportError:  # Windows: no flock(2); run directories are not guarded the
 
 LOG_FILE = "log.jsonl"  # one JSON record per line: evaluations, samples
 STAGING_DIR = ".saving"
+_TMP_MARK = ".tmp-"  # atomic_write's temporary file beside NAME: .NAME.tmp-PID
 MANIFEST = "COMMITTED"  # written into the staging directory once every file of a save is there
 _held: dict[tuple[int, int], int] = {}  # (device, inode) of each run directory this process holds -> depth
 
@@ -51,7 +52,7 @@ def atomic_write(path, write: Callable[[Path], object]) -> Path:
     crash) never sees half a file. The temporary file is removed if ``write`` fails. The file gets the
     permissions any new file gets (0644 under the usual umask), whoever wrote it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # as open() makes files: some writers (safetensors) make them 0600
@@ -60,6 +61,18 @@ def atomic_write(path, write: Callable[[Path], object]) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def remove_stale_writes(directory) -> list[str]:
+    """Delete the temporary files that :func:`atomic_write` left in ``directory`` when its process was killed
+    between writing and renaming (``.NAME.tmp-PID``); returns their names. Only the holder of the directory
+    (:func:`hold_run_dir`) may call it: no other process is writing there then."""
+    gone = []
+    for p in Path(directory).glob(f".*{_TMP_MARK}*"):
+        if p.name.rpartition(_TMP_MARK)[2].isdigit() and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            gone.append(p.name)
+    return gone
 
 
 def need(path, kind: str, what: str, hint: str = "") -> Path:
@@ -114,7 +127,8 @@ def create_run_dir(path) -> Path:
 def hold_run_dir(path):
     """Hold the existing run directory ``path`` for the block: an exclusive flock(2) on the directory itself,
     so nothing is written for it and it ends with the process (a killed run leaves no stale lock). Another
-    process asking for it meanwhile gets a ValueError naming this one. Re-entrant within a process."""
+    process asking for it meanwhile gets a ValueError naming this one. Re-entrant within a process. Once
+    held, the half-written temporary files of a killed earlier holder are removed (:func:`remove_stale_writes`)."""
     st = Path(path).stat()
     key = (st.st_dev, st.st_ino)
     if fcntl is None or key in _held:
@@ -135,6 +149,7 @@ def hold_run_dir(path):
                         f"for it to end, or give another directory") from None
     _held[key] = 1
     try:
+        remove_stale_writes(path)
         yield
     finally:
         del _held[key]

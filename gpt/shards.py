@@ -21,7 +21,8 @@ ahead, so memory stays the same whatever the corpus size.
 after each one with where its last token came from (source, unit, tokens of that unit). Run the same
 command again after a crash or Ctrl-C: the finished shards are kept as they are and the work goes on from
 the end of the last one. The output depends only on the sources and the settings (not on ``workers``):
-a resumed run writes the same bytes as a straight one.
+a resumed run writes the same bytes as a straight one. One command at a time writes a folder
+(:func:`gpt.rundir.hold_run_dir`): a second one started on it is refused, naming the first.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .corpus import CorpusError, Source, SourceInfo, find_sources, inspect, read_units
 from .errors import UserError
-from .rundir import atomic_write
+from .rundir import atomic_write, hold_run_dir
 from .tokenizer import EOT_TOKEN, get_tokenizer
 
 FORMAT = "gpt-triton-shards-1"
@@ -132,22 +133,37 @@ def prepare_data(cfg: PrepareConfig, *, say=print, batch_chars: int = BATCH_CHAR
                                                   "eot_id": enc.eot_token},
                   "dtype": "uint16", "separator": f"{EOT_TOKEN} before every document", "settings": cfg.settings(),
                   "sources": [{**s.describe(), "bytes": i.size, "sha256": i.sha256} for s, i in zip(sources, infos)]}
-        done = _resume(out, header)
-        if done is not None and done.get("complete"):
-            say(f"{out} already holds these shards ({_summary(done)}): nothing to do")
-            return done
-        writer = _Writer(out, header, cfg, done["shards"] if done else [])
-        if writer.shards:
-            say(f"resuming after {len(writer.shards)} finished shard(s) in {out}")
-        try:
-            _tokenize(pool, enc, _batches(_units(sources, infos, cfg, writer.position), batch_chars), writer,
-                      workers, sum(i.size for i in infos))
-            index = writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-    say(f"wrote {_summary(index)} to {out}")
-    return index
+        done = _resume(out, header)  # a folder refused here is left as it was
+        if done is None or not done.get("complete"):
+            created = not out.exists()
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                with hold_run_dir(out):  # one command at a time writes the folder
+                    done = _resume(out, header)  # again: another run may have written it since
+                    if done is None or not done.get("complete"):
+                        index = _prepare(pool, enc, cfg, sources, infos, _Writer(out, header, cfg, done), say,
+                                         batch_chars, workers)
+                        say(f"wrote {_summary(index)} to {out}")
+                        return index
+            finally:
+                if created and not any(out.iterdir()):
+                    out.rmdir()
+    say(f"{out} already holds these shards ({_summary(done)}): nothing to do")
+    return done
+
+
+def _prepare(pool, enc, cfg: PrepareConfig, sources, infos, writer: _Writer, say, batch_chars: int,
+             workers: int) -> dict:
+    """Write the shards that ``writer`` does not have yet; the complete index."""
+    if writer.shards:
+        say(f"resuming after {len(writer.shards)} finished shard(s) in {writer.out}")
+    try:
+        _tokenize(pool, enc, _batches(_units(sources, infos, cfg, writer.position), batch_chars), writer,
+                  workers, sum(i.size for i in infos))
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _tokenize(pool, enc, batches, writer: _Writer, workers: int, total_bytes: int) -> None:
@@ -287,15 +303,15 @@ def _ahead(pool, fn, items, depth: int):
 class _Writer:
     """Appends tokens to the current shard; renames it into place when full and rewrites the index."""
 
-    def __init__(self, out: Path, header: dict, cfg: PrepareConfig, shards: list[dict]):
-        self.out, self.header, self.shards = out, header, list(shards)
+    def __init__(self, out: Path, header: dict, cfg: PrepareConfig, done: dict | None):
+        """Writes into the held folder ``out``, after the shards of the earlier run's index ``done``."""
+        self.out, self.header, self.shards = out, header, list(done["shards"] if done else [])
         self.val_tokens, self.shard_tokens = cfg.val_tokens, cfg.shard_tokens
         last = self.shards[-1]["end"] if self.shards else None
         self.position = Position(**{**last, "skipped": dict(last["skipped"])}) if last else Position()
         self.resume_at = (last["source"], last["unit"], last["offset"]) if last else None
         self.total = sum(s["tokens"] for s in self.shards)
-        self.file, self.created = None, not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
+        self.file = None
         for p in out.glob(".*.partial"):  # a shard that a crash cut short
             p.unlink()
 
@@ -349,13 +365,10 @@ class _Writer:
         self._write_index({"complete": False})
 
     def abort(self) -> None:
-        """After an error or Ctrl-C: drop the unfinished shard (the finished ones stay for a resume), and the
-        output folder if this run made it and nothing is in it."""
+        """After an error or Ctrl-C: drop the unfinished shard (the finished ones stay for a resume)."""
         if self.file is not None:
             self.file.close()
             self.tmp.unlink(missing_ok=True)
-        if self.created and not any(self.out.iterdir()):
-            self.out.rmdir()
 
     def _write_index(self, extra: dict) -> dict:
         index = {**self.header, **extra, "shards": self.shards}

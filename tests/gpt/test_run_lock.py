@@ -116,7 +116,8 @@ def listing(root: Path) -> dict:
 ONE_STEP = ["--preset", "tiny", "--max-steps", "1", "--device", "cpu"]
 
 
-@pytest.mark.parametrize("case", ["train", "finetune-classifier", "finetune-instruct", "lora-merge", "train --resume"])
+@pytest.mark.parametrize("case", ["train", "finetune-classifier", "finetune-instruct", "lora-merge", "train --resume",
+                                  "prepare-data"])
 def test_a_held_directory_is_refused_naming_its_holder_until_the_holder_dies(tiny_runs, tmp_path, holder, capsys,
                                                                            case):
     out = tmp_path / "out"
@@ -124,11 +125,17 @@ def test_a_held_directory_is_refused_naming_its_holder_until_the_holder_dies(tin
             "finetune-classifier": ["finetune-classifier", *ONE_STEP, "--limit", "20", "--out", str(out)],
             "finetune-instruct": ["finetune-instruct", *ONE_STEP, "--limit", "10", "--out", str(out)],
             "lora-merge": ["lora-merge", "--checkpoint", str(tiny_runs / "lora"), "--out", str(out)],
-            "train --resume": ["train", "--resume", str(out), "--max-steps", "2"]}[case]
+            "train --resume": ["train", "--resume", str(out), "--max-steps", "2"],
+            "prepare-data": ["prepare-data", str(tmp_path / "corpus.txt"), "--out", str(out),
+                             "--val-tokens", "0"]}[case]
+    (tmp_path / "corpus.txt").write_text("It had always been a surprise to me. " * 50)
     if case == "train --resume":
         shutil.copytree(tiny_runs / "pretraining", out)
     else:
         out.mkdir()  # (an empty directory is a new run's)
+    stale = out / ".log.jsonl.tmp-4194305"  # what a process killed inside atomic_write leaves (a resumed run's)
+    if case in ("train --resume", "prepare-data"):
+        stale.write_text('{"half": ')
     before = listing(tmp_path)
     held = holder(out)
     assert main(argv) == 1
@@ -139,3 +146,4 @@ def test_a_held_directory_is_refused_naming_its_holder_until_the_holder_dies(tin
     held.kill()
     held.wait()  # a kill -9 leaves no stale lock behind
     assert main(argv) == 0
+    assert not stale.exists()  # the next holder removes it

@@ -127,7 +127,8 @@ def test_text_pieces_tokenize_as_the_whole_text():
 
 
 def test_a_run_resumed_after_any_finished_shard_equals_a_straight_run(corpus, tmp_path):
-    """Resume points inside every kind of source: text, JSON lines, gzip, Parquet row groups."""
+    """Resume points inside every kind of source: text, JSON lines, gzip, Parquet row groups. The half-written
+    files that a kill leaves are gone afterwards (the folder equals a straight run's, byte for byte)."""
     root, sources, _ = corpus
     cfg = dict(sources=sources, shard_tokens=3_000, val_tokens=1_000, workers=2)
     straight = tmp_path / "straight"
@@ -143,6 +144,9 @@ def test_a_run_resumed_after_any_finished_shard_equals_a_straight_run(corpus, tm
             (out / s["file"]).write_bytes((straight / s["file"]).read_bytes())
         partial = {key: v for key, v in index.items() if key not in ("tokens", "documents", "skipped")}
         (out / INDEX_FILE).write_text(json.dumps({**partial, "complete": False, "shards": shards[:k]}))
+        # what a kill leaves too: the next shard half written, and the index's next version never renamed
+        (out / f".{shards[k]['file']}.partial").write_bytes((straight / shards[k]["file"]).read_bytes()[:999])
+        (out / f".{INDEX_FILE}.tmp-{4_194_305 + k}").write_text(json.dumps(index)[:k * 100])
         said = []
         prepare_data(PrepareConfig(out=str(out), **cfg), say=said.append)
         assert said[0] == f"resuming after {k} finished shard(s) in {out}"
