@@ -4,10 +4,10 @@ One torchrun launch runs, in one process group: a pretraining run on the Triton 
 in the interpreter); the same run crashed after its checkpoint of step 3 and resumed by the two processes;
 a run of one process (made by this test before the launch) resumed by two; a classifier finetuning run
 (the last block trains, the rest is frozen) and an instruction run with LoRA; and a sharded step of the
-model compiled (aot_eager: the graphs inductor would get, run eagerly) against the eager one, with a
-frozen block. Run as a script, this file is that worker; the first process writes each run's losses and
-evaluations, and each run directory holds the model whole (gathered on the first process) and the
-optimizer's shards.
+model compiled (aot_eager: the graphs inductor would get, run eagerly), and one recomputing its blocks in
+the backward (--recompute blocks), against the eager one, with a frozen block. Run as a script, this
+file is that worker; the first process writes each run's losses and evaluations, and each run directory
+holds the model whole (gathered on the first process) and the optimizer's shards.
 
 Checked against one process that accumulates the same micro-batches (as tests/gpt/test_ddp.py does for
 DDP): the losses, the evaluations and the weights agree within float rounding; the run resumed by the
@@ -15,6 +15,7 @@ same two processes is bit-identical to the straight one; resumed by one process 
 by two) it continues within float rounding. Dropout is 0: each process draws its own masks.
 """
 
+import collections
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt import GPT, load_checkpoint
 from gpt.classify import finetune_classifier
@@ -73,30 +75,49 @@ def drop_clock(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("time", "speed")} for r in records]
 
 
-def compiled_and_frozen(rank: int) -> None:
-    """A sharded step of the tiny model on the Triton kernels, compiled, equals the eager one; a frozen block
-    gets no gradient (its weights stay as they were)."""
+class BackwardOps(TorchDispatchMode):
+    """Counts the ops dispatched while active, by name (``gpt_triton.attention``...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def sharded_steps(rank: int) -> None:
+    """A sharded step of the tiny model on the Triton kernels equals the eager one keeping every activation
+    when compiled, and when it recomputes each block in the backward (FSDP gathers a block's weights again
+    for the replay: its attention runs in the backward, once a block); a frozen block gets no gradient (its
+    weights stay as they were)."""
     from gpt.parallel import Parallel
     from gpt.runtime import Processes
 
-    runs = []
-    for compiled in (False, True):
+    runs = {}
+    for compiled, recompute in ((False, "none"), (True, "none"), (False, "blocks")):
         torch.manual_seed(0)
-        model = GPT.from_preset("tiny", dropout=0.0, context_length=CTX, kernel_backend="triton")
+        model = GPT.from_preset("tiny", dropout=0.0, context_length=CTX, kernel_backend="triton", recompute=recompute)
         model.blocks[0].requires_grad_(False)
         Parallel("fsdp", Processes("cpu")).shard(model)
         g = torch.Generator().manual_seed(rank)  # each process its own batch
         x, y = (torch.randint(0, 50257, (2, CTX), generator=g) for _ in range(2))
         step = torch.compile(model, backend="aot_eager", fullgraph=False) if compiled else model
         _, loss = step(x, y)
-        loss.backward()
+        with BackwardOps() as ops:
+            loss.backward()
+        replayed = ops.counts["gpt_triton.attention"]
+        assert replayed == (len(model.blocks) if recompute == "blocks" else 0), (recompute, ops.counts)
         assert all(p.grad is None for p in model.blocks[0].parameters())  # frozen: no gradient, sharded or not
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
         assert len(grads) == len(list(model.parameters())) - len(list(model.blocks[0].parameters()))
-        runs.append((loss.detach(), grads))
-    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-6, atol=1e-6)
-    for name, g in runs[0][1].items():
-        torch.testing.assert_close(runs[1][1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+        runs[compiled, recompute] = (loss.detach(), grads)
+    loss, grads = runs[False, "none"]
+    for key, (other_loss, other_grads) in runs.items():
+        torch.testing.assert_close(other_loss, loss, rtol=1e-6, atol=1e-6, msg=str(key))
+        for name, g in grads.items():
+            torch.testing.assert_close(other_grads[name], g, rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
 
 
 def worker(out: Path) -> None:
@@ -116,7 +137,7 @@ def worker(out: Path) -> None:
     for name in ("classifier", "lora"):
         job, cfg = finetuning(name, out / name, 2)
         done[name] = summary(job(cfg))
-    compiled_and_frozen(rank)
+    sharded_steps(rank)
     if rank == 0:
         (out / "runs.json").write_text(json.dumps(done))
     torch.distributed.destroy_process_group()
