@@ -159,16 +159,20 @@ def add_train_command(sub) -> None:
     g.add_argument("--book-init", action="store_true",
                    help="a fresh model initialised as the book's chapter 5 (PyTorch defaults, untied head) "
                         "(default: GPT-2's initialisation)")
-    g.add_argument("--pad-vocab-multiple", type=int, metavar="N", default=None,
-                   help="round a fresh or GPT-2 model's embedding and output-head rows up to a multiple of N; "
-                        "the padding never reaches the logits or the loss (default: 64 on a GPU, where 50,304 rows "
-                        "let the head's matmuls and the loss kernel use 16-byte loads; 1 on the CPU)")
+    add_pad_vocab_arg(g)
     g.add_argument("--sample-prompt", metavar="TEXT", default=d.sample_prompt,
                    help=f"text continued after each epoch (default \"{d.sample_prompt}\")")
     g.add_argument("--sample-tokens", type=int, metavar="N", default=d.sample_tokens,
                    help=f"tokens generated for the sample; 0 = no sample (default {d.sample_tokens})")
     add_train_hellaswag_args(p.add_argument_group("HellaSwag"))
     p.set_defaults(func=cmd_train)
+
+
+def add_pad_vocab_arg(g) -> None:
+    g.add_argument("--pad-vocab-multiple", type=int, metavar="N", default=None,
+                   help="round a fresh or GPT-2 model's embedding and output-head rows up to a multiple of N; "
+                        "the padding never reaches the logits or the loss (default: 64 on a GPU, where 50,304 rows "
+                        "let the head's matmuls and the loss kernel use 16-byte loads; 1 on the CPU)")
 
 
 def cmd_train(args) -> int:
@@ -244,6 +248,7 @@ def add_finetune_commands(sub) -> None:
                    help="compute the loss on the response tokens only (default: prompt and response)")
     g.add_argument("--max-new-tokens", type=int, metavar="N", default=d.max_new_tokens,
                    help=f"longest generated response for the test set (default {d.max_new_tokens})")
+    add_pad_vocab_arg(g)
 
 
 # ------------------------------------------------------------------------------------------ using models

@@ -53,12 +53,14 @@ from .trainer_state import check_new_run_dir, claim_run_dir
 from .weights import (
     ADAPTERS_FILE,
     CheckpointError,
+    check_vocab_padding,
     describe_source,
     load_checkpoint,
     load_model,
     load_safetensors,
     model_source,
     save_checkpoint,
+    vocab_padding,
 )
 
 FINETUNE_FILE = "finetune.json"
@@ -102,6 +104,8 @@ class FinetuneConfig(RunConfig):
     label_column: str = "label"  # ... and the one holding the label
     # the instruction model's
     mask_prompt: bool = False  # the loss on the response tokens only
+    pad_vocab_multiple: int | None = None  # as gpt train's: the output head's rows of a fresh or GPT-2 model
+    # rounded up to a multiple of this; None: 64 on CUDA, 1 elsewhere. A checkpoint keeps its own
     max_new_tokens: int = 256  # longest generated response for the test set
 
     warmup_share: float = 0.0  # a constant learning rate unless told otherwise, as the book: no warm-up...
@@ -111,7 +115,7 @@ class FinetuneConfig(RunConfig):
 
     def check(self) -> None:
         super().check()
-        for name in ("limit", "max_length", "examples_per_step"):
+        for name in ("limit", "max_length", "examples_per_step", "pad_vocab_multiple"):
             check_positive(self, name, allow_none=True)
         if self.trainable is not None and self.trainable not in TRAINABLE_CHOICES:
             raise UserError(f"unknown --trainable {self.trainable!r}: choose one of {', '.join(TRAINABLE_CHOICES)}")
@@ -178,6 +182,7 @@ class FinetuneTask(Task):
 
     kind: str
     default_trainable: str
+    trains_head: bool = False  # whether the loss goes through the GPT's output head (its rows then padded on CUDA)
 
     def __init__(self, cfg: FinetuneConfig, env: Processes, saved: dict | None):
         self.env, self.lines, self.epochs = env, [], cfg.epochs
@@ -205,11 +210,18 @@ class FinetuneTask(Task):
         self.found = {"trainable": mode, "lora_rank": lora and lora["rank"], "lora_alpha": lora and lora["alpha"],
                       "examples_per_step": self.examples_per_step,
                       "max_length": self.setup(cfg)}  # the datasets, now that the model's context length is known
+        if self.trains_head:
+            self.found["pad_vocab_multiple"] = gpt.config.pad_vocab_multiple
 
     def _base_model(self, cfg: FinetuneConfig, lora: dict | None, env: Processes) -> tuple[GPT, dict]:
         """The GPT to finetune and where it came from (recorded so that LoRA adapters find it again)."""
         kind, source = model_source(cfg.checkpoint, cfg.hf, cfg.preset)
-        gpt = load_model(source, env.device, kind=kind)  # a LoRA run is refused with a hint to merge it first
+        if cfg.pad_vocab_multiple is not None and not self.trains_head:
+            raise UserError(f"--pad-vocab-multiple pads the output head, which {self.name} does not use: leave "
+                            f"it out")
+        padding = vocab_padding(kind, cfg.pad_vocab_multiple, env.device) if self.trains_head else {}
+        gpt = load_model(source, env.device, kind=kind, **padding)  # a LoRA run is refused with a hint to merge
+        check_vocab_padding(gpt, cfg.pad_vocab_multiple, source)
         self.lines.append(f"model: {describe_source(kind, source)}")
         if kind == "preset":
             self.lines.append("note: finetuning an untrained model only tries the command out: start from a "
@@ -320,7 +332,8 @@ def _load_base(meta: dict, directory: Path) -> GPT:
                               f"{'is not a directory' if path.exists() else 'does not exist'}. Put that model back "
                               f"there, or write where it is now into 'base' in that file")
     try:
-        gpt = load_model(path, kind=kind)
+        padding = {"pad_vocab_multiple": meta["config"].get("pad_vocab_multiple", 1)} if kind == "hf" else {}
+        gpt = load_model(path, kind=kind, **padding)  # (GPT-2 weights padded as they were for the adapters)
     except CheckpointError as e:
         raise CheckpointError(f"{what}, {path}: {e}") from None
     want = {k: v for k, v in meta["config"].items() if k != "dropout"}

@@ -309,6 +309,7 @@ def _eval_sums(model, batch):
 class InstructTask(FinetuneTask):
     name = "instruction finetuning"
     kind = run_prefix = "instruct"
+    trains_head = True
     default_trainable, default_epochs = DEFAULT_TRAINABLE, DEFAULT_EPOCHS
 
     def load_data(self, cfg: FinetuneConfig) -> None:

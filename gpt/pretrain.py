@@ -48,7 +48,14 @@ from .runtime import Processes, rng_preserved
 from .settings import RunConfig, configure
 from .stream import ShardCorpus, is_shard_folder
 from .tokenizer import VOCAB_SIZE, decode, encode, visible
-from .weights import load_checkpoint, load_model, model_source, save_checkpoint
+from .weights import (
+    check_vocab_padding,
+    load_checkpoint,
+    load_model,
+    model_source,
+    save_checkpoint,
+    vocab_padding,
+)
 
 DEFAULT_PRESET = "mini"  # trains on The Verdict in minutes on a laptop CPU
 DEFAULT_EPOCHS = 10  # chapter 5
@@ -256,13 +263,9 @@ def _build_model(cfg: TrainConfig, device: torch.device) -> tuple[GPT, str]:
         overrides = {"context_length": cfg.context_length} if cfg.context_length else {}
         if cfg.book_init:
             overrides.update(init="torch", tie_weights=False)
-    if kind != "checkpoint":
-        overrides["pad_vocab_multiple"] = cfg.pad_vocab_multiple or (64 if torch.device(device).type == "cuda" else 1)
+    overrides.update(vocab_padding(kind, cfg.pad_vocab_multiple, device))
     model = load_model(source, kind=kind, kernel_backend=cfg.kernels, **overrides)
-    pad = model.config.pad_vocab_multiple
-    if cfg.pad_vocab_multiple not in (None, pad):
-        raise UserError(f"--pad-vocab-multiple {cfg.pad_vocab_multiple}: the model in {source} has its rows padded "
-                        f"to a multiple of {pad}, which a checkpoint keeps; leave the option out")
+    check_vocab_padding(model, cfg.pad_vocab_multiple, source)
     if cfg.dropout is not None and cfg.dropout != model.config.dropout:
         model.set_dropout(cfg.dropout)
     return model, {"checkpoint": f"from {source}", "hf": f"from GPT-2 {source}", "preset": f"preset {source!r}"}[kind]

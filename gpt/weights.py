@@ -78,6 +78,19 @@ def save_checkpoint(model: GPT, directory, extra_config: dict | None = None) -> 
     return directory
 
 
+def blank_gpt(cfg: GPTConfig, kernel_backend: str | None = None) -> GPT:
+    """A GPT of ``cfg`` whose weights are about to be loaded: built on the meta device, so no time goes into
+    a random initialisation and the random generators are left as they were (what a run draws next, LoRA's
+    adapters say, does not depend on the model loaded), then given uninitialised CPU memory. Tied weights
+    stay tied. Fill every tensor (:func:`load_state_into` refuses a state that misses one)."""
+    with torch.device("meta"):
+        model = GPT(cfg, kernel_backend=kernel_backend)
+    model = model.to_empty(device="cpu")
+    if cfg.tie_weights:
+        model.head.weight = model.tok_emb.weight  # (to_empty made each its own tensor)
+    return model
+
+
 def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str) -> GPT:
     """Copy ``state`` into ``model`` with errors that name the offending tensor."""
     expected = model.state_dict()
@@ -119,7 +132,7 @@ def load_checkpoint(directory, map_location="cpu", kernel_backend: str | None = 
         raise CheckpointError(f"{cfg_path} has no 'config' entry: not a checkpoint of this project"
                               + (" (it looks like a Hugging Face config: use load_hf / --hf)"
                                  if "n_embd" in meta else ""))
-    model = GPT(GPTConfig.from_dict(meta["config"]), kernel_backend=kernel_backend)
+    model = blank_gpt(GPTConfig.from_dict(meta["config"]), kernel_backend=kernel_backend)
     state = load_safetensors(w_path)
     load_state_into(model, state, str(w_path))
     return model.to(map_location)
@@ -250,7 +263,7 @@ def _hf_gpt(directory: Path, hf_cfg: dict, hf_state: dict, kernel_backend, overr
     if not cfg.qkv_bias and any(sd[f"h.{i}.attn.c_attn.bias"].count_nonzero() for i in range(cfg.n_layers)
                                 if f"h.{i}.attn.c_attn.bias" in sd):
         cfg = dataclasses.replace(cfg, qkv_bias=True)  # exported without q/k/v biases, trained with them since
-    model = GPT(cfg, kernel_backend=kernel_backend)
+    model = blank_gpt(cfg, kernel_backend=kernel_backend)
     ours = hf_state_to_ours(hf_state, cfg)
     if cfg.padded_vocab_size != cfg.vocab_size:  # pad the embedding rows; the padding never reaches a logit
         pad = cfg.padded_vocab_size - cfg.vocab_size
@@ -304,6 +317,26 @@ def model_source(checkpoint=None, hf=None, preset=None, default_preset: str = "m
     if hf:
         return "hf", str(hf)
     return "preset", preset or default_preset
+
+
+GPU_PAD_MULTIPLE = 64  # vocabulary rows on a GPU: 50,257 -> 50,304 (16-byte rows for the head and the loss)
+
+
+def vocab_padding(kind: str, given: int | None, device) -> dict:
+    """The :func:`load_model` override for a model that trains its output head: a fresh or GPT-2 model's
+    vocabulary rows rounded up to ``given``, else to 64 on CUDA and not at all on the CPU; nothing for one
+    of our checkpoints, which keeps its own (see :func:`check_vocab_padding`)."""
+    if kind == "checkpoint":
+        return {}
+    return {"pad_vocab_multiple": given or (GPU_PAD_MULTIPLE if torch.device(device).type == "cuda" else 1)}
+
+
+def check_vocab_padding(model: GPT, given: int | None, source: str) -> None:
+    """Refuse a ``--pad-vocab-multiple`` that the loaded model (a checkpoint's padding) contradicts."""
+    pad = model.config.pad_vocab_multiple
+    if given not in (None, pad):
+        raise UserError(f"--pad-vocab-multiple {given}: the model in {source} has its rows padded to a multiple "
+                        f"of {pad}, which a checkpoint keeps; leave the option out")
 
 
 def describe_source(kind: str, source: str) -> str:

@@ -35,6 +35,7 @@ from gpt.instruct import (
     validate_instruction_data,
 )
 from gpt.tokenizer import EOT_ID
+from gpt.trainer_state import STATE_FILE
 
 # ------------------------------------------------------------------------------------------ data handling
 
@@ -315,6 +316,45 @@ def test_instruct_with_lora_saves_only_adapters(tmp_path, capsys):
     # the merged model is an ordinary checkpoint: gpt generate reads it
     assert main(["generate", "--checkpoint", str(tmp_path / "merged"), "--prompt", "Hi", "--max-new-tokens", "2",
                  "--device", "cpu"]) == 0
+
+
+def test_instruct_pads_the_head_of_gpt2_weights_and_the_padding_never_reaches_the_loss(tmp_path):
+    """On CUDA an instruction run pads a GPT-2 or fresh model's head to 50,304 rows (64 x 786, as gpt train
+    does; asked for here on the CPU): the same losses as unpadded; LoRA adapters find their base padded
+    again (chat, merge); the run records the padding and a resume keeps it. A classifier, which replaces the
+    head, is not padded; a checkpoint keeps its own padding."""
+    transformers = pytest.importorskip("transformers")
+    from gpt.weights import vocab_padding
+
+    on_gpu = {"pad_vocab_multiple": 64}
+    assert vocab_padding("hf", None, "cuda") == vocab_padding("preset", None, torch.device("cuda", 1)) == on_gpu
+    assert vocab_padding("hf", None, "cpu") == {"pad_vocab_multiple": 1}
+    assert vocab_padding("checkpoint", None, "cuda") == {}  # a checkpoint keeps its own
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "hf")
+    common = dict(hf=str(tmp_path / "hf"), limit=10, batch_size=4, max_steps=2, eval_batches=1, max_new_tokens=2,
+                  lora_rank=2, lr=1e-3, device="cpu")
+    runs = {pad: finetune_instruct(FinetuneConfig(**common, pad_vocab_multiple=pad, out=str(tmp_path / f"pad{pad}")))
+            for pad in (1, 64)}
+    torch.testing.assert_close(torch.tensor(runs[64].losses), torch.tensor(runs[1].losses), rtol=1e-5, atol=1e-6)
+    model, meta = load_finetuned(tmp_path / "pad64")
+    assert model.config.pad_vocab_multiple == 64 and model.tok_emb.weight.shape == (50304, 32)
+    assert meta["config"]["pad_vocab_multiple"] == 64
+    x = torch.randint(0, 50257, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), load_finetuned(tmp_path / "pad1")[0](x), rtol=1e-5, atol=1e-5)
+    assert main(["lora-merge", "--checkpoint", str(tmp_path / "pad64"), "--out", str(tmp_path / "merged")]) == 0
+    assert load_finetuned(tmp_path / "merged")[0].tok_emb.weight.shape == (50304, 32)
+    state = torch.load(tmp_path / "pad64" / STATE_FILE, weights_only=True)
+    assert state["train_config"]["pad_vocab_multiple"] == 64
+    with pytest.raises(ValueError, match="resume .* with --pad-vocab-multiple 1: .* with --pad-vocab-multiple 64"):
+        finetune_instruct(FinetuneConfig(resume=str(tmp_path / "pad64"), pad_vocab_multiple=1, max_steps=3))
+    with pytest.raises(ValueError, match="--pad-vocab-multiple pads the output head, which .* does not use"):
+        finetune_classifier(FinetuneConfig(**{**common, "lora_rank": None}, pad_vocab_multiple=64,
+                                           out=str(tmp_path / "clf")))
+    with pytest.raises(ValueError, match="--pad-vocab-multiple 1: the model in .* padded to a multiple of 64"):
+        finetune_instruct(FinetuneConfig(checkpoint=str(tmp_path / "merged"), limit=10, device="cpu",
+                                         pad_vocab_multiple=1, out=str(tmp_path / "again")))
 
 
 # --------------------------------------------------------------------------------------------- bad input

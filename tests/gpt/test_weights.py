@@ -17,7 +17,9 @@ def _hf_model(vocab=1000, tie=True):
 def test_own_checkpoint_round_trip(tmp_path):
     model = GPT.from_preset("tiny").eval()
     save_checkpoint(model, tmp_path / "ck")
+    rng = torch.random.get_rng_state()
     again = load_checkpoint(tmp_path / "ck").eval()
+    assert torch.equal(torch.random.get_rng_state(), rng)  # no random initialisation before the weights come in
     assert again.config == model.config
     idx = torch.randint(0, 50257, (2, 6))
     torch.testing.assert_close(again(idx), model(idx), rtol=0, atol=0)
