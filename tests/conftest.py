@@ -6,6 +6,7 @@ test module imports the package.
 """
 
 import os
+import signal
 import zlib
 
 import pytest
@@ -14,6 +15,10 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A test run started in the background by a shell without job control (`cmd &`, nohup) inherits an ignored
+# SIGINT, and Python then keeps it ignored: the tests that press Ctrl-C need the usual KeyboardInterrupt.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # Triton 3.9's notice for kernels that leave FMA contraction to its default (ours state it: gpt_kernels.common)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
