@@ -92,15 +92,17 @@ def sharded_steps(rank: int) -> None:
     when compiled, and when it recomputes each block in the backward (FSDP gathers a block's weights again
     for the replay: its attention runs in the backward, once a block); a frozen block gets no gradient (its
     weights stay as they were)."""
+    from gpt.model import set_recompute
     from gpt.parallel import Parallel
     from gpt.runtime import Processes
 
     runs = {}
     for compiled, recompute in ((False, "none"), (True, "none"), (False, "blocks")):
         torch.manual_seed(0)
-        model = GPT.from_preset("tiny", dropout=0.0, context_length=CTX, kernel_backend="triton", recompute=recompute)
+        model = GPT.from_preset("tiny", dropout=0.0, context_length=CTX, kernel_backend="triton")
         model.blocks[0].requires_grad_(False)
         Parallel("fsdp", Processes("cpu")).shard(model)
+        set_recompute(model, recompute)  # once sharded, as the trainer does
         g = torch.Generator().manual_seed(rank)  # each process its own batch
         x, y = (torch.randint(0, 50257, (2, CTX), generator=g) for _ in range(2))
         step = torch.compile(model, backend="aot_eager", fullgraph=False) if compiled else model
