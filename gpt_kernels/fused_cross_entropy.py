@@ -546,9 +546,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, r
     out_dtype = torch.float32 if amp is not None else hidden.dtype
     if impl != "triton":
         target = _as_long(target)
-        if V < weight.shape[0]:  # padding rows: (V, C), (V,) views (their backward fills a full-size gradient)
-            weight, bias = weight[:V], None if bias is None else bias[:V]
-        w, b = weight, bias
+        w, b = weight[:V], None if bias is None else bias[:V]  # (V, C), (V,) views
     if impl == "reference":
         if amp is not None:  # the projection as F.linear runs it under autocast
             hidden, w, b = hidden.to(amp), w.to(amp), None if b is None else b.to(amp)
