@@ -546,7 +546,10 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, r
     out_dtype = torch.float32 if amp is not None else hidden.dtype
     if impl != "triton":
         target = _as_long(target)
-        w, b = weight[:V], None if bias is None else bias[:V]  # (V, C), (V,) views
+        # (V, C), (V,) views, also when V is every row: slice_backward then hands autograd a fresh contiguous
+        # gradient, which a weight tied to the embedding sums into in place (2 (V, C) tensors at the peak;
+        # the whole weight's gradient is a transposed view that the sum must copy: 3)
+        w, b = weight[:V], None if bias is None else bias[:V]
     if impl == "reference":
         if amp is not None:  # the projection as F.linear runs it under autocast
             hidden, w, b = hidden.to(amp), w.to(amp), None if b is None else b.to(amp)
