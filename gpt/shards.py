@@ -27,6 +27,7 @@ a resumed run writes the same bytes as a straight one. One command at a time wri
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -134,22 +135,36 @@ def prepare_data(cfg: PrepareConfig, *, say=print, batch_chars: int = BATCH_CHAR
                   "dtype": "uint16", "separator": f"{EOT_TOKEN} before every document", "settings": cfg.settings(),
                   "sources": [{**s.describe(), "bytes": i.size, "sha256": i.sha256} for s, i in zip(sources, infos)]}
         done = _resume(out, header)  # a folder refused here is left as it was
-        if done is None or not done.get("complete"):
-            created = not out.exists()
-            out.mkdir(parents=True, exist_ok=True)
-            try:
-                with hold_run_dir(out):  # one command at a time writes the folder
-                    done = _resume(out, header)  # again: another run may have written it since
-                    if done is None or not done.get("complete"):
-                        index = _prepare(pool, enc, cfg, sources, infos, _Writer(out, header, cfg, done), say,
-                                         batch_chars, workers)
-                        say(f"wrote {_summary(index)} to {out}")
-                        return index
-            finally:
-                if created and not any(out.iterdir()):
-                    out.rmdir()
-    say(f"{out} already holds these shards ({_summary(done)}): nothing to do")
+        if not _finished(done, out, say):
+            with _held_folder(out):  # one command at a time writes the folder
+                done = _resume(out, header)  # again: another run may have written it since
+                if not _finished(done, out, say):
+                    done = _prepare(pool, enc, cfg, sources, infos, _Writer(out, header, cfg, done), say,
+                                    batch_chars, workers)
+                    say(f"wrote {_summary(done)} to {out}")
     return done
+
+
+def _finished(done: dict | None, out: Path, say) -> bool:
+    """Whether the index ``done`` of the folder ``out`` is complete (which is said)."""
+    if done is None or not done.get("complete"):
+        return False
+    say(f"{out} already holds these shards ({_summary(done)}): nothing to do")
+    return True
+
+
+@contextlib.contextmanager
+def _held_folder(out: Path):
+    """Create ``out`` if needed and hold it (:func:`gpt.rundir.hold_run_dir`) for the block; a folder this
+    made is removed again if the block leaves nothing in it (refused, or failed before its first shard)."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with hold_run_dir(out):
+            yield
+    finally:
+        if created and not any(out.iterdir()):
+            out.rmdir()
 
 
 def _prepare(pool, enc, cfg: PrepareConfig, sources, infos, writer: _Writer, say, batch_chars: int,
